@@ -1,0 +1,158 @@
+"""The command line: one thin function per command; user errors become one line on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from mtrain.errors import MtrainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Train and use Transformer translation models.")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """MtrainError -> 'mtrain: message' on stderr, exit 1; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except MtrainError as e:
+        typer.echo(f"mtrain: {e}", err=True)
+        raise typer.Exit(1)
+
+
+def _read_lines(path: Optional[Path], what: str) -> list[str]:
+    from mtrain.corpus import open_text
+    if path is None or str(path) == "-":
+        try:
+            return [line.rstrip("\r\n") for line in sys.stdin]
+        except UnicodeDecodeError as e:
+            raise MtrainError(f"{what} (stdin): invalid UTF-8 ({e.reason})") from None
+    return list(open_text(path))
+
+
+@app.command()
+def tokenize(
+    input: List[Path] = typer.Option(None, "--input", "-i", help="Text file (plain or .gz); repeat for several."),
+    output: Path = typer.Option(None, "--output", "-o", help="Output prefix: writes PREFIX.model and PREFIX.vocab."),
+    vocab_size: Optional[int] = typer.Option(None, help="Vocabulary size [8000]."),
+    model_type: Optional[str] = typer.Option(None, help="unigram or bpe [unigram]."),
+    character_coverage: Optional[float] = typer.Option(None, help="Share of characters covered [1.0]."),
+    input_sentence_size: Optional[int] = typer.Option(None, help="Sentences sampled for training [2000000]."),
+    no_shuffle: bool = typer.Option(False, "--no-shuffle", help="Take the first sentences instead of a sample."),
+    user_symbols: Optional[str] = typer.Option(None, help="Comma-separated symbols kept as single pieces."),
+    per_language: bool = typer.Option(False, "--per-language", help="One model per input: PREFIX.<lang>.model."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Take inputs and settings from a config."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. tokenizer.vocab_size=4000."),
+):
+    """Train a SentencePiece model on raw text and report pieces per sentence and the unknown rate."""
+    from mtrain.tokenizer import run_tokenize
+    with user_errors():
+        for line in run_tokenize(input or [], output, config, set_, per_language, vocab_size=vocab_size,
+                                 model_type=model_type, character_coverage=character_coverage,
+                                 input_sentence_size=input_sentence_size, shuffle_input_sentence=False if no_shuffle else None,
+                                 user_defined_symbols=user_symbols.split(",") if user_symbols else None):
+            typer.echo(line)
+
+
+@app.command()
+def fit(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: --set train.lr=5e-4 (repeatable)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory [runs/CONFIG_NAME]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again, deleting the run's checkpoints."),
+):
+    """Train a Transformer; the run directory gets checkpoints, metrics.jsonl, config.yaml and the tokenizer."""
+    from mtrain.config import load_config
+    from mtrain.train import fit as fit_fn
+    with user_errors():
+        cfg = load_config(config, set_)
+        fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite)
+
+
+@app.command()
+def translate(
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", "-c", help="Checkpoint; several are averaged."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Source text [stdin]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Translations [stdout]."),
+    beam: Optional[int] = typer.Option(None, help="Beam size (1 = greedy) [config decode.beam]."),
+    lenpen: Optional[float] = typer.Option(None, help="Length penalty alpha [decode.lenpen]."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Source tokens per batch, beam included."),
+    nbest: Optional[int] = typer.Option(None, help="Hypotheses per input, as 'INDEX ||| TEXT ||| SCORE' lines."),
+    max_len_a: Optional[float] = typer.Option(None, help="Output length <= a * source length + b."),
+    max_len_b: Optional[int] = typer.Option(None),
+    min_len: Optional[int] = typer.Option(None, help="Minimum output length in pieces."),
+    no_repeat_ngram: Optional[int] = typer.Option(None, help="Block repeated n-grams of this size."),
+    sample: bool = typer.Option(False, "--sample", help="Sample one translation instead of beam search."),
+    top_k: int = typer.Option(0, help="Sampling: keep the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, help="Sampling: nucleus probability mass."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    seed: int = typer.Option(1, help="Sampling seed."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
+):
+    """Translate a file or stdin with beam search; one output line per input line, flushed per block."""
+    from mtrain.translate import run_translate
+    with user_errors():
+        run_translate(checkpoint, input, output, device, precision,
+                      dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,
+                           max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram),
+                      dict(top_k=top_k, top_p=top_p, temperature=temperature, seed=seed) if sample else None)
+
+
+@app.command()
+def score(
+    hyp: Optional[Path] = typer.Argument(None, help="Hypotheses [stdin]."),
+    ref: List[Path] = typer.Option(..., "--ref", "-r", help="Reference file; repeat for several references."),
+    metrics: str = typer.Option("bleu,chrf,ter", help="Comma-separated: bleu, chrf, ter."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    compare: Optional[Path] = typer.Option(None, help="A second system: paired bootstrap test against HYP."),
+):
+    """Score translations with sacreBLEU (BLEU, chrF, TER), with signatures."""
+    from mtrain import score as scoring
+    with user_errors():
+        names = [m.strip().lower() for m in metrics.split(",") if m.strip()]
+        hyps = _read_lines(hyp, "hypotheses")
+        refs = [_read_lines(r, str(r)) for r in ref]
+        scoring.check_lengths(hyps, refs, str(hyp or "stdin"), [str(r) for r in ref])
+        if compare is not None:
+            typer.echo(scoring.compare(hyps, _read_lines(compare, str(compare)), refs, names))
+            return
+        results = scoring.score(hyps, refs, names)
+        if as_json:
+            typer.echo(json.dumps({s.name: {"score": round(s.value, 4), "signature": s.signature} for s in results}))
+        else:
+            for s in results:
+                typer.echo(f"{s.text}\n  signature: {s.signature}")
+
+
+@app.command()
+def average(
+    checkpoints: List[Path] = typer.Argument(..., help="Checkpoints of one run."),
+    output: Path = typer.Option(..., "--output", "-o", help="Averaged checkpoint."),
+):
+    """Average the weights of several checkpoints into one (Vaswani et al. 2017 average the last 5 or 20)."""
+    from mtrain import checkpoint as ckpt
+    with user_errors():
+        ckpt.save(output, {k: v for k, v in ckpt.average(checkpoints).items() if k not in ("format", "version")})
+        typer.echo(f"averaged {len(checkpoints)} checkpoints into {output}")
+
+
+def main() -> None:
+    """Entry point: click's usage errors (bad flags, missing files) also become one line."""
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.Abort:
+        typer.echo("mtrain: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        typer.echo(f"mtrain: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

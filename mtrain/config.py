@@ -1,0 +1,333 @@
+"""Typed configuration: YAML sections become frozen dataclasses, checked before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from mtrain.errors import MtrainError
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One parallel corpus: a pair of text files, a TSV file, or a Hugging Face dataset."""
+
+    src: str = ""  # plain or .gz text, one sentence per line
+    tgt: str = ""
+    tsv: str = ""  # source<TAB>target per line (plain or .gz)
+    hf: str = ""  # `datasets` name on the hub, or a loader such as "json", "csv", "parquet"
+    hf_config: str = ""
+    hf_split: str = "train"
+    hf_data_files: list[str] = field(default_factory=list)  # local files for a loader
+    src_key: str = "translation.en"  # dotted path to the source text in a record
+    tgt_key: str = "translation.de"
+
+    def __post_init__(self):
+        kinds = sum(bool(x) for x in (self.src or self.tgt, self.tsv, self.hf))
+        if kinds > 1:
+            raise ValueError("give one of src/tgt, tsv or hf, not several")
+        if bool(self.src) != bool(self.tgt):
+            raise ValueError("src and tgt must be given together")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.src or self.tsv or self.hf)
+
+    def describe(self) -> str:
+        if self.tsv:
+            return self.tsv
+        if self.hf:
+            return f"datasets:{self.hf}/{self.hf_config or '-'}/{self.hf_split}"
+        return f"{self.src} + {self.tgt}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: DataSource = field(default_factory=DataSource)
+    valid: DataSource = field(default_factory=DataSource)
+    src_lang: str = "src"
+    tgt_lang: str = "tgt"
+    max_len: int = 128  # tokens per side, longer pairs are dropped from training
+    max_len_ratio: float = 3.0  # drop pairs whose token lengths differ more than this factor
+    cache_dir: str = "data/cache"  # encoded corpora, keyed by data + tokenizer
+    valid_max_sentences: int = 0  # 0 = decode the whole validation set for BLEU
+
+    def __post_init__(self):
+        if self.max_len < 1:
+            raise ValueError("max_len must be >= 1")
+        if self.max_len_ratio < 1:
+            raise ValueError("max_len_ratio must be >= 1")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    model: str = ""  # SentencePiece model (joint, or the source side); "" = RUN_DIR/spm.model
+    tgt_model: str = ""  # target-side model when joint is false; "" = next to `model`
+    joint: bool = True  # one model for both languages, which lets the embeddings be shared
+    vocab_size: int = 8000
+    model_type: str = "unigram"  # unigram (Kudo 2018) or bpe
+    character_coverage: float = 1.0
+    input_sentence_size: int = 2_000_000  # sentences sampled for training on large corpora
+    shuffle_input_sentence: bool = True
+    user_defined_symbols: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.model_type not in ("unigram", "bpe"):
+            raise ValueError(f"model_type must be unigram or bpe, got {self.model_type!r}")
+        if self.vocab_size < 8:
+            raise ValueError("vocab_size must be >= 8")
+        if not 0 < self.character_coverage <= 1:
+            raise ValueError("character_coverage must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    d_model: int = 512
+    heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1  # residual dropout, Vaswani et al. 2017 §5.4
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    activation: str = "relu"  # relu (the paper) or gelu
+    pre_norm: bool = True  # Xiong et al. 2020; false = the paper's post-norm
+    share_embeddings: bool = True  # source, target and output embeddings (Press & Wolf 2017)
+    max_positions: int = 1024
+
+    def __post_init__(self):
+        for name in ("encoder_layers", "decoder_layers", "d_model", "heads", "ffn_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        if (self.d_model // self.heads) % 2:
+            raise ValueError("d_model / heads must be even")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be relu or gelu, got {self.activation!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    threads: int = 0  # CPU threads; 0 = one per physical core
+    seed: int = 1
+    batch_tokens: int = 4096  # padded tokens of the longer side per batch (fairseq --max-tokens)
+    update_freq: int = 1  # batches accumulated per update
+    lr: float = 7e-4  # peak learning rate, reached at the end of warm-up
+    warmup: int = 4000  # Vaswani et al. 2017 §5.3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # §5.3
+    eps: float = 1e-9  # §5.3
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # 0 = no clipping
+    label_smoothing: float = 0.1  # §5.4
+    max_steps: int = 0  # 0 = no limit; steps are optimizer updates
+    max_epochs: int = 0
+    max_time: str = ""  # wall clock, e.g. 30m, 2h, 90s; "" = no limit
+    valid_every: int = 1000
+    save_every: int = 1000
+    keep_last: int = 5  # periodic checkpoints kept on disk
+    average_last: int = 0  # at the end, average this many last checkpoints into final.pt (0 = off)
+    patience: int = 0  # validations without BLEU gain before stopping; 0 = off
+    log_every: int = 50
+    valid_beam: int = 1  # beam for validation BLEU (1 = greedy, fastest)
+    max_nonfinite: int = 10  # consecutive non-finite losses before training stops
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("batch_tokens", "update_freq", "valid_every", "save_every", "log_every",
+                     "keep_last", "valid_beam", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("max_steps", "max_epochs", "warmup", "patience", "average_last", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must be two numbers in [0, 1)")
+        parse_duration(self.max_time)
+
+    @property
+    def max_seconds(self) -> float:
+        return parse_duration(self.max_time)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    beam: int = 5
+    lenpen: float = 0.6  # alpha of the length penalty
+    lenpen_type: str = "gnmt"  # gnmt: ((5+len)/6)^alpha (Wu et al. 2016); plain: len^alpha
+    max_len_a: float = 1.5  # output length <= a * source length + b
+    max_len_b: int = 10
+    min_len: int = 1
+    nbest: int = 1
+    batch_tokens: int = 6000  # source tokens per decoding batch
+    no_repeat_ngram: int = 0  # block repeated n-grams of this size (0 = off)
+
+    def __post_init__(self):
+        if self.beam < 1 or self.nbest < 1:
+            raise ValueError("beam and nbest must be >= 1")
+        if self.nbest > self.beam:
+            raise ValueError(f"nbest ({self.nbest}) cannot exceed beam ({self.beam})")
+        if self.lenpen_type not in ("gnmt", "plain"):
+            raise ValueError("lenpen_type must be gnmt or plain")
+        if self.max_len_a < 0 or self.max_len_b < 0 or self.min_len < 0 or self.no_repeat_ngram < 0:
+            raise ValueError("max_len_a, max_len_b, min_len and no_repeat_ngram must be >= 0")
+        if self.batch_tokens < 1:
+            raise ValueError("batch_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '1h30m' or a bare number of seconds; '' means no limit (inf)."""
+    if not text:
+        return float("inf")
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", str(text))
+    if not parts or not any(parts.groups()):
+        raise ValueError(f"cannot read duration {text!r}; write e.g. 90s, 30m, 2h")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + s
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Check one scalar or list against its annotated type; YAML already parsed it."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):  # from --set: a,b,c
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise MtrainError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise MtrainError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise MtrainError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise MtrainError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise MtrainError(f"{where}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported config type {hint}")
+
+
+def _build(cls: type, mapping: Any, where: str):
+    """Make dataclass `cls` from a dict, rejecting unknown keys and wrong types, naming `where`."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise MtrainError(f"{where}: expected a mapping of keys, got {mapping!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in mapping.items():
+        key_where = f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(names)})"
+            raise MtrainError(f"{key_where}: unknown key{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, key_where)
+        else:
+            kwargs[key] = _convert(value, hints[key], key_where)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise MtrainError(f"{where}: {e}") from None
+
+
+def config_from_dict(raw: Any, source: str = "config") -> Config:
+    """Build and check a Config; `source` names the file in error messages."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise MtrainError(f"{source}: expected a mapping with sections data, tokenizer, model, train, decode")
+    return _build(Config, raw, source + ":")
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `section.key=value` (value read as YAML) to the raw dict in place."""
+    if "=" not in assignment:
+        raise MtrainError(f"--set {assignment}: expected KEY=VALUE, e.g. train.lr=5e-4")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise MtrainError(f"--set {key}: '{part}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults when path is None), apply --set overrides, validate."""
+    raw: dict = {}
+    name = "config"
+    if path is not None:
+        path = Path(path)
+        name = str(path)
+        if not path.is_file():
+            raise MtrainError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise MtrainError(f"{path}:{line} not valid YAML ({detail})") from None
+        if not isinstance(raw, dict):
+            raise MtrainError(f"{path}: expected a mapping with sections data, tokenizer, model, train, decode")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return config_from_dict(raw, name)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

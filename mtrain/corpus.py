@@ -1,0 +1,118 @@
+"""Reading raw parallel text (file pairs, TSV, Hugging Face datasets) with every line checked."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from mtrain.config import DataSource
+from mtrain.errors import MtrainError
+
+
+def _open_binary(path: Path):
+    if not path.is_file():
+        raise MtrainError(f"{path}: file not found")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def open_text(path: Path | str) -> Iterator[str]:
+    """Lines of a plain or .gz UTF-8 file without their newline; bad bytes are an error naming the line."""
+    path = Path(path)
+    with _open_binary(path) as f:
+        try:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    yield raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise MtrainError(f"{path}:{number}: invalid UTF-8 (byte {e.start + 1} of the line)") from None
+        except (OSError, EOFError) as e:  # truncated or not-really-gzip files
+            raise MtrainError(f"{path}: cannot read ({e})") from None
+
+
+def count_lines(path: Path | str) -> int:
+    with _open_binary(Path(path)) as f:
+        return sum(1 for _ in f)
+
+
+@dataclass
+class ReadStats:
+    """What reading dropped, for the report printed before training."""
+
+    pairs: int = 0
+    empty: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.pairs} pairs read, {self.empty} empty pairs dropped"
+
+
+def read_pairs(source: DataSource, stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
+    """(source, target) strings of a corpus; empty or whitespace-only pairs are dropped and counted."""
+    stats = stats if stats is not None else ReadStats()
+    if source.empty:
+        raise MtrainError("data: no corpus given (set src and tgt, tsv, or hf)")
+    for src, tgt in _raw_pairs(source):
+        src, tgt = src.strip(), tgt.strip()
+        if not src or not tgt:
+            stats.empty += 1
+            continue
+        stats.pairs += 1
+        yield src, tgt
+
+
+def _raw_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
+    if source.tsv:
+        yield from _tsv_pairs(Path(source.tsv))
+    elif source.hf:
+        yield from _hf_pairs(source)
+    else:
+        yield from _file_pairs(Path(source.src), Path(source.tgt))
+
+
+def _file_pairs(src: Path, tgt: Path) -> Iterator[tuple[str, str]]:
+    # Check both files exist before yielding anything, so a typo fails at once.
+    for path in (src, tgt):
+        if not path.is_file():
+            raise MtrainError(f"{path}: file not found")
+    sentinel = object()
+    for s, t in itertools.zip_longest(open_text(src), open_text(tgt), fillvalue=sentinel):
+        if s is sentinel or t is sentinel:
+            raise MtrainError(f"line counts differ: {src} has {count_lines(src)} lines, "
+                              f"{tgt} has {count_lines(tgt)}")
+        yield s, t
+
+
+def _tsv_pairs(path: Path) -> Iterator[tuple[str, str]]:
+    for number, line in enumerate(open_text(path), start=1):
+        if not line.strip():
+            yield "", ""
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise MtrainError(f"{path}:{number}: expected 2 tab-separated fields, found {len(fields)}")
+        yield fields[0], fields[1]
+
+
+def _lookup(record: dict, dotted: str, where: str):
+    value = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise MtrainError(f"{where}: no field '{dotted}' (record keys: {', '.join(map(str, record))})")
+        value = value[part]
+    return "" if value is None else str(value)
+
+
+def _hf_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
+    """A Hugging Face dataset: a hub name (needs internet) or a local loader such as json/csv/parquet."""
+    import datasets  # imported here: it is slow to import and only this path needs it
+
+    where = f"datasets:{source.hf}"
+    try:
+        ds = datasets.load_dataset(source.hf, source.hf_config or None, split=source.hf_split,
+                                   data_files=list(source.hf_data_files) or None)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
+        raise MtrainError(f"{where}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for i, record in enumerate(ds):
+        yield _lookup(record, source.src_key, f"{where} record {i}"), _lookup(record, source.tgt_key, f"{where} record {i}")

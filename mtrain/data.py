@@ -1,0 +1,234 @@
+"""Encoded corpora cached on disk as memory-mapped arrays, token-based batches, and collation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mtrain.config import DataConfig, DataSource
+from mtrain.corpus import ReadStats, read_pairs
+from mtrain.tokenizer import Tokenizers
+
+CACHE_VERSION = 1
+CHUNK = 50_000  # lines encoded at once: bounds RAM for corpora of millions of pairs
+
+
+@dataclass
+class EncodedCorpus:
+    """Token ids of both sides, flat, with offsets; lengths include the EOS appended to each side."""
+
+    src: np.ndarray  # int32, all source ids concatenated (memory-mapped)
+    src_offsets: np.ndarray  # int64, n + 1
+    tgt: np.ndarray
+    tgt_offsets: np.ndarray
+    report: dict
+
+    def __len__(self) -> int:
+        return len(self.src_offsets) - 1
+
+    @property
+    def src_lengths(self) -> np.ndarray:
+        return np.diff(self.src_offsets) + 1
+
+    @property
+    def tgt_lengths(self) -> np.ndarray:
+        return np.diff(self.tgt_offsets) + 1
+
+    def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return (self.src[self.src_offsets[i]:self.src_offsets[i + 1]],
+                self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]])
+
+
+def _source_fingerprint(source: DataSource) -> dict:
+    """What identifies the raw data: paths with size and mtime (cheap), or the dataset coordinates."""
+    files = [p for p in (source.src, source.tgt, source.tsv, *source.hf_data_files) if p]
+    stamp = []
+    for p in files:
+        st = Path(p).stat() if Path(p).exists() else None
+        stamp.append([str(Path(p).resolve()), st.st_size if st else -1, st.st_mtime_ns if st else -1])
+    return {"source": json.dumps(source.__dict__, sort_keys=True), "files": stamp}
+
+
+def cache_key(source: DataSource, toks: Tokenizers, max_len: int, max_ratio: float, filtered: bool) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, _source_fingerprint(source), max_len, max_ratio, filtered]).encode())
+    h.update(toks.src.proto)
+    h.update(toks.tgt.proto)
+    return h.hexdigest()[:20]
+
+
+def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered: bool = True,
+                log=print) -> EncodedCorpus:
+    """Encode a corpus once and cache it; later runs with the same data and tokenizer map the cache."""
+    key = cache_key(source, toks, cfg.max_len, cfg.max_len_ratio, filtered)
+    folder = Path(cfg.cache_dir) / key
+    if not (folder / "report.json").is_file():
+        _encode_to(folder, source, toks, cfg, filtered)
+    else:
+        log(f"data: {source.describe()}: using cache {folder}")
+    report = json.loads((folder / "report.json").read_text())
+
+    def array(name: str, dtype) -> np.ndarray:
+        path = folder / name
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    corpus = EncodedCorpus(array("src.bin", np.int32), np.load(folder / "src_offsets.npy"),
+                           array("tgt.bin", np.int32), np.load(folder / "tgt_offsets.npy"), report)
+    log(f"data: {source.describe()}: {report['summary']}")
+    return corpus
+
+
+def _encode_to(folder: Path, source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered: bool) -> None:
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stats = ReadStats()
+    too_long = bad_ratio = 0
+    offsets = {"src": [0], "tgt": [0]}
+    files = {side: open(tmp / f"{side}.bin", "wb") for side in ("src", "tgt")}
+    pairs = read_pairs(source, stats)
+    while True:
+        chunk = [p for _, p in zip(range(CHUNK), pairs)]
+        if not chunk:
+            break
+        src_ids = toks.src.encode_batch([s for s, _ in chunk])
+        tgt_ids = toks.tgt.encode_batch([t for _, t in chunk])
+        for s, t in zip(src_ids, tgt_ids):
+            if filtered:
+                ls, lt = len(s) + 1, len(t) + 1
+                if max(ls, lt) > cfg.max_len:
+                    too_long += 1
+                    continue
+                if max(ls, lt) > cfg.max_len_ratio * min(ls, lt):
+                    bad_ratio += 1
+                    continue
+            for side, ids in (("src", s), ("tgt", t)):
+                files[side].write(np.asarray(ids, dtype=np.int32).tobytes())
+                offsets[side].append(offsets[side][-1] + len(ids))
+    for f in files.values():
+        f.close()
+    for side in ("src", "tgt"):
+        np.save(tmp / f"{side}_offsets.npy", np.asarray(offsets[side], dtype=np.int64))
+    kept = len(offsets["src"]) - 1
+    summary = (f"{stats.pairs + stats.empty} pairs read, {stats.empty} empty dropped, "
+               f"{too_long} longer than {cfg.max_len} tokens dropped, "
+               f"{bad_ratio} with length ratio > {cfg.max_len_ratio} dropped, {kept} kept")
+    report = {"read": stats.pairs + stats.empty, "empty": stats.empty, "too_long": too_long,
+              "bad_ratio": bad_ratio, "kept": kept, "summary": summary}
+    (tmp / "report.json").write_text(json.dumps(report))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # the cache appears whole or not at all
+
+
+def token_batches(src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Pure: sentence indices grouped so that n * (longest side's padded length) <= max_tokens.
+
+    Sorting by length puts similar lengths together (little padding); ties are broken and the batch
+    order shuffled by (seed, epoch), so each epoch differs and every run with the same seed agrees.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    longest = np.maximum(src_len, tgt_len)
+    order = np.lexsort((rng.random(len(longest)), np.minimum(src_len, tgt_len), longest))
+    sorted_len = longest[order].tolist()
+    batches, start, width = [], 0, 0
+    for i, n in enumerate(sorted_len):
+        width = max(width, n)
+        if (i - start + 1) * width > max_tokens and i > start:
+            batches.append(order[start:i])
+            start, width = i, n
+    if start < len(order):
+        batches.append(order[start:])
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # (B, S) token ids, EOS-terminated, right-padded
+    src_pad_mask: torch.Tensor  # (B, S) True at padding
+    tgt_in: torch.Tensor  # (B, T) BOS + target
+    tgt_out: torch.Tensor  # (B, T) target + EOS, padded with pad
+    n_tgt_tokens: int
+
+    def to(self, device: torch.device) -> "Batch":
+        # Pinned host memory lets the copy overlap with GPU work.
+        pin = device.type == "cuda"
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pin else (lambda t: t.to(device))
+        return Batch(move(self.src), move(self.src_pad_mask), move(self.tgt_in), move(self.tgt_out),
+                     self.n_tgt_tokens)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int, prefix: int | None = None, suffix: int | None = None) -> np.ndarray:
+    """Pure: right-pad id sequences into one int64 array, optionally adding a first and last token."""
+    extra = (prefix is not None) + (suffix is not None)
+    width = max((len(s) for s in seqs), default=0) + extra
+    out = np.full((len(seqs), max(width, 1)), pad, dtype=np.int64)
+    for row, s in enumerate(seqs):
+        pos = 0
+        if prefix is not None:
+            out[row, 0] = prefix
+            pos = 1
+        out[row, pos:pos + len(s)] = s
+        if suffix is not None:
+            out[row, pos + len(s)] = suffix
+    return out
+
+
+def collate(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], pad: int, bos: int, eos: int) -> Batch:
+    """Pure: one padded batch; source and target each end in EOS, the decoder input starts with BOS."""
+    src_arr = torch.from_numpy(pad_batch(src, pad, suffix=eos))
+    tgt_in = torch.from_numpy(pad_batch(tgt, pad, prefix=bos))
+    tgt_out = torch.from_numpy(pad_batch(tgt, pad, suffix=eos))
+    return Batch(src_arr, src_arr == pad, tgt_in, tgt_out, int((tgt_out != pad).sum()))
+
+
+def collate_corpus(corpus: EncodedCorpus, indices: np.ndarray, pad: int, bos: int, eos: int) -> Batch:
+    pairs = [corpus.pair(int(i)) for i in indices]
+    return collate([s for s, _ in pairs], [t for _, t in pairs], pad, bos, eos)
+
+
+class Batches:
+    """Endless, resumable stream of batch index arrays over epochs; state is (epoch, index)."""
+
+    def __init__(self, corpus: EncodedCorpus, max_tokens: int, seed: int):
+        self.corpus = corpus
+        self.max_tokens, self.seed = max_tokens, seed
+        self.src_len, self.tgt_len = corpus.src_lengths, corpus.tgt_lengths
+        self.epoch, self.index = 1, 0
+        self._epoch_batches: list[np.ndarray] | None = None
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        if self._epoch_batches is None:
+            self._epoch_batches = token_batches(self.src_len, self.tgt_len, self.max_tokens, self.seed, self.epoch)
+        return self._epoch_batches
+
+    def next_indices(self) -> np.ndarray:
+        batches = self.epoch_batches()
+        if self.index >= len(batches):
+            self.epoch, self.index, self._epoch_batches = self.epoch + 1, 0, None
+            batches = self.epoch_batches()
+        self.index += 1
+        return batches[self.index - 1]
+
+    def make_batch(self, indices: np.ndarray, pad: int, bos: int, eos: int) -> Batch:
+        return collate_corpus(self.corpus, indices, pad, bos, eos)
+
+    @property
+    def epochs_done(self) -> int:
+        return self.epoch - 1 + (self.index >= len(self.epoch_batches()))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._epoch_batches = int(state["epoch"]), int(state["index"]), None

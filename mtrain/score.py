@@ -1,0 +1,66 @@
+"""Scoring with sacreBLEU's metric objects: BLEU, chrF and TER with their signatures, and paired tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from sacrebleu.metrics import BLEU, CHRF, TER
+
+from mtrain.errors import MtrainError
+
+METRICS = {"bleu": BLEU, "chrf": CHRF, "ter": TER}
+
+
+@dataclass
+class Score:
+    name: str
+    value: float
+    text: str  # sacreBLEU's own formatting, e.g. "BLEU = 35.21 66.1/41.9/..."
+    signature: str
+
+
+def _metric(name: str):
+    if name not in METRICS:
+        raise MtrainError(f"--metrics: unknown metric '{name}' (known: {', '.join(METRICS)})")
+    return METRICS[name]()
+
+
+def check_lengths(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], hyp_name: str = "hypotheses",
+                  ref_names: Sequence[str] = ()) -> None:
+    for i, refs in enumerate(refs_list):
+        if len(refs) != len(hyps):
+            name = ref_names[i] if i < len(ref_names) else f"reference {i + 1}"
+            raise MtrainError(f"line counts differ: {hyp_name} has {len(hyps)} lines, {name} has {len(refs)}")
+
+
+def score(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], metrics: Sequence[str] = ("bleu", "chrf", "ter")) -> list[Score]:
+    check_lengths(hyps, refs_list)
+    out = []
+    for name in metrics:
+        metric = _metric(name)
+        result = metric.corpus_score(list(hyps), [list(r) for r in refs_list])
+        out.append(Score(name, float(result.score), str(result), str(metric.get_signature())))
+    return out
+
+
+def bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    return score(hyps, [refs], ("bleu",))[0].value
+
+
+def compare(baseline: Sequence[str], other: Sequence[str], refs_list: Sequence[Sequence[str]],
+            metrics: Sequence[str] = ("bleu", "chrf", "ter")) -> str:
+    """sacreBLEU's paired bootstrap resampling test (Koehn 2004) between two systems, as text."""
+    from sacrebleu.significance import PairedTest
+
+    check_lengths(baseline, refs_list, "baseline")
+    check_lengths(other, refs_list, "--compare")
+    named = {name: _metric(name) for name in metrics}
+    test = PairedTest([("baseline", list(baseline)), ("other", list(other))], named,
+                      references=[list(r) for r in refs_list], test_type="bs", n_samples=1000)
+    signatures, results = test()
+    lines = [f"{name}: {sig}" for name, sig in signatures.items()]
+    for name, (base, oth) in ((n, r) for n, r in results.items() if n != "System"):
+        lines.append(f"{name}: baseline {base.score:.2f} (mean {base.mean:.2f} ± {base.ci:.2f})  "
+                     f"other {oth.score:.2f} (mean {oth.mean:.2f} ± {oth.ci:.2f})  p = {oth.p_value:.4f}")
+    return "\n".join(lines)

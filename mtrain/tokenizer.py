@@ -1,0 +1,152 @@
+"""SentencePiece: train a model from text files, and encode/decode with fixed special ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+from mtrain.config import TokenizerConfig
+from mtrain.corpus import open_text
+from mtrain.errors import MtrainError
+
+# Fixed ids so that every model built by mtrain agrees on them.
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """A SentencePiece model held as bytes, so it can travel inside a checkpoint."""
+
+    def __init__(self, model_proto: bytes):
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.pad, self.unk, self.bos, self.eos = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(),
+                                                  self.sp.eos_id())
+        self.vocab_size = self.sp.get_piece_size()
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise MtrainError(f"{path}: SentencePiece model not found")
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError:
+            raise MtrainError(f"{path}: not a SentencePiece model") from None
+
+    def encode_batch(self, lines: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(lines), out_type=int, num_threads=os.cpu_count() or 1)
+
+    def decode_batch(self, ids: Iterable[Sequence[int]]) -> list[str]:
+        return self.sp.decode([[i for i in seq if i > EOS] for seq in ids])
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(self.proto)
+
+
+@dataclass
+class Tokenizers:
+    """Source and target tokenizers; the same object twice when the model is joint."""
+
+    src: Tokenizer
+    tgt: Tokenizer
+
+    @property
+    def joint(self) -> bool:
+        return self.src.proto == self.tgt.proto
+
+
+def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_prefix: Path | str) -> Path:
+    """Train one SentencePiece model on the lines of `inputs` (plain or .gz); returns PREFIX.model."""
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # SentencePiece reads plain text only, so .gz inputs are streamed into one plain file.
+        joined = Path(tmp) / "input.txt"
+        n = 0
+        with open(joined, "w", encoding="utf-8") as out:
+            for path in inputs:
+                for line in open_text(path):
+                    if line.strip():
+                        out.write(line.strip() + "\n")
+                        n += 1
+        if n == 0:
+            raise MtrainError(f"{', '.join(map(str, inputs))}: no text to train a tokenizer on")
+        log = open(Path(tmp) / "spm.log", "w")  # SentencePiece needs a real file descriptor
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(joined), model_prefix=str(output_prefix), vocab_size=cfg.vocab_size,
+                model_type=cfg.model_type, character_coverage=cfg.character_coverage,
+                input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=cfg.shuffle_input_sentence,
+                user_defined_symbols=list(cfg.user_defined_symbols),
+                pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+                num_threads=os.cpu_count() or 1, minloglevel=2, logstream=log,
+            )
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[-1]
+            if "Vocabulary size" in msg or "vocab_size" in msg:
+                msg += "; lower tokenizer.vocab_size"
+            raise MtrainError(f"sentencepiece: {msg}") from None
+        finally:
+            log.close()
+    return output_prefix.with_suffix(".model")
+
+
+def tokenizer_stats(tok: Tokenizer, path: Path | str, limit: int = 200_000) -> dict:
+    """Pieces per sentence and unknown-piece rate over the first `limit` lines of a file."""
+    lines = []
+    for line in open_text(path):
+        lines.append(line.strip())
+        if len(lines) >= limit:
+            break
+    ids = tok.encode_batch(lines)
+    pieces = sum(len(x) for x in ids)
+    unk = sum(x.count(tok.unk) for x in ids)
+    return {"file": str(path), "sentences": len(lines), "pieces_per_sentence": pieces / max(1, len(lines)),
+            "unk_rate": unk / max(1, pieces)}
+
+
+def _language(path: Path) -> str:
+    """'train.en.gz' -> 'en': the last suffix that is not a compression or text suffix."""
+    suffixes = [s.lstrip(".") for s in path.suffixes if s not in (".gz", ".txt")]
+    return suffixes[-1] if suffixes else path.stem
+
+
+def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | None, overrides: Sequence[str],
+                 per_language: bool, **settings) -> Iterator[str]:
+    """`mtrain tokenize`: settings from flags (None = default) or a config; yields report lines."""
+    from mtrain.config import load_config
+
+    tc, inputs = TokenizerConfig(), list(inputs)
+    if config is not None:
+        cfg = load_config(config, overrides)
+        tc = cfg.tokenizer
+        if not inputs and cfg.data.train.src:
+            inputs = [Path(cfg.data.train.src), Path(cfg.data.train.tgt)]
+        if output is None and tc.model:
+            output = Path(tc.model).with_suffix("")
+        per_language = per_language or not tc.joint
+    try:
+        tc = dataclasses.replace(tc, **{k: v for k, v in settings.items() if v is not None})
+    except ValueError as e:
+        raise MtrainError(f"tokenize: {e}") from None
+    if not inputs:
+        raise MtrainError("--input: give at least one text file (or --config with data.train.src/tgt)")
+    if output is None:
+        raise MtrainError("--output: give the output prefix, e.g. --output data/spm8k")
+    groups = [([p], Path(f"{output}.{_language(p)}")) for p in inputs] if per_language else [(inputs, Path(output))]
+    for files, prefix in groups:
+        start = time.time()
+        model = train_tokenizer(files, tc, prefix)
+        tok = Tokenizer.load(model)
+        yield f"wrote {model} and {prefix}.vocab ({tok.vocab_size} pieces, {time.time() - start:.1f} s)"
+        for path in files:
+            s = tokenizer_stats(tok, path)
+            yield (f"  {s['file']}: {s['pieces_per_sentence']:.2f} pieces/sentence, "
+                   f"unknown rate {100 * s['unk_rate']:.3f}% (first {s['sentences']} lines)")

@@ -1,0 +1,369 @@
+"""`mtrain fit`: the training loop, read top to bottom, with validation and exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mtrain import checkpoint
+from mtrain.config import Config, DataSource, config_to_dict, dump_config
+from mtrain.corpus import read_pairs
+from mtrain.data import Batches, EncodedCorpus, collate_corpus, load_corpus, token_batches
+from mtrain.device import Device, pick_device, rng_state, seed_everything, set_rng_state
+from mtrain.errors import MtrainError
+from mtrain.model import Transformer
+from mtrain.score import bleu
+from mtrain.tokenizer import Tokenizer, Tokenizers, train_tokenizer
+from mtrain.translate import decode_ids
+
+
+def lr_at(step: int, warmup: int, peak: float) -> float:
+    """Linear warm-up to `peak`, then inverse square root decay (Vaswani et al. 2017 §5.3, rescaled
+    so that the peak is a setting: the paper's d^-0.5 * min(s^-0.5, s * w^-1.5) has peak d^-0.5 * w^-0.5)."""
+    step, warmup = max(step, 1), max(warmup, 1)
+    return peak * min(step / warmup, math.sqrt(warmup / step))
+
+
+def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """Summed cross-entropy against (1 - eps) one-hot + eps uniform (Szegedy et al. 2016; the paper §5.4).
+    Callers pass real tokens only, so padding never reaches the output layer."""
+    return F.cross_entropy(logits.float(), target, label_smoothing=eps, reduction="sum")
+
+
+def batch_loss(model: Transformer, batch, eps: float) -> torch.Tensor:
+    hidden = model(batch.src, batch.src_pad_mask, batch.tgt_in)  # (B, T, d_model)
+    real = batch.tgt_out != model.pad
+    # Project only real target positions: the (tokens x vocab) logits are the largest tensor here.
+    return label_smoothed_loss(model.output(hidden[real]), batch.tgt_out[real], eps)
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current update and save a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: leave at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard events (when tensorboard is installed)."""
+
+    def __init__(self, run_dir: Path):
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    started = run_dir.is_dir() and any(run_dir.glob("*.pt")) or (run_dir / "metrics.jsonl").exists()
+    if resume:
+        if not (run_dir / "last.pt").is_file():
+            raise MtrainError(f"{run_dir}: nothing to resume (no last.pt); start without --resume")
+    elif started:
+        if not overwrite:
+            raise MtrainError(f"{run_dir}: run directory already holds a run; use --resume to continue it "
+                              f"or --overwrite to start again")
+        for path in [*run_dir.glob("*.pt"), run_dir / "metrics.jsonl"]:
+            path.unlink()
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _dump_source(source: DataSource, folder: Path) -> tuple[Path, Path]:
+    """Plain text copies of both sides, for SentencePiece training on TSV or datasets sources."""
+    paths = folder / "train.src.txt", folder / "train.tgt.txt"
+    with open(paths[0], "w", encoding="utf-8") as fs, open(paths[1], "w", encoding="utf-8") as ft:
+        for s, t in read_pairs(source):
+            fs.write(s + "\n")
+            ft.write(t + "\n")
+    return paths
+
+
+def get_tokenizers(cfg: Config, run_dir: Path, log=print) -> Tokenizers:
+    """Load the configured SentencePiece model(s), training them on the training data if missing;
+    a copy goes into the run directory so that it is self-contained."""
+    tc = cfg.tokenizer
+    main = Path(tc.model) if tc.model else run_dir / "spm.model"
+    tgt_path = main if tc.joint else (Path(tc.tgt_model) if tc.tgt_model else main.with_name(main.stem + ".tgt.model"))
+    if not main.is_file() or not tgt_path.is_file():
+        source = cfg.data.train
+        if source.empty:
+            raise MtrainError("data.train: no training corpus given")
+        log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on {source.describe()}")
+        sides = (Path(source.src), Path(source.tgt)) if source.src else _dump_source(source, run_dir)
+        if tc.joint:
+            train_tokenizer(sides, tc, main.with_suffix(""))
+        else:
+            train_tokenizer(sides[:1], tc, main.with_suffix(""))
+            train_tokenizer(sides[1:], tc, tgt_path.with_suffix(""))
+    src_tok = Tokenizer.load(main)
+    toks = Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
+    toks.src.save(run_dir / ("spm.model" if tc.joint else "spm.src.model"))
+    if not tc.joint:
+        toks.tgt.save(run_dir / "spm.tgt.model")
+    return toks
+
+
+@torch.no_grad()
+def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Config, toks: Tokenizers,
+             dev: Device) -> dict:
+    """Per-token label-smoothed loss and nll over the validation set, and BLEU of its translations."""
+    model.eval()
+    loss = nll = tokens = 0.0
+    for indices in token_batches(corpus.src_lengths, corpus.tgt_lengths, cfg.train.batch_tokens, 0, 0):
+        batch = collate_corpus(corpus, indices, toks.tgt.pad, toks.tgt.bos, toks.tgt.eos).to(dev.device)
+        with dev.autocast():
+            hidden = model(batch.src, batch.src_pad_mask, batch.tgt_in)
+            real = batch.tgt_out != model.pad
+            logits = model.output(hidden[real]).float()
+        loss += float(label_smoothed_loss(logits, batch.tgt_out[real], cfg.train.label_smoothing))
+        nll += float(F.cross_entropy(logits, batch.tgt_out[real], reduction="sum"))
+        tokens += batch.n_tgt_tokens
+    n = cfg.data.valid_max_sentences or len(corpus)
+    src_ids = [corpus.pair(i)[0] for i in range(min(n, len(corpus)))]
+    decode = dataclasses.replace(cfg.decode, beam=cfg.train.valid_beam, nbest=1)
+    hyps = toks.tgt.decode_batch([h[0].tokens for h in decode_ids(model, src_ids, decode, toks, dev)])
+    model.train()
+    return {"valid_loss": loss / tokens, "valid_ppl": math.exp(min(nll / tokens, 50)),
+            "valid_bleu": bleu(hyps, refs[:len(hyps)])}
+
+
+def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False, log=print) -> Path:
+    """Train a model as `cfg` says; returns the path of the checkpoint to translate with."""
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    tc = cfg.train
+
+    # 1. Run directory, device and precision, seeds.
+    prepare_run_dir(run_dir, resume, overwrite)
+    dump_config(cfg, run_dir / "config.yaml")
+    dev = pick_device(tc.device, tc.precision, tc.threads)
+    log(f"device: {dev.device}, precision {dev.precision}"
+        + (f", {torch.get_num_threads()} threads" if dev.device.type == "cpu" else ""))
+    seed_everything(tc.seed)
+
+    # 2. Tokenizer and data.
+    toks = get_tokenizers(cfg, run_dir, log)
+    train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
+    if len(train_data) == 0:
+        raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
+    batches = Batches(train_data, tc.batch_tokens, tc.seed)
+    valid = None
+    if not cfg.data.valid.empty:
+        valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log)
+        valid_refs = [t for _, t in read_pairs(cfg.data.valid)]
+
+    # 3. Model, optimizer, schedule.
+    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
+    log(f"model: {model.num_parameters():,} parameters")
+    fused = dev.device.type == "cuda"  # one kernel for all parameters instead of one per tensor
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(1, tc.warmup, tc.lr), betas=tuple(tc.betas), eps=tc.eps,
+                            weight_decay=tc.weight_decay, fused=fused)
+    state = {"step": 0, "best_bleu": -1.0, "bad_valid": 0, "elapsed": 0.0, "kept": []}
+
+    # 4. Resume: everything that decides the next update comes back.
+    if resume:
+        ckpt = checkpoint.load(run_dir / "last.pt", map_location=dev.device)
+        if ckpt["config"]["model"] != config_to_dict(cfg)["model"]:
+            raise MtrainError(f"{run_dir / 'last.pt'}: model settings differ from the config; cannot resume")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        dev.scaler.load_state_dict(ckpt["scaler"])
+        batches.load_state_dict(ckpt["data"])
+        state = ckpt["train_state"]
+        set_rng_state(ckpt["rng"])
+        log(f"resumed from step {state['step']} (epoch {batches.epoch})")
+
+    def save(name: str) -> Path:
+        path = run_dir / name
+        checkpoint.save(path, {"config": config_to_dict(cfg), "model": model.state_dict(),
+                               "optimizer": opt.state_dict(), "scaler": dev.scaler.state_dict(),
+                               "data": batches.state_dict(), "train_state": state, "rng": rng_state(),
+                               "tokenizer_src": toks.src.proto, "tokenizer_tgt": toks.tgt.proto,
+                               "step": state["step"]})
+        return path
+
+    def checkpoint_now():
+        path = save(f"ckpt_{state['step']}.pt")
+        state["kept"] = [p for p in state["kept"] if p != path.name] + [path.name]
+        while len(state["kept"]) > tc.keep_last:
+            (run_dir / state["kept"].pop(0)).unlink(missing_ok=True)
+        tmp = run_dir / ".last.pt.link"
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)  # last.pt is the same file, not a second copy
+        os.replace(tmp, run_dir / "last.pt")
+
+    def run_validation(record: dict) -> bool:
+        """Validate, keep the best checkpoint by BLEU; True when patience has run out."""
+        record.update(validate(model, valid, valid_refs, cfg, toks, dev))
+        improved = record["valid_bleu"] > state["best_bleu"]
+        state["best_bleu"] = max(state["best_bleu"], record["valid_bleu"])
+        state["bad_valid"] = 0 if improved else state["bad_valid"] + 1
+        if improved:
+            save("best.pt")
+        bar.write(f"step {state['step']}: valid loss {record['valid_loss']:.3f}, ppl {record['valid_ppl']:.2f}, "
+                  f"BLEU {record['valid_bleu']:.2f}" + (" (best)" if improved else ""))
+        return tc.patience > 0 and state["bad_valid"] >= tc.patience
+
+    # 5. The loop: one iteration is one optimizer update over `update_freq` batches.
+    metrics = MetricsLog(run_dir)
+    bar = tqdm(total=tc.max_steps or None, initial=state["step"], unit="step", dynamic_ncols=True, disable=None)
+    model.train()
+    pad, bos, eos = toks.tgt.pad, toks.tgt.bos, toks.tgt.eos
+    loss_sum, tok_count, nonfinite = torch.zeros((), device=dev.device), 0, 0
+    interval_start, stop_reason = time.time(), ""
+    elapsed_start = state["elapsed"] - time.time()
+    with StopRequest() as stop:
+        while True:
+            elapsed = elapsed_start + time.time()
+            if tc.max_steps and state["step"] >= tc.max_steps:
+                stop_reason = f"reached train.max_steps={tc.max_steps}"
+            elif tc.max_epochs and batches.epochs_done >= tc.max_epochs:
+                stop_reason = f"reached train.max_epochs={tc.max_epochs}"
+            elif elapsed >= tc.max_seconds:
+                stop_reason = f"reached train.max_time={tc.max_time}"
+            elif stop.requested:
+                stop_reason = "interrupted"
+            if stop_reason:
+                break
+
+            micro = [batches.make_batch(batches.next_indices(), pad, bos, eos) for _ in range(tc.update_freq)]
+            n_tokens = sum(b.n_tgt_tokens for b in micro)  # normalise by all target tokens of the update
+            for batch in micro:
+                batch = batch.to(dev.device)
+                with dev.autocast():
+                    loss = batch_loss(model, batch, tc.label_smoothing) / n_tokens
+                dev.scaler.scale(loss).backward()
+                loss_sum += loss.detach() * n_tokens
+            dev.scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
+            lr = lr_at(state["step"] + 1, tc.warmup, tc.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if not dev.scaler.is_enabled() and not torch.isfinite(grad_norm):
+                # A non-finite loss or gradient: skip this update; the fp16 scaler does the same itself.
+                opt.zero_grad(set_to_none=True)
+                nonfinite += 1
+                bar.write(f"step {state['step'] + 1}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
+                if nonfinite >= tc.max_nonfinite:
+                    metrics.close()
+                    raise MtrainError(f"training diverged: {nonfinite} non-finite updates in a row; the last good "
+                                      f"checkpoint is {run_dir / 'last.pt'} (try a lower train.lr or precision fp32)")
+                continue
+            nonfinite = 0
+            dev.scaler.step(opt)
+            dev.scaler.update()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            tok_count += n_tokens
+            bar.update(1)
+
+            step = state["step"]
+            record = {}
+            if step % tc.log_every == 0:
+                now = time.time()
+                record = {"step": step, "loss": float(loss_sum) / tok_count, "lr": lr,
+                          "tokens_per_s": tok_count / (now - interval_start), "epoch": batches.epoch}
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if bar.disable:
+                    print(f"step {step}: loss {record['loss']:.3f}, lr {lr:.2e}, "
+                          f"{record['tokens_per_s']:.0f} tok/s, epoch {batches.epoch}", flush=True)
+                loss_sum.zero_()
+                tok_count, interval_start = 0, now
+            patience_out = False
+            if valid is not None and step % tc.valid_every == 0:
+                record.setdefault("step", step)
+                patience_out = run_validation(record)
+            state["elapsed"] = elapsed_start + time.time()
+            if record:
+                record["wall_s"] = round(time.time() - t0, 2)
+                metrics.write(record)
+            if step % tc.save_every == 0:
+                checkpoint_now()
+            if patience_out:
+                stop_reason = f"no BLEU gain in {tc.patience} validations (train.patience)"
+                break
+            if "valid_bleu" in record:
+                interval_start = time.time()  # validation time is not training throughput
+
+    # 6. The end: a last validation and checkpoint, then the checkpoint to translate with.
+    bar.close()
+    log(f"stopped at step {state['step']}: {stop_reason}")
+    state["elapsed"] = elapsed_start + time.time()
+    if state["step"] and state["step"] % tc.valid_every and valid is not None and stop_reason != "interrupted":
+        record = {"step": state["step"]}
+        run_validation(record)
+        record["wall_s"] = round(time.time() - t0, 2)
+        metrics.write(record)
+    if state["step"] % tc.save_every or not (run_dir / "last.pt").is_file():
+        checkpoint_now()
+    metrics.close()
+    if stop_reason == "interrupted":
+        log("checkpoint saved; continue with --resume")
+        return run_dir / "last.pt"
+    return finish(cfg, run_dir, state, valid, valid_refs if valid is not None else [], toks, dev, log)
+
+
+def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log) -> Path:
+    """final.pt: the average of the last checkpoints or the best one, whichever scores higher on valid."""
+    final = run_dir / "final.pt"
+    candidates = {}
+    best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+    candidates["best" if best.name == "best.pt" else "last"] = checkpoint.load(best)
+    kept = [run_dir / p for p in state["kept"] if (run_dir / p).is_file()][-cfg.train.average_last:]
+    if cfg.train.average_last > 1 and len(kept) > 1:
+        candidates[f"average of {len(kept)}"] = {**checkpoint.average(kept), "averaged_from": [p.name for p in kept]}
+    scores = {}
+    for name, ckpt in candidates.items():
+        if valid is None or len(candidates) == 1:
+            scores[name] = 0.0
+            continue
+        model = checkpoint.build_model(ckpt, toks).to(dev.device)
+        scores[name] = validate(model, valid, refs, cfg, toks, dev)["valid_bleu"]
+        log(f"final candidate {name}: valid BLEU {scores[name]:.2f}")
+    choice = max(scores, key=scores.get)
+    ckpt = candidates[choice]
+    inference = ("config", "model", "tokenizer_src", "tokenizer_tgt", "step", "averaged_from")
+    checkpoint.save(final, {k: ckpt[k] for k in inference if k in ckpt} | {"chosen": choice})
+    log(f"final.pt = {choice}; translate with: mtrain translate --checkpoint {final}")
+    return final

@@ -1,0 +1,131 @@
+"""Translating lines: sort by length, batch, beam search, restore input order, yield per block."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from mtrain.config import DecodeConfig
+from mtrain.data import pad_batch
+from mtrain.device import Device
+from mtrain.errors import MtrainError
+from mtrain.model import Transformer
+from mtrain.search import Hypothesis, beam_search, sample
+from mtrain.tokenizer import Tokenizers
+
+BLOCK = 2000  # lines read before decoding: enough to sort by length, small enough to stream a pipe
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Pure: indices sorted by length and cut so that n * longest <= max_tokens (at least one each)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current, width = [], [], 0
+    for i in order:
+        width = max(width, lengths[i])
+        if current and (len(current) + 1) * width > max_tokens:
+            batches.append(current)
+            current, width = [], lengths[i]
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
+               dev: Device, sampling: dict | None = None) -> list[list[Hypothesis]]:
+    """n-best hypotheses for each id sequence (EOS is added here), in input order; with `sampling`
+    (top_k, top_p, temperature, seed) one sampled hypothesis each instead."""
+    generator = torch.Generator(dev.device).manual_seed(sampling["seed"]) if sampling else None
+    results: list[list[Hypothesis]] = [[] for _ in src_ids]
+    limit = model.cfg.max_positions - 1
+    src_ids = [list(s[:limit - 1]) for s in src_ids]  # leave room for EOS within the model's positions
+    for batch in length_batches([len(s) + 1 for s in src_ids], max(1, cfg.batch_tokens // cfg.beam)):
+        src = torch.from_numpy(pad_batch([src_ids[i] for i in batch], toks.src.pad, suffix=toks.src.eos)).to(dev.device)
+        with dev.autocast():
+            if sampling:
+                hyps = [[h] for h in sample(
+                    model, src, src == toks.src.pad, temperature=sampling["temperature"], top_k=sampling["top_k"],
+                    top_p=sampling["top_p"], max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
+                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, generator=generator)]
+            else:
+                hyps = beam_search(model, src, src == toks.src.pad, beam=cfg.beam, lenpen=cfg.lenpen,
+                                   lenpen_type=cfg.lenpen_type, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
+                                   min_len=cfg.min_len, nbest=cfg.nbest, no_repeat_ngram=cfg.no_repeat_ngram,
+                                   bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad)
+        for i, h in zip(batch, hyps):
+            results[i] = h
+    return results
+
+
+def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, cfg: DecodeConfig,
+                    dev: Device, sampling: dict | None = None) -> Iterator[str]:
+    """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1)."""
+    model.eval()
+    index = 0
+    lines = iter(lines)
+    while block := list(itertools.islice(lines, BLOCK)):
+        text = [line.rstrip("\r\n").strip() for line in block]
+        todo = [i for i, t in enumerate(text) if t]  # empty lines stay empty, and cost nothing
+        ids = toks.src.encode_batch([text[i] for i in todo])
+        long = sum(len(x) >= model.cfg.max_positions - 1 for x in ids)
+        if long:
+            print(f"mtrain: {long} input lines longer than {model.cfg.max_positions - 2} pieces were truncated",
+                  file=sys.stderr)
+        hyps: list[list[Hypothesis]] = [[] for _ in text]
+        for i, h in zip(todo, decode_ids(model, ids, cfg, toks, dev, sampling)):
+            hyps[i] = h
+        for h in hyps:
+            decoded = toks.tgt.decode_batch([x.tokens for x in h]) if h else []
+            if cfg.nbest == 1:
+                yield decoded[0] if decoded else ""
+            else:
+                for j in range(cfg.nbest):
+                    out, sc = (decoded[j], h[j].score) if j < len(h) else ("", float("-inf"))
+                    yield f"{index} ||| {out} ||| {sc:.4f}"
+            index += 1
+
+
+def with_overrides(cfg: DecodeConfig, **changes) -> DecodeConfig:
+    """The decode section with command-line flags applied (None = keep), re-validated."""
+    try:
+        return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    except ValueError as e:
+        raise MtrainError(f"decode options: {e}") from None
+
+
+def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path | None, device: str,
+                  precision: str, decode_flags: dict, sampling: dict | None) -> None:
+    """`mtrain translate`: load (and average) checkpoints, stream lines from a file or stdin."""
+    from mtrain.checkpoint import load_for_inference
+    from mtrain.corpus import open_text
+    from mtrain.device import pick_device
+
+    if not checkpoints:
+        raise MtrainError("--checkpoint: give at least one checkpoint")
+    model, toks, cfg = load_for_inference(checkpoints)
+    dev = pick_device(device, precision)
+    model.to(dev.device)
+    decode = with_overrides(cfg.decode, **decode_flags)
+    lines = open_text(input) if input is not None and str(input) != "-" else _stdin_lines()
+    out = open(output, "w", encoding="utf-8") if output is not None else sys.stdout
+    try:
+        for line in translate_lines(lines, model, toks, decode, dev, sampling):
+            out.write(line + "\n")
+            if out is sys.stdout:
+                out.flush()  # each block reaches the next command of the pipe at once
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def _stdin_lines() -> Iterator[str]:
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MtrainError(f"stdin:{number}: invalid UTF-8") from None
