@@ -13,6 +13,10 @@ import typer
 
 from mtrain.errors import MtrainError
 
+# Newer Typer releases carry their own copy of click, with their own exception classes.
+USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
+ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Train and use Transformer translation models.")
 
@@ -149,10 +153,10 @@ def main() -> None:
     """Entry point: click's usage errors (bad flags, missing files) also become one line."""
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.Abort:
+    except ABORTS:
         typer.echo("mtrain: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
+    except USAGE_ERRORS as e:
         typer.echo(f"mtrain: {e.format_message()}", err=True)
-        sys.exit(e.exit_code)
+        sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

@@ -95,7 +95,7 @@ def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_p
             raise MtrainError(f"sentencepiece: {msg}") from None
         finally:
             log.close()
-    return output_prefix.with_suffix(".model")
+    return Path(f"{output_prefix}.model")  # not with_suffix: prefixes like "spm.en" have dots
 
 
 def tokenizer_stats(tok: Tokenizer, path: Path | str, limit: int = 200_000) -> dict:

@@ -1,0 +1,49 @@
+"""Shared fixtures: the committed sample corpus, a tokenizer trained on it, and a tiny config."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtrain.config import config_from_dict
+from mtrain.tokenizer import Tokenizer, Tokenizers, train_tokenizer
+from mtrain.config import TokenizerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_EN = ROOT / "data" / "sample" / "train.en"
+SAMPLE_DE = ROOT / "data" / "sample" / "train.de"
+
+torch.set_num_threads(1)  # tiny models: more threads only add overhead
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("spm") / "spm"
+    return train_tokenizer([SAMPLE_EN, SAMPLE_DE], TokenizerConfig(vocab_size=100), out)
+
+
+@pytest.fixture(scope="session")
+def toks(spm_model) -> Tokenizers:
+    tok = Tokenizer.load(spm_model)
+    return Tokenizers(tok, tok)
+
+
+def tiny_raw(tmp_path: Path, spm_model: Path, **train) -> dict:
+    """A config dict for a tiny model on the sample corpus, writing caches under tmp_path."""
+    return {
+        "data": {"train": {"src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE)},
+                 "valid": {"src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE)},
+                 "cache_dir": str(tmp_path / "cache")},
+        "tokenizer": {"model": str(spm_model), "vocab_size": 100},
+        "model": {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "heads": 2, "ffn_dim": 64,
+                  "dropout": 0.1},
+        "train": {"device": "cpu", "precision": "fp32", "threads": 1, "batch_tokens": 200, "lr": 3e-3,
+                  "warmup": 10, "max_steps": 20, "valid_every": 1000, "save_every": 5, "log_every": 1,
+                  **train},
+        "decode": {"beam": 2},
+    }
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, spm_model):
+    return lambda **train: config_from_dict(tiny_raw(tmp_path, spm_model, **train))

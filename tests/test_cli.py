@@ -1,0 +1,66 @@
+"""The commands as a user runs them: one line on stderr for every user error, never a traceback."""
+
+import gzip
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SAMPLE_DE, SAMPLE_EN
+
+
+def mtrain(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "mtrain", *map(str, args)], capture_output=True, text=True,
+                          input=input, cwd=ROOT)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.strip() and "Warning" not in l]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_tokenize_reports_and_writes(tmp_path):
+    gz = tmp_path / "de.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(SAMPLE_DE.read_text())
+    r = mtrain("tokenize", "--input", SAMPLE_EN, "--input", gz, "--vocab-size", 90, "--model-type", "bpe",
+               "--output", tmp_path / "spm")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "spm.model").is_file() and (tmp_path / "spm.vocab").is_file()
+    assert "pieces/sentence" in r.stdout and "unknown rate" in r.stdout
+    r = mtrain("tokenize", "--input", SAMPLE_EN, "--input", SAMPLE_DE, "--vocab-size", 60, "--per-language",
+               "--output", tmp_path / "lang")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "lang.en.model").is_file() and (tmp_path / "lang.de.model").is_file()
+
+
+def test_user_errors_are_one_line(tmp_path):
+    assert_one_line_error(mtrain("tokenize", "--input", tmp_path / "none.txt", "--output", tmp_path / "x"),
+                          "none.txt: file not found")
+    assert_one_line_error(mtrain("tokenize", "--input", SAMPLE_EN, "--vocab-size", 5000, "--output", tmp_path / "x"),
+                          "Vocabulary size too high")
+    assert_one_line_error(mtrain("fit", tmp_path / "none.yaml"), "none.yaml: config file not found")
+    (tmp_path / "bad.yaml").write_text("model:\n  heads: 7\n")
+    assert_one_line_error(mtrain("fit", tmp_path / "bad.yaml"), "bad.yaml: model: d_model (512)")
+    (tmp_path / "nodata.yaml").write_text("data:\n  train: {src: nowhere.en, tgt: nowhere.de}\n")
+    assert_one_line_error(mtrain("fit", tmp_path / "nodata.yaml", "--output", tmp_path / "run"),
+                          "nowhere.en: file not found")
+    assert_one_line_error(mtrain("fit", "--bogus"), "No such option")
+    assert_one_line_error(mtrain("translate", "--checkpoint", tmp_path / "none.pt"), "none.pt: checkpoint not found")
+    (tmp_path / "junk.pt").write_text("junk")
+    assert_one_line_error(mtrain("translate", "--checkpoint", tmp_path / "junk.pt"), "junk.pt: not a readable")
+    assert_one_line_error(mtrain("score", "--ref", SAMPLE_DE, input="one line\n"),
+                          "stdin has 1 lines", "train.de has 20")
+    assert_one_line_error(mtrain("average", tmp_path / "none.pt", "-o", tmp_path / "o.pt"), "none.pt")
+
+
+def test_score_reads_stdin_and_compares():
+    r = mtrain("score", "--ref", SAMPLE_DE, input=SAMPLE_DE.read_text())
+    assert r.returncode == 0 and "BLEU = 100.00" in r.stdout and "signature: nrefs:1" in r.stdout
+    r = mtrain("score", "--ref", SAMPLE_DE, SAMPLE_DE, "--compare", SAMPLE_EN, "--metrics", "bleu")
+    assert r.returncode == 0, r.stderr
+    assert "baseline 100.00" in r.stdout and "p = " in r.stdout

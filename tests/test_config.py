@@ -1,0 +1,65 @@
+import pytest
+
+from mtrain.config import load_config, parse_duration
+from mtrain.errors import MtrainError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_types(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 5e-4\n  max_time: 30m\nmodel:\n  d_model: 256\n  heads: 4\n"))
+    assert cfg.train.lr == 5e-4  # YAML reads '5e-4' as a string; the loader makes it a number
+    assert cfg.train.max_seconds == 1800
+    assert cfg.model.d_model == 256 and cfg.model.encoder_layers == 6  # default kept
+
+
+def test_overrides_with_dotted_keys(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1.0e-3\n"),
+                      ["train.lr=5e-4", "model.encoder_layers=3", "data.train.src=a.txt", "data.train.tgt=b.txt"])
+    assert cfg.train.lr == 5e-4 and cfg.model.encoder_layers == 3 and cfg.data.train.src == "a.txt"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("trian:\n  lr: 1\n", "cfg.yaml: trian: unknown key (did you mean 'train'?)"),
+    ("train:\n  lr: fast\n", "cfg.yaml: train.lr: expected a number, got 'fast'"),
+    ("train:\n  max_steps: 1.5\n", "cfg.yaml: train.max_steps: expected an integer"),
+    ("model:\n  d_model: 100\n  heads: 8\n", "cfg.yaml: model: d_model (100) must be divisible by heads (8)"),
+    ("model:\n  dropout: -0.1\n", "cfg.yaml: model: dropout must be in [0, 1)"),
+    ("train:\n  precision: fp8\n", "cfg.yaml: train: precision must be"),
+    ("train:\n  max_time: soon\n", "cfg.yaml: train: cannot read duration 'soon'"),
+    ("model:\n  pre_norm: 3\n", "cfg.yaml: model.pre_norm: expected true or false"),
+    ("data:\n  train: {src: a}\n", "cfg.yaml: data.train: src and tgt must be given together"),
+    ("train: [1, 2]\n", "cfg.yaml: train: expected a mapping"),
+    ("train:\n  lr: [1\n", "cfg.yaml: line"),
+])
+def test_bad_configs_name_file_and_key(tmp_path, text, expected):
+    with pytest.raises(MtrainError) as e:
+        load_config(write(tmp_path, text))
+    assert expected in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(MtrainError, match="train.lrr: unknown key"):
+        load_config(write(tmp_path, ""), ["train.lrr=1"])
+    with pytest.raises(MtrainError, match="expected KEY=VALUE"):
+        load_config(write(tmp_path, ""), ["train.lr"])
+    with pytest.raises(MtrainError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("2h") == 7200 and parse_duration("1h30m") == 5400
+    assert parse_duration("") == float("inf") and parse_duration("45") == 45
+    with pytest.raises(ValueError):
+        parse_duration("1 day")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    for path in (Path(__file__).parent.parent / "configs").glob("*.yaml"):
+        load_config(path)

@@ -1,0 +1,56 @@
+import gzip
+import json
+
+import pytest
+
+from mtrain.config import DataSource
+from mtrain.corpus import ReadStats, open_text, read_pairs
+from mtrain.errors import MtrainError
+
+
+def test_plain_and_gzip_pairs_drop_empty(tmp_path):
+    (tmp_path / "a.en").write_text("one\n \ntwo\nthree\n")
+    with gzip.open(tmp_path / "a.de.gz", "wt") as f:
+        f.write("eins\nzwei\n\ndrei\n")
+    stats = ReadStats()
+    pairs = list(read_pairs(DataSource(src=str(tmp_path / "a.en"), tgt=str(tmp_path / "a.de.gz")), stats))
+    assert pairs == [("one", "eins"), ("three", "drei")]
+    assert (stats.pairs, stats.empty) == (2, 2)
+
+
+def test_line_count_mismatch_names_both_files(tmp_path):
+    (tmp_path / "a.en").write_text("one\ntwo\nthree\n")
+    (tmp_path / "a.de").write_text("eins\nzwei\n")
+    with pytest.raises(MtrainError) as e:
+        list(read_pairs(DataSource(src=str(tmp_path / "a.en"), tgt=str(tmp_path / "a.de"))))
+    assert "a.en has 3 lines" in str(e.value) and "a.de has 2" in str(e.value)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"fine\nalso fine\nbad \xff byte\n")
+    with pytest.raises(MtrainError, match=r"bad.txt:3: invalid UTF-8"):
+        list(open_text(tmp_path / "bad.txt"))
+
+
+def test_missing_file(tmp_path):
+    (tmp_path / "here.en").write_text("x\n")
+    with pytest.raises(MtrainError, match="nope.de: file not found"):
+        list(read_pairs(DataSource(src=str(tmp_path / "here.en"), tgt=str(tmp_path / "nope.de"))))
+
+
+def test_tsv(tmp_path):
+    (tmp_path / "c.tsv").write_text("hello\thallo\n\nworld\twelt\n")
+    assert list(read_pairs(DataSource(tsv=str(tmp_path / "c.tsv")))) == [("hello", "hallo"), ("world", "welt")]
+    (tmp_path / "bad.tsv").write_text("hello\thallo\nno tab here\n")
+    with pytest.raises(MtrainError, match=r"bad.tsv:2: expected 2 tab-separated fields, found 1"):
+        list(read_pairs(DataSource(tsv=str(tmp_path / "bad.tsv"))))
+
+
+def test_hf_datasets_local_json(tmp_path):
+    rows = [{"translation": {"en": "hello", "de": "hallo"}}, {"translation": {"en": "cat", "de": "Katze"}}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    source = DataSource(hf="json", hf_data_files=[str(tmp_path / "d.jsonl")], hf_split="train")
+    assert list(read_pairs(source)) == [("hello", "hallo"), ("cat", "Katze")]
+    wrong = DataSource(hf="json", hf_data_files=[str(tmp_path / "d.jsonl")], src_key="translation.fr")
+    with pytest.raises(MtrainError, match="no field 'translation.fr'"):
+        list(read_pairs(wrong))

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from mtrain.config import ModelConfig
+from mtrain.model import Dropout, Transformer
+
+CFG = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=32, heads=4, ffn_dim=64, dropout=0.0)
+
+
+def make(cfg=CFG, vocab=40):
+    torch.manual_seed(0)
+    return Transformer(cfg, vocab, vocab, pad=0).eval()
+
+
+def test_padding_does_not_leak():
+    model = make()
+    src = torch.tensor([[5, 6, 7, 3, 0, 0]])
+    tgt = torch.tensor([[2, 9, 10]])
+    out = model.decode(tgt, model.encode(src, src == 0), src == 0)
+    changed = src.clone()
+    changed[0, 4:] = 0
+    other = torch.tensor([[5, 6, 7, 3, 0, 0]])
+    mask = torch.tensor([[False, False, False, False, True, True]])
+    other[0, 4:] = torch.tensor([11, 12])  # garbage under the padding mask
+    out2 = model.decode(tgt, model.encode(other, mask), mask)
+    assert torch.allclose(out, out2, atol=1e-6)
+    shorter = model.decode(tgt, model.encode(src[:, :4], src[:, :4] == 0), src[:, :4] == 0)
+    assert torch.allclose(out, shorter, atol=1e-5)
+
+
+def test_future_tokens_do_not_leak():
+    model = make()
+    src = torch.tensor([[5, 6, 7, 3]])
+    memory = model.encode(src, src == 0)
+    a = model.decode(torch.tensor([[2, 9, 10, 11]]), memory, src == 0)
+    b = model.decode(torch.tensor([[2, 9, 10, 30]]), memory, src == 0)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6)
+    assert not torch.allclose(a[:, 3], b[:, 3])  # the changed position itself does change
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_cached_decoding_equals_full_recompute(pre_norm):
+    model = make(ModelConfig(**{**CFG.__dict__, "pre_norm": pre_norm}))
+    src = torch.tensor([[5, 6, 7, 3], [8, 3, 0, 0]])
+    tgt = torch.tensor([[2, 9, 10, 11, 12], [2, 13, 14, 15, 16]])
+    memory = model.encode(src, src == 0)
+    full = model.decode(tgt, memory, src == 0)
+    cache = model.new_cache(memory, src == 0, max_len=8)
+    steps = torch.stack([model.decode_step(tgt[:, t], cache) for t in range(tgt.shape[1])], dim=1)
+    assert torch.allclose(full, steps, atol=1e-5)
+
+
+def test_shared_embeddings_and_parameter_count():
+    model = make()
+    assert model.src_embed is model.tgt_embed and model.output.weight is model.tgt_embed.weight
+    separate = Transformer(ModelConfig(**{**CFG.__dict__, "share_embeddings": False}), 40, 50, pad=0)
+    # separate: source 40x32 + target 50x32 + output 50x32 instead of one shared 40x32 table
+    assert separate.num_parameters() - model.num_parameters() == (40 + 50 + 50 - 40) * 32
+    with pytest.raises(ValueError):
+        Transformer(CFG, 40, 50, pad=0)
+
+
+def test_dropout_keeps_expectation():
+    torch.manual_seed(0)
+    drop = Dropout(0.3).train()
+    y = drop(torch.ones(200_000))
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.01
+    assert abs(y.mean().item() - 1.0) < 0.02
+    assert torch.equal(drop.eval()(torch.ones(5)), torch.ones(5))

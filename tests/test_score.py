@@ -1,0 +1,34 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mtrain.errors import MtrainError
+from mtrain.score import score
+
+HYP = ["Ein Mann geht auf der Straße.", "Zwei Hunde spielen im Schnee!", "Eine Frau liest."]
+REF = ["Ein Mann läuft auf der Straße.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch."]
+
+
+def test_same_numbers_as_the_sacrebleu_command(tmp_path):
+    (tmp_path / "hyp").write_text("\n".join(HYP) + "\n")
+    (tmp_path / "ref").write_text("\n".join(REF) + "\n")
+    out = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref"), "-i", str(tmp_path / "hyp"),
+                          "-m", "bleu", "chrf", "ter", "-b", "-f", "text"], capture_output=True, text=True, check=True)
+    expected = [float(x) for x in out.stdout.split()]
+    ours = [round(s.value, 1) for s in score(HYP, [REF])]
+    assert ours == [round(x, 1) for x in expected]
+    mine = subprocess.run([sys.executable, "-m", "mtrain", "score", "--ref", str(tmp_path / "ref"),
+                           str(tmp_path / "hyp"), "--json"], capture_output=True, text=True, check=True)
+    data = json.loads(mine.stdout)
+    assert [round(data[m]["score"], 1) for m in ("bleu", "chrf", "ter")] == [round(x, 1) for x in expected]
+    assert data["bleu"]["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+
+
+def test_several_references_and_line_counts():
+    assert score(HYP, [REF, HYP], ["bleu"])[0].value == pytest.approx(100.0)
+    with pytest.raises(MtrainError, match="hypotheses has 3 lines, reference 1 has 2"):
+        score(HYP, [REF[:2]])
+    with pytest.raises(MtrainError, match="unknown metric 'bleurt'"):
+        score(HYP, [REF], ["bleurt"])

@@ -1,0 +1,156 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mtrain.config import DecodeConfig, ModelConfig
+from mtrain.model import Transformer
+from mtrain.search import beam_search, block_ngrams, length_penalty, sample
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+CFG = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=32, heads=4, ffn_dim=64, dropout=0.0)
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(CFG, 30, 30, pad=PAD).eval()
+    with torch.no_grad():  # a peaked random model makes long, varied outputs
+        model.output.weight.mul_(3.0)
+    return model
+
+
+def greedy_by_recompute(model, src, max_len):
+    """Reference greedy decoding with no cache: the whole prefix is recomputed each step."""
+    memory = model.encode(src, src == PAD)
+    out = [BOS]
+    for t in range(max_len):
+        logits = model.decode(torch.tensor([out]), memory, src == PAD)[0, -1]
+        logits[PAD] = logits[BOS] = float("-inf")
+        if t + 1 >= max_len:
+            return out[1:]
+        nxt = int(logits.argmax())
+        if nxt == EOS:
+            return out[1:]
+        out.append(nxt)
+    return out[1:]
+
+
+def search(model, src, **kw):
+    args = dict(beam=1, lenpen=0.0, max_len_a=0.0, max_len_b=12, min_len=0, bos=BOS, eos=EOS, pad=PAD)
+    args.update(kw)
+    return beam_search(model, src, src == PAD, **args)
+
+
+def test_beam_one_equals_greedy_recompute():
+    model = make()
+    src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD], [11, 12, 13, EOS, PAD]])
+    hyps = search(model, src, lenpen=0.6)
+    for b in range(3):
+        assert hyps[b][0].tokens == greedy_by_recompute(model, src[b:b + 1], 12)
+
+
+def test_batched_equals_alone():
+    model = make(1)
+    src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD], [11, 12, 13, EOS, PAD]])
+    together = search(model, src, beam=4, nbest=3, lenpen=0.6)
+    for b in range(3):
+        row = src[b:b + 1, :int((src[b] != PAD).sum())]
+        alone = search(model, row, beam=4, nbest=3, lenpen=0.6)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in together[b]]
+        assert [round(h.score, 4) for h in alone] == [round(h.score, 4) for h in together[b]]
+
+
+def test_nbest_sorted_and_length_limits():
+    model = make(2)
+    src = torch.tensor([[5, 6, 7, 8, EOS]])
+    hyps = search(model, src, beam=5, nbest=5, max_len_b=6, min_len=3)[0]
+    assert len(hyps) == 5
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert all(3 <= len(h.tokens) <= 5 for h in hyps)  # <= 6 tokens with EOS
+    assert len({tuple(h.tokens) for h in hyps}) == 5
+
+
+@dataclass
+class TableCache:
+    """Rows' prefixes, reordered by the search exactly as a KV cache is."""
+    prefix: list
+
+    def reorder(self, rows):
+        self.prefix = [list(self.prefix[r]) for r in rows.tolist()]
+
+    def keep(self, rows):
+        self.reorder(rows)
+
+
+class TableModel:
+    """A hand-built model whose next-token distribution depends only on the prefix (tokens 4=A, 5=B).
+    P(A)=0.6, P(B)=0.4; after A: EOS, A, B at 0.34/0.33/0.33; after B: EOS at 0.99.
+    Greedy takes A then EOS (p=0.204); the best sequence is B EOS (p=0.396)."""
+
+    cfg = ModelConfig(max_positions=64)
+
+    def encode(self, src, mask):
+        return torch.zeros(src.shape[0], 1, 1)
+
+    def new_cache(self, memory, mask, max_len):
+        return TableCache([[] for _ in range(memory.shape[0])])
+
+    def decode_step(self, tokens, cache):
+        probs = torch.full((len(tokens), 6), 1e-9)
+        for i, tok in enumerate(tokens.tolist()):
+            if tok != BOS:
+                cache.prefix[i].append(tok)
+            prefix = cache.prefix[i]
+            if not prefix:
+                probs[i, 4], probs[i, 5] = 0.6, 0.4
+            elif prefix[0] == 4:
+                probs[i, EOS], probs[i, 4], probs[i, 5] = 0.34, 0.33, 0.33
+            else:
+                probs[i, EOS], probs[i, 4] = 0.99, 0.01
+        return probs.log()
+
+
+def test_beam_finds_the_known_best_sequence_and_greedy_does_not():
+    src = torch.tensor([[7, EOS]])
+    greedy = search(TableModel(), src, beam=1)[0][0]
+    best = search(TableModel(), src, beam=2)[0][0]
+    assert greedy.tokens == [4]
+    assert best.tokens == [5]
+    assert best.score == pytest.approx(torch.tensor([0.4 * 0.99]).log().item(), abs=1e-5)
+
+
+def test_length_penalty_formulas():
+    assert length_penalty(10, 0.6) == pytest.approx((15 / 6) ** 0.6)
+    assert length_penalty(10, 0.6, "plain") == pytest.approx(10 ** 0.6)
+    assert length_penalty(7, 0.0) == 1.0
+
+
+def test_block_ngrams():
+    logp = torch.zeros(1, 10)
+    block_ngrams(logp, torch.tensor([[4, 5, 6, 4]]), 2)  # "4 5" seen, last token 4 -> 5 is banned
+    assert torch.isinf(logp[0, 5]) and torch.isfinite(logp[0, 6])
+
+
+def test_no_repeat_ngram_in_search():
+    model = make(3)
+    src = torch.tensor([[5, 6, 7, 8, 9, 10, EOS]])
+    hyp = search(model, src, beam=3, max_len_b=20, min_len=15, no_repeat_ngram=2)[0][0].tokens
+    bigrams = list(zip(hyp, hyp[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_sampling_is_seeded_and_topk1_is_greedy():
+    model = make(4)
+    src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD]])
+    kw = dict(max_len_a=0.0, max_len_b=12, bos=BOS, eos=EOS, pad=PAD)
+    a = sample(model, src, src == PAD, generator=torch.Generator().manual_seed(1), **kw)
+    b = sample(model, src, src == PAD, generator=torch.Generator().manual_seed(1), **kw)
+    assert [h.tokens for h in a] == [h.tokens for h in b]
+    top1 = sample(model, src, src == PAD, top_k=1, **kw)
+    greedy = search(model, src, beam=1)
+    assert [h.tokens for h in top1] == [g[0].tokens for g in greedy]
+
+
+def test_decode_config_rejects_nbest_above_beam():
+    with pytest.raises(ValueError):
+        DecodeConfig(beam=2, nbest=3)

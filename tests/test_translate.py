@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtrain import checkpoint
+from mtrain.config import DecodeConfig
+from mtrain.device import pick_device
+from mtrain.train import fit
+from mtrain.translate import length_batches, translate_lines
+from conftest import ROOT, SAMPLE_EN
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_cfg):
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=10, save_every=5, average_last=2), run, log=lambda *_: None)
+    return run
+
+
+def test_length_batches_respect_budget():
+    lengths = [5, 50, 3, 20, 20, 7, 1]
+    batches = length_batches(lengths, 40)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(len(b) * max(lengths[i] for i in b) <= 40 or len(b) == 1 for b in batches)
+
+
+def test_empty_and_long_lines_keep_line_counts(trained):
+    model, toks, cfg = checkpoint.load_for_inference([trained / "final.pt"])
+    lines = ["a man is walking .", "", "   ", "word " * 2000, "a dog ."]
+    out = list(translate_lines(lines, model, toks, DecodeConfig(beam=2, max_len_b=5, max_len_a=0),
+                               pick_device("cpu", "fp32")))
+    assert len(out) == 5 and out[1] == "" and out[2] == ""
+    assert out[0] != ""
+
+
+def test_nbest_format(trained):
+    model, toks, cfg = checkpoint.load_for_inference([trained / "final.pt"])
+    out = list(translate_lines(["a boy .", "", "a girl ."], model, toks, DecodeConfig(beam=3, nbest=3, max_len_b=6),
+                               pick_device("cpu", "fp32")))
+    assert len(out) == 9
+    fields = [line.split(" ||| ") for line in out]
+    assert [f[0] for f in fields] == ["0"] * 3 + ["1"] * 3 + ["2"] * 3
+    scores = [float(f[2]) for f in fields[:3]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_pipe_average_and_score(trained):
+    ckpts = sorted(trained.glob("ckpt_*.pt"))
+    assert len(ckpts) == 2
+    args = [sys.executable, "-m", "mtrain", "translate", "--beam", "2", "--max-len-b", "6"]
+    for c in ckpts:
+        args += ["--checkpoint", str(c)]
+    text = SAMPLE_EN.read_text()
+    out = subprocess.run(args, input=text, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == len(text.splitlines())
+    averaged, _, _ = checkpoint.load_for_inference(ckpts)
+    first, second = (checkpoint.load(c)["model"] for c in ckpts)
+    for name, value in averaged.state_dict().items():
+        assert torch.allclose(value, (first[name] + second[name]) / 2, atol=1e-6), name
