@@ -143,6 +143,7 @@ class TrainConfig:
     log_every: int = 50
     valid_beam: int = 1  # beam for validation BLEU (1 = greedy, fastest)
     max_nonfinite: int = 10  # consecutive non-finite losses before training stops
+    dist_timeout: int = 600  # seconds a process waits at a collective (torchrun) before the job fails
 
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -150,7 +151,7 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("batch_tokens", "update_freq", "valid_every", "save_every", "log_every",
-                     "keep_last", "valid_beam", "max_nonfinite"):
+                     "keep_last", "valid_beam", "max_nonfinite", "dist_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("max_steps", "max_epochs", "warmup", "patience", "average_last", "threads"):

@@ -248,9 +248,11 @@ class Transformer(nn.Module):
         """(B, T) ids -> logits (B, T, vocab), recomputing every position."""
         return self.output(self.decode_hidden(tgt_in, memory, src_pad_mask))
 
-    def forward(self, src, src_pad_mask, tgt_in) -> torch.Tensor:
-        """Training pass: decoder hidden states (B, T, d_model); the loss applies `output` to real tokens only."""
-        return self.decode_hidden(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)
+    def forward(self, src, src_pad_mask, tgt_in, select) -> torch.Tensor:
+        """Training pass: logits (N, vocab) at the N target positions where `select` (B, T) is True.
+        Only real tokens reach the output layer: the (tokens x vocab) logits are the largest tensor here."""
+        hidden = self.decode_hidden(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)  # (B, T, d_model)
+        return self.output(hidden[select])
 
     def new_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int) -> KVCache:
         """Cross-attention keys/values computed once; self-attention buffers for max_len positions."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,7 @@ from mtrain import checkpoint
 from mtrain.config import Config, DataSource, config_to_dict, dump_config
 from mtrain.corpus import read_pairs
 from mtrain.data import Batches, EncodedCorpus, collate_corpus, load_corpus, token_batches
-from mtrain.device import Device, pick_device, rng_state, seed_everything, set_rng_state
+from mtrain.device import Device, init_world, pick_device, rng_state, seed_everything, set_rng_state
 from mtrain.errors import MtrainError
 from mtrain.model import Transformer
 from mtrain.score import bleu
@@ -40,11 +41,10 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) 
     return F.cross_entropy(logits.float(), target, label_smoothing=eps, reduction="sum")
 
 
-def batch_loss(model: Transformer, batch, eps: float) -> torch.Tensor:
-    hidden = model(batch.src, batch.src_pad_mask, batch.tgt_in)  # (B, T, d_model)
-    real = batch.tgt_out != model.pad
-    # Project only real target positions: the (tokens x vocab) logits are the largest tensor here.
-    return label_smoothed_loss(model.output(hidden[real]), batch.tgt_out[real], eps)
+def batch_loss(model, batch, eps: float, pad: int) -> torch.Tensor:
+    """Summed label-smoothed loss of one batch; `model` may be wrapped in DistributedDataParallel."""
+    real = batch.tgt_out != pad
+    return label_smoothed_loss(model(batch.src, batch.src_pad_mask, batch.tgt_in, real), batch.tgt_out[real], eps)
 
 
 class StopRequest:
@@ -152,10 +152,9 @@ def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Co
     loss = nll = tokens = 0.0
     for indices in token_batches(corpus.src_lengths, corpus.tgt_lengths, cfg.train.batch_tokens, 0, 0):
         batch = collate_corpus(corpus, indices, toks.tgt.pad, toks.tgt.bos, toks.tgt.eos).to(dev.device)
+        real = batch.tgt_out != model.pad
         with dev.autocast():
-            hidden = model(batch.src, batch.src_pad_mask, batch.tgt_in)
-            real = batch.tgt_out != model.pad
-            logits = model.output(hidden[real]).float()
+            logits = model(batch.src, batch.src_pad_mask, batch.tgt_in, real).float()
         loss += float(label_smoothed_loss(logits, batch.tgt_out[real], cfg.train.label_smoothing))
         nll += float(F.cross_entropy(logits, batch.tgt_out[real], reduction="sum"))
         tokens += batch.n_tgt_tokens
@@ -168,30 +167,40 @@ def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Co
             "valid_bleu": bleu(hyps, refs[:len(hyps)])}
 
 
+STOP_REASONS = ("", "reached train.max_steps", "reached train.max_epochs", "reached train.max_time",
+                "no BLEU gain in train.patience validations", "interrupted")
+
+
 def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False, log=print) -> Path:
-    """Train a model as `cfg` says; returns the path of the checkpoint to translate with."""
+    """Train a model as `cfg` says; returns the path of the checkpoint to translate with.
+    Under torchrun each process trains one shard of every update (DistributedDataParallel)."""
     t0 = time.time()
     run_dir = Path(run_dir)
     tc = cfg.train
 
-    # 1. Run directory, device and precision, seeds.
-    prepare_run_dir(run_dir, resume, overwrite)
-    dump_config(cfg, run_dir / "config.yaml")
-    dev = pick_device(tc.device, tc.precision, tc.threads)
+    # 1. Processes, device and precision, run directory, seeds.
+    world = init_world(tc.device, tc.dist_timeout)
+    dev = pick_device(tc.device, tc.precision, tc.threads, world)
+    log = log if world.main else (lambda *_: None)
+    if world.main:
+        prepare_run_dir(run_dir, resume, overwrite)
+        dump_config(cfg, run_dir / "config.yaml")
     log(f"device: {dev.device}, precision {dev.precision}"
-        + (f", {torch.get_num_threads()} threads" if dev.device.type == "cpu" else ""))
-    seed_everything(tc.seed)
+        + (f", {torch.get_num_threads()} threads" if dev.device.type == "cpu" else "")
+        + (f", {world.size} processes" if world.size > 1 else ""))
+    seed_everything(tc.seed + world.rank)
 
-    # 2. Tokenizer and data.
-    toks = get_tokenizers(cfg, run_dir, log)
-    train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
+    # 2. Tokenizer and data; rank 0 trains and encodes, the others then read its files.
+    for turn in ("main", "others"):
+        if world.main == (turn == "main"):
+            toks = get_tokenizers(cfg, run_dir, log)
+            train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
+            valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
+        world.barrier()
     if len(train_data) == 0:
         raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
+    valid_refs = [t for _, t in read_pairs(cfg.data.valid)] if valid is not None else []
     batches = Batches(train_data, tc.batch_tokens, tc.seed)
-    valid = None
-    if not cfg.data.valid.empty:
-        valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log)
-        valid_refs = [t for _, t in read_pairs(cfg.data.valid)]
 
     # 3. Model, optimizer, schedule.
     model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
@@ -209,72 +218,91 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         dev.scaler.load_state_dict(ckpt["scaler"])
-        batches.load_state_dict(ckpt["data"])
+        batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
         state = ckpt["train_state"]
-        set_rng_state(ckpt["rng"])
+        if world.rank < len(ckpt["rng"]):
+            set_rng_state(ckpt["rng"][world.rank])
+        else:  # more processes than the run had: fresh, distinct dropout streams
+            seed_everything(tc.seed + world.rank + 7919 * state["step"])
         log(f"resumed from step {state['step']} (epoch {batches.epoch})")
+    # DDP broadcasts rank 0's weights, then averages gradients during backward.
+    train_model = model if world.size == 1 else world.wrap(model, dev.device)
 
-    def save(name: str) -> Path:
+    def save(name: str, rngs: list) -> Path:
         path = run_dir / name
         checkpoint.save(path, {"config": config_to_dict(cfg), "model": model.state_dict(),
                                "optimizer": opt.state_dict(), "scaler": dev.scaler.state_dict(),
-                               "data": batches.state_dict(), "train_state": state, "rng": rng_state(),
+                               "data": batches.state_dict(), "train_state": state, "rng": rngs,
                                "tokenizer_src": toks.src.proto, "tokenizer_tgt": toks.tgt.proto,
                                "step": state["step"]})
         return path
 
     def checkpoint_now():
-        path = save(f"ckpt_{state['step']}.pt")
-        state["kept"] = [p for p in state["kept"] if p != path.name] + [path.name]
-        while len(state["kept"]) > tc.keep_last:
-            (run_dir / state["kept"].pop(0)).unlink(missing_ok=True)
-        tmp = run_dir / ".last.pt.link"
-        tmp.unlink(missing_ok=True)
-        os.link(path, tmp)  # last.pt is the same file, not a second copy
-        os.replace(tmp, run_dir / "last.pt")
+        rngs = world.gather(rng_state())  # every process's RNG, so that each resumes its own stream
+        if world.main:
+            path = save(f"ckpt_{state['step']}.pt", rngs)
+            state["kept"] = [p for p in state["kept"] if p != path.name] + [path.name]
+            while len(state["kept"]) > tc.keep_last:
+                (run_dir / state["kept"].pop(0)).unlink(missing_ok=True)
+            tmp = run_dir / ".last.pt.link"
+            tmp.unlink(missing_ok=True)
+            os.link(path, tmp)  # last.pt is the same file, not a second copy
+            os.replace(tmp, run_dir / "last.pt")
 
-    def run_validation(record: dict) -> bool:
-        """Validate, keep the best checkpoint by BLEU; True when patience has run out."""
-        record.update(validate(model, valid, valid_refs, cfg, toks, dev))
-        improved = record["valid_bleu"] > state["best_bleu"]
-        state["best_bleu"] = max(state["best_bleu"], record["valid_bleu"])
-        state["bad_valid"] = 0 if improved else state["bad_valid"] + 1
-        if improved:
-            save("best.pt")
-        bar.write(f"step {state['step']}: valid loss {record['valid_loss']:.3f}, ppl {record['valid_ppl']:.2f}, "
-                  f"BLEU {record['valid_bleu']:.2f}" + (" (best)" if improved else ""))
-        return tc.patience > 0 and state["bad_valid"] >= tc.patience
+    def run_validation(record: dict) -> None:
+        """Rank 0 validates and keeps the best checkpoint by BLEU; the others wait."""
+        if world.main:
+            record.update(validate(model, valid, valid_refs, cfg, toks, dev))
+            improved = record["valid_bleu"] > state["best_bleu"]
+            state["best_bleu"] = max(state["best_bleu"], record["valid_bleu"])
+            state["bad_valid"] = 0 if improved else state["bad_valid"] + 1
+            if improved:
+                save("best.pt", [rng_state()])
+            bar.write(f"step {state['step']}: valid loss {record['valid_loss']:.3f}, ppl {record['valid_ppl']:.2f}, "
+                      f"BLEU {record['valid_bleu']:.2f}" + (" (best)" if improved else ""))
+        world.barrier()
 
-    # 5. The loop: one iteration is one optimizer update over `update_freq` batches.
-    metrics = MetricsLog(run_dir)
-    bar = tqdm(total=tc.max_steps or None, initial=state["step"], unit="step", dynamic_ncols=True, disable=None)
+    # 5. The loop: one iteration is one optimizer update over update_freq x processes batches.
+    metrics = MetricsLog(run_dir) if world.main else None
+    bar = tqdm(total=tc.max_steps or None, initial=state["step"], unit="step", dynamic_ncols=True,
+               disable=None if world.main else True)
     model.train()
     pad, bos, eos = toks.tgt.pad, toks.tgt.bos, toks.tgt.eos
     loss_sum, tok_count, nonfinite = torch.zeros((), device=dev.device), 0, 0
-    interval_start, stop_reason = time.time(), ""
+    interval_start = time.time()
     elapsed_start = state["elapsed"] - time.time()
     with StopRequest() as stop:
         while True:
-            elapsed = elapsed_start + time.time()
+            reason = 0
             if tc.max_steps and state["step"] >= tc.max_steps:
-                stop_reason = f"reached train.max_steps={tc.max_steps}"
+                reason = 1
             elif tc.max_epochs and batches.epochs_done >= tc.max_epochs:
-                stop_reason = f"reached train.max_epochs={tc.max_epochs}"
-            elif elapsed >= tc.max_seconds:
-                stop_reason = f"reached train.max_time={tc.max_time}"
+                reason = 2
+            elif elapsed_start + time.time() >= tc.max_seconds:
+                reason = 3
+            elif tc.patience and state["bad_valid"] >= tc.patience:
+                reason = 4
             elif stop.requested:
-                stop_reason = "interrupted"
-            if stop_reason:
+                reason = 5
+            reason = world.max(reason)  # processes stop together, whichever saw a reason first
+            if reason:
                 break
 
-            micro = [batches.make_batch(batches.next_indices(), pad, bos, eos) for _ in range(tc.update_freq)]
-            n_tokens = sum(b.n_tgt_tokens for b in micro)  # normalise by all target tokens of the update
-            for batch in micro:
-                batch = batch.to(dev.device)
-                with dev.autocast():
-                    loss = batch_loss(model, batch, tc.label_smoothing) / n_tokens
-                dev.scaler.scale(loss).backward()
-                loss_sum += loss.detach() * n_tokens
+            # Every process draws the same global batches and keeps its own share, so N processes
+            # with update_freq U see exactly the batches of one process with update_freq N x U.
+            shares = [batches.next_indices() for _ in range(tc.update_freq * world.size)]
+            n_tokens = int(sum(batches.tgt_len[i].sum() for i in shares))  # all target tokens of the update
+            mine = shares[world.rank * tc.update_freq:(world.rank + 1) * tc.update_freq]
+            for j, indices in enumerate(mine):
+                batch = batches.make_batch(indices, pad, bos, eos).to(dev.device)
+                # Gradients are all-reduced once per update, on its last batch.
+                sync = world.size == 1 or j == len(mine) - 1
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    with dev.autocast():
+                        summed = batch_loss(train_model, batch, tc.label_smoothing, pad)
+                    # DDP averages gradients over processes; * world.size makes that a sum.
+                    dev.scaler.scale(summed * (world.size / n_tokens)).backward()
+                loss_sum += summed.detach()
             dev.scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
             lr = lr_at(state["step"] + 1, tc.warmup, tc.lr)
@@ -286,7 +314,6 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
                 nonfinite += 1
                 bar.write(f"step {state['step'] + 1}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
                 if nonfinite >= tc.max_nonfinite:
-                    metrics.close()
                     raise MtrainError(f"training diverged: {nonfinite} non-finite updates in a row; the last good "
                                       f"checkpoint is {run_dir / 'last.pt'} (try a lower train.lr or precision fp32)")
                 continue
@@ -302,46 +329,50 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
             record = {}
             if step % tc.log_every == 0:
                 now = time.time()
-                record = {"step": step, "loss": float(loss_sum) / tok_count, "lr": lr,
-                          "tokens_per_s": tok_count / (now - interval_start), "epoch": batches.epoch}
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if bar.disable:
-                    print(f"step {step}: loss {record['loss']:.3f}, lr {lr:.2e}, "
-                          f"{record['tokens_per_s']:.0f} tok/s, epoch {batches.epoch}", flush=True)
+                loss = world.sum(loss_sum) / tok_count  # the only host sync of the loss: once per log interval
+                record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_count / (now - interval_start),
+                          "epoch": batches.epoch}
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if bar.disable and world.main:
+                    print(f"step {step}: loss {loss:.3f}, lr {lr:.2e}, {record['tokens_per_s']:.0f} tok/s, "
+                          f"epoch {batches.epoch}", flush=True)
                 loss_sum.zero_()
                 tok_count, interval_start = 0, now
-            patience_out = False
             if valid is not None and step % tc.valid_every == 0:
                 record.setdefault("step", step)
-                patience_out = run_validation(record)
+                run_validation(record)
+                state["bad_valid"] = world.max(state["bad_valid"])  # rank 0's count reaches every process
             state["elapsed"] = elapsed_start + time.time()
-            if record:
+            if record and world.main:
                 record["wall_s"] = round(time.time() - t0, 2)
                 metrics.write(record)
             if step % tc.save_every == 0:
                 checkpoint_now()
-            if patience_out:
-                stop_reason = f"no BLEU gain in {tc.patience} validations (train.patience)"
-                break
             if "valid_bleu" in record:
                 interval_start = time.time()  # validation time is not training throughput
 
     # 6. The end: a last validation and checkpoint, then the checkpoint to translate with.
     bar.close()
+    stop_reason = STOP_REASONS[reason]
     log(f"stopped at step {state['step']}: {stop_reason}")
     state["elapsed"] = elapsed_start + time.time()
-    if state["step"] and state["step"] % tc.valid_every and valid is not None and stop_reason != "interrupted":
+    if state["step"] and state["step"] % tc.valid_every and valid is not None and reason != 5:
         record = {"step": state["step"]}
         run_validation(record)
-        record["wall_s"] = round(time.time() - t0, 2)
-        metrics.write(record)
+        if world.main:
+            record["wall_s"] = round(time.time() - t0, 2)
+            metrics.write(record)
     if state["step"] % tc.save_every or not (run_dir / "last.pt").is_file():
         checkpoint_now()
-    metrics.close()
-    if stop_reason == "interrupted":
-        log("checkpoint saved; continue with --resume")
-        return run_dir / "last.pt"
-    return finish(cfg, run_dir, state, valid, valid_refs if valid is not None else [], toks, dev, log)
+    final = run_dir / "last.pt"
+    if world.main:
+        metrics.close()
+        if reason == 5:
+            log("checkpoint saved; continue with --resume")
+        else:
+            final = finish(cfg, run_dir, state, valid, valid_refs, toks, dev, log)
+    world.close()
+    return final
 
 
 def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log) -> Path:
@@ -355,11 +386,11 @@ def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log)
         candidates[f"average of {len(kept)}"] = {**checkpoint.average(kept), "averaged_from": [p.name for p in kept]}
     scores = {}
     for name, ckpt in candidates.items():
-        if valid is None or len(candidates) == 1:
-            scores[name] = 0.0
-            continue
-        model = checkpoint.build_model(ckpt, toks).to(dev.device)
-        scores[name] = validate(model, valid, refs, cfg, toks, dev)["valid_bleu"]
+        if valid is None or len(candidates) == 1 or name == "best":
+            scores[name] = state["best_bleu"]  # the best checkpoint was scored when it was saved
+        else:
+            model = checkpoint.build_model(ckpt, toks).to(dev.device)
+            scores[name] = validate(model, valid, refs, cfg, toks, dev)["valid_bleu"]
         log(f"final candidate {name}: valid BLEU {scores[name]:.2f}")
     choice = max(scores, key=scores.get)
     ckpt = candidates[choice]

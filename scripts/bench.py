@@ -1,0 +1,217 @@
+"""Benchmark mtrain on this machine and print a table: training, decoding and data pipeline speed.
+
+    python scripts/bench.py --config configs/multi30k_en_de.yaml --precision bf16 \
+        --checkpoint runs/multi30k_en_de/final.pt [--skip-data]
+
+Each part runs in its own process so that its peak RSS is its own. Needs data/multi30k
+(scripts/get_multi30k.sh). Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(device, dtype, n=2048, reps=10) -> float:
+    """Measured GFLOP/s of an n x n x n matmul: the 'peak' that MFU is relative to."""
+    import torch
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def part_train(args) -> dict:
+    """Steady-state training throughput on real batches of the config's corpus (no validation)."""
+    import torch
+    from mtrain.config import load_config
+    from mtrain.data import Batches, load_corpus
+    from mtrain.device import pick_device
+    from mtrain.model import Transformer
+    from mtrain.train import batch_loss, get_tokenizers
+
+    cfg = load_config(args.config, args.set)
+    dev = pick_device(args.device, args.precision, cfg.train.threads)
+    run = ROOT / "runs" / "bench"
+    run.mkdir(parents=True, exist_ok=True)
+    toks = get_tokenizers(cfg, run, log=lambda *_: None)
+    corpus = load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None)
+    stream = Batches(corpus, cfg.train.batch_tokens, cfg.train.seed)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=dev.device.type == "cuda")
+    pad, bos, eos = toks.tgt.pad, toks.tgt.bos, toks.tgt.eos
+    tokens = src_tokens = 0
+    for i in range(args.warmup_steps + args.steps):
+        if i == args.warmup_steps:
+            sync(dev.device)
+            start, tokens, src_tokens = time.perf_counter(), 0, 0
+        batch = stream.make_batch(stream.next_indices(), pad, bos, eos)
+        tokens += batch.n_tgt_tokens
+        src_tokens += int((~batch.src_pad_mask).sum())
+        batch = batch.to(dev.device)
+        with dev.autocast():
+            loss = batch_loss(model, batch, 0.1, pad) / batch.n_tgt_tokens
+        dev.scaler.scale(loss).backward()
+        dev.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        dev.scaler.step(opt)
+        dev.scaler.update()
+        opt.zero_grad(set_to_none=True)
+    sync(dev.device)
+    seconds = time.perf_counter() - start
+    tok_s = tokens / seconds
+    lengths = corpus.tgt_lengths.mean(), corpus.src_lengths.mean()
+    flops = model.flops_per_token(src_len=float(lengths[1]), tgt_len=float(lengths[0]))
+    flops *= src_tokens / tokens / (lengths[1] / lengths[0])  # the batches' own source/target ratio
+    peak = matmul_peak(dev.device, dev.amp_dtype or torch.float32)
+    return {"device": str(dev.device), "precision": dev.precision, "threads": torch.get_num_threads(),
+            "params": model.num_parameters(), "train_tok_s": tok_s, "flops_per_tok": flops,
+            "achieved_gflops": tok_s * flops / 1e9, "matmul_peak_gflops": peak,
+            "mfu": tok_s * flops / 1e9 / peak, "train_rss_mb": peak_rss_mb()}
+
+
+def part_decode(args) -> dict:
+    """Sentences/s and target tokens/s translating test_2016_flickr.en with beam 1 and beam 5."""
+    from mtrain.checkpoint import load_for_inference
+    from mtrain.corpus import open_text
+    from mtrain.device import pick_device
+    from mtrain.translate import translate_lines, with_overrides
+
+    model, toks, cfg = load_for_inference([args.checkpoint])
+    dev = pick_device(args.device, args.decode_precision, cfg.train.threads)
+    model.to(dev.device)
+    lines = list(open_text(ROOT / "data/multi30k/test_2016_flickr.en.gz"))
+    out = {}
+    for beam in (1, 5):
+        decode = with_overrides(cfg.decode, beam=beam)
+        start = time.perf_counter()
+        hyps = list(translate_lines(lines, model, toks, decode, dev))
+        seconds = time.perf_counter() - start
+        pieces = sum(len(x) + 1 for x in toks.tgt.encode_batch(hyps))
+        out[f"beam{beam}_sent_s"] = len(lines) / seconds
+        out[f"beam{beam}_tok_s"] = pieces / seconds
+    out["decode_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def part_data(args) -> dict:
+    """Encoding and batching a ~3M-pair corpus made by repeating Multi30k; a second load maps the cache."""
+    from mtrain.config import DataConfig, DataSource
+    from mtrain.data import Batches, load_corpus
+    from mtrain.tokenizer import Tokenizer, Tokenizers
+
+    folder = ROOT / "data" / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    src, tgt = folder / "big.en", folder / "big.de"
+    if not src.exists():
+        from mtrain.corpus import open_text
+        en = list(open_text(ROOT / "data/multi30k/train.en.gz"))
+        de = list(open_text(ROOT / "data/multi30k/train.de.gz"))
+        src.write_text("\n".join(en * args.repeat) + "\n")
+        tgt.write_text("\n".join(de * args.repeat) + "\n")
+    tok = Tokenizer.load(ROOT / "data/multi30k/spm8k.model")
+    toks = Tokenizers(tok, tok)
+    cfg = DataConfig(cache_dir=str(folder / "cache"))
+    source = DataSource(src=str(src), tgt=str(tgt))
+    import shutil
+    shutil.rmtree(folder / "cache", ignore_errors=True)
+    start = time.perf_counter()
+    corpus = load_corpus(source, toks, cfg, log=lambda *_: None)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    corpus = load_corpus(source, toks, cfg, log=lambda *_: None)
+    stream = Batches(corpus, 4096, 1)
+    first = stream.next_indices()
+    ready_s = time.perf_counter() - start
+    return {"pairs": len(corpus), "encode_pairs_s": len(corpus) / encode_s, "encode_s": encode_s,
+            "warm_start_s": ready_s, "batches_per_epoch": len(stream.epoch_batches()), "first_batch": len(first),
+            "data_rss_mb": peak_rss_mb()}
+
+
+def run_part(name: str, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--part", name, *argv], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"bench part {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/multi30k_en_de.yaml")
+    p.add_argument("--set", action="append", default=[], help="config override, as for mtrain fit")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--decode-precision", default="fp32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", help="trained checkpoint for the decoding part (skipped without)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=100, help="copies of Multi30k in the data part (100 = 2.9M pairs)")
+    p.add_argument("--skip-data", action="store_true")
+    p.add_argument("--part", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.chdir(ROOT)
+    if args.part:
+        print(json.dumps({"train": part_train, "decode": part_decode, "data": part_data}[args.part](args)))
+        return
+    argv = sys.argv[1:]
+    import torch
+    rows = [("torch", torch.__version__), ("python", platform.python_version()), ("cpu cores", os.cpu_count())]
+    r = run_part("train", argv)
+    rows += [("device", r["device"]), ("threads", r["threads"]), ("precision (train)", r["precision"]),
+             ("config", args.config + (" " + " ".join(args.set) if args.set else "")),
+             ("parameters", f"{r['params']:,}"),
+             ("train target tokens/s", f"{r['train_tok_s']:,.0f}"),
+             ("model FLOPs per target token", f"{r['flops_per_tok'] / 1e6:.1f} M"),
+             ("achieved GFLOP/s", f"{r['achieved_gflops']:.1f}"),
+             (f"matmul peak GFLOP/s ({r['precision']}, 2048^3)", f"{r['matmul_peak_gflops']:.1f}"),
+             ("MFU", f"{100 * r['mfu']:.1f}%"), ("train peak RSS", f"{r['train_rss_mb']:,.0f} MB")]
+    if args.checkpoint:
+        r = run_part("decode", argv)
+        rows += [("precision (decode)", args.decode_precision),
+                 ("decode beam 1: sentences/s", f"{r['beam1_sent_s']:.1f}"),
+                 ("decode beam 1: target tokens/s", f"{r['beam1_tok_s']:,.0f}"),
+                 ("decode beam 5: sentences/s", f"{r['beam5_sent_s']:.1f}"),
+                 ("decode beam 5: target tokens/s", f"{r['beam5_tok_s']:,.0f}"),
+                 ("decode peak RSS", f"{r['decode_rss_mb']:,.0f} MB")]
+    if not args.skip_data:
+        r = run_part("data", argv)
+        rows += [("data: pairs (Multi30k repeated)", f"{r['pairs']:,}"),
+                 ("data: encode + cache, pairs/s", f"{r['encode_pairs_s']:,.0f}"),
+                 ("data: warm cache to first batch", f"{r['warm_start_s']:.1f} s"),
+                 ("data: peak RSS", f"{r['data_rss_mb']:,.0f} MB")]
+    width = max(len(k) for k, _ in rows)
+    print(f"| {'measure':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
+    for k, v in rows:
+        print(f"| {k:<{width}} | {v} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""torchrun + DDP on CPU with gloo: two processes must train exactly like one process accumulating two batches."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mtrain import checkpoint
+from conftest import ROOT, tiny_raw
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
+
+
+def run_fit(cfg_path, run, procs, *extra):
+    cmd = [sys.executable, "-m", "mtrain", "fit", str(cfg_path), "--output", str(run), *extra]
+    if procs > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               "-m", "mtrain", "fit", str(cfg_path), "--output", str(run), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "loss" in r}
+
+
+@pytest.fixture
+def configs(tmp_path, spm_model):
+    def write(name, **train):
+        settings = dict(batch_tokens=120, max_steps=8, save_every=4, valid_every=4, threads=1)
+        raw = tiny_raw(tmp_path, spm_model, **{**settings, **train})
+        raw["model"]["dropout"] = 0.0  # processes draw different dropout masks than one process would
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+    return write
+
+
+def test_two_processes_equal_one_with_update_freq_two(tmp_path, configs):
+    run_fit(configs("one", update_freq=2), tmp_path / "one", 1)
+    out = run_fit(configs("two", update_freq=1), tmp_path / "two", 2)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    one, two = checkpoint.load(tmp_path / "one" / "last.pt"), checkpoint.load(tmp_path / "two" / "last.pt")
+    assert one["data"] == two["data"]  # the same global position in the batch order
+    for name, value in one["model"].items():
+        assert (value - two["model"][name]).abs().max() < 1e-4, name
+    # Only rank 0 writes: one metrics line per step and validation, one set of checkpoints.
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == \
+        ["best.pt", "ckpt_4.pt", "ckpt_8.pt", "final.pt", "last.pt"]
+    assert len(two["rng"]) == 2 and "2 processes" in out.stdout
+
+
+def test_resume_across_process_counts(tmp_path, configs):
+    reference = configs("ref", update_freq=2)
+    run_fit(reference, tmp_path / "ref", 1)
+    # 2 processes to step 4, then 1 process (update_freq 2) to step 8
+    run_fit(configs("a", update_freq=1, max_steps=4), tmp_path / "a", 2)
+    run_fit(reference, tmp_path / "a", 1, "--resume")
+    # 1 process to step 4, then 2 processes to step 8
+    run_fit(configs("b", update_freq=2, max_steps=4), tmp_path / "b", 1)
+    run_fit(configs("b8", update_freq=1), tmp_path / "b", 2, "--resume")
+    ref = losses(tmp_path / "ref")
+    for run in ("a", "b"):
+        got = losses(tmp_path / run)
+        assert sorted(got) == list(range(1, 9)), run
+        for step in range(5, 9):
+            assert got[step] == pytest.approx(ref[step], rel=1e-5), (run, step)
