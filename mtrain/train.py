@@ -174,12 +174,25 @@ STOP_REASONS = ("", "reached train.max_steps", "reached train.max_epochs", "reac
 def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False, log=print) -> Path:
     """Train a model as `cfg` says; returns the path of the checkpoint to translate with.
     Under torchrun each process trains one shard of every update (DistributedDataParallel)."""
+    world = init_world(cfg.train.device, cfg.train.dist_timeout)
+    try:
+        final = train(cfg, Path(run_dir), resume, overwrite, log, world)
+    except RuntimeError as e:  # torch.distributed errors (DistError and gloo/NCCL failures) are RuntimeErrors
+        if world.size == 1:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MtrainError(f"process {world.rank}: lost the other processes ({first}); the last checkpoint "
+                          f"{Path(run_dir) / 'last.pt'} is intact, continue with --resume") from None
+    world.close()
+    return final
+
+
+def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world) -> Path:
+    """The body of `fit`, for one process of `world`."""
     t0 = time.time()
-    run_dir = Path(run_dir)
     tc = cfg.train
 
-    # 1. Processes, device and precision, run directory, seeds.
-    world = init_world(tc.device, tc.dist_timeout)
+    # 1. Device and precision, run directory, seeds.
     dev = pick_device(tc.device, tc.precision, tc.threads, world)
     log = log if world.main else (lambda *_: None)
     if world.main:
@@ -371,7 +384,6 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
             log("checkpoint saved; continue with --resume")
         else:
             final = finish(cfg, run_dir, state, valid, valid_refs, toks, dev, log)
-    world.close()
     return final
 
 

@@ -75,3 +75,33 @@ def test_resume_across_process_counts(tmp_path, configs):
         assert sorted(got) == list(range(1, 9)), run
         for step in range(5, 9):
             assert got[step] == pytest.approx(ref[step], rel=1e-5), (run, step)
+
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def test_a_dead_process_ends_the_job_and_resume_continues(tmp_path, configs):
+    import signal
+    import time
+    cfg = configs("long", max_steps=100000, save_every=2, valid_every=100000, dist_timeout=30)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "mtrain", "fit", str(cfg), "--output", str(run)],
+                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "ckpt_6.pt").exists():
+        time.sleep(0.2)
+    workers = children(job.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    start = time.time()
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.time() - start < 60  # well within train.dist_timeout + torchrun's grace period
+    step = checkpoint.load(run / "last.pt")["step"]
+    assert step >= 6
+    result = run_fit(configs("short", max_steps=step + 2, save_every=2, valid_every=100000), run, 1, "--resume")
+    assert f"resumed from step {step}" in result.stdout
