@@ -306,6 +306,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
             shares = [batches.next_indices() for _ in range(tc.update_freq * world.size)]
             n_tokens = int(sum(batches.tgt_len[i].sum() for i in shares))  # all target tokens of the update
             mine = shares[world.rank * tc.update_freq:(world.rank + 1) * tc.update_freq]
+            update_loss = torch.zeros((), device=dev.device)
             for j, indices in enumerate(mine):
                 batch = batches.make_batch(indices, pad, bos, eos).to(dev.device)
                 # Gradients are all-reduced once per update, on its last batch.
@@ -315,7 +316,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
                         summed = batch_loss(train_model, batch, tc.label_smoothing, pad)
                     # DDP averages gradients over processes; * world.size makes that a sum.
                     dev.scaler.scale(summed * (world.size / n_tokens)).backward()
-                loss_sum += summed.detach()
+                update_loss += summed.detach()
             dev.scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
             lr = lr_at(state["step"] + 1, tc.warmup, tc.lr)
@@ -331,6 +332,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
                                       f"checkpoint is {run_dir / 'last.pt'} (try a lower train.lr or precision fp32)")
                 continue
             nonfinite = 0
+            loss_sum += update_loss  # skipped updates stay out of the logged loss
             dev.scaler.step(opt)
             dev.scaler.update()
             opt.zero_grad(set_to_none=True)

@@ -127,3 +127,24 @@ def test_sigterm_saves_a_checkpoint(tmp_path, spm_model):
     assert proc.returncode == 0
     assert "interrupted" in out
     assert checkpoint.load(run / "last.pt")["step"] >= 1
+
+
+def test_nonfinite_updates_are_skipped_then_stop(tmp_path, tiny_cfg, monkeypatch):
+    import mtrain.train as train_module
+    real_loss = train_module.batch_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):  # the 3rd and 4th batches give NaN
+        calls["n"] += 1
+        loss = real_loss(*args, **kw)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(train_module, "batch_loss", flaky)
+    fit(tiny_cfg(max_steps=6), tmp_path / "ok", log=lambda *_: None)
+    steps = losses(tmp_path / "ok")
+    assert sorted(steps) == list(range(1, 7)) and all(math.isfinite(v) for v in steps.values())
+    assert calls["n"] == 8  # two skipped updates were redone with the next batches
+
+    monkeypatch.setattr(train_module, "batch_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    with pytest.raises(MtrainError, match="3 non-finite updates in a row"):
+        fit(tiny_cfg(max_steps=6, max_nonfinite=3), tmp_path / "bad", log=lambda *_: None)
