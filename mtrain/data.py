@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -94,32 +95,30 @@ def _encode_to(folder: Path, source: DataSource, toks: Tokenizers, cfg: DataConf
     tmp.mkdir(parents=True)
     stats = ReadStats()
     too_long = bad_ratio = 0
-    offsets = {"src": [0], "tgt": [0]}
+    lengths = {"src": [], "tgt": []}  # one numpy array per chunk: no Python int per sentence is kept
     files = {side: open(tmp / f"{side}.bin", "wb") for side in ("src", "tgt")}
     pairs = read_pairs(source, stats)
-    while True:
-        chunk = [p for _, p in zip(range(CHUNK), pairs)]
-        if not chunk:
-            break
-        src_ids = toks.src.encode_batch([s for s, _ in chunk])
-        tgt_ids = toks.tgt.encode_batch([t for _, t in chunk])
-        for s, t in zip(src_ids, tgt_ids):
-            if filtered:
-                ls, lt = len(s) + 1, len(t) + 1
-                if max(ls, lt) > cfg.max_len:
-                    too_long += 1
-                    continue
-                if max(ls, lt) > cfg.max_len_ratio * min(ls, lt):
-                    bad_ratio += 1
-                    continue
-            for side, ids in (("src", s), ("tgt", t)):
-                files[side].write(np.asarray(ids, dtype=np.int32).tobytes())
-                offsets[side].append(offsets[side][-1] + len(ids))
+    while chunk := list(itertools.islice(pairs, CHUNK)):
+        ids = {"src": toks.src.encode_batch([s for s, _ in chunk]), "tgt": toks.tgt.encode_batch([t for _, t in chunk])}
+        n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(chunk)) for side in ids}
+        keep = np.ones(len(chunk), dtype=bool)
+        if filtered:  # lengths with the EOS each side gets
+            longest, shortest = np.maximum(n["src"], n["tgt"]) + 1, np.minimum(n["src"], n["tgt"]) + 1
+            long = longest > cfg.max_len
+            ratio = ~long & (longest > cfg.max_len_ratio * shortest)
+            too_long, bad_ratio = too_long + int(long.sum()), bad_ratio + int(ratio.sum())
+            keep = ~(long | ratio)
+        for side in ("src", "tgt"):
+            kept_ids = [x for x, k in zip(ids[side], keep) if k]
+            flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int32, count=int(n[side][keep].sum()))
+            files[side].write(flat.tobytes())
+            lengths[side].append(n[side][keep])
     for f in files.values():
         f.close()
     for side in ("src", "tgt"):
-        np.save(tmp / f"{side}_offsets.npy", np.asarray(offsets[side], dtype=np.int64))
-    kept = len(offsets["src"]) - 1
+        counts = np.concatenate(lengths[side]) if lengths[side] else np.zeros(0, dtype=np.int64)
+        np.save(tmp / f"{side}_offsets.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+    kept = int(sum(len(x) for x in lengths["src"]))
     summary = (f"{stats.pairs + stats.empty} pairs read, {stats.empty} empty dropped, "
                f"{too_long} longer than {cfg.max_len} tokens dropped, "
                f"{bad_ratio} with length ratio > {cfg.max_len_ratio} dropped, {kept} kept")
