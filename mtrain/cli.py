@@ -31,14 +31,9 @@ def user_errors():
         raise typer.Exit(1)
 
 
-def _read_lines(path: Optional[Path], what: str) -> list[str]:
+def _read_lines(path: Optional[Path]) -> list[str]:
     from mtrain.corpus import open_text
-    if path is None or str(path) == "-":
-        try:
-            return [line.rstrip("\r\n") for line in sys.stdin]
-        except UnicodeDecodeError as e:
-            raise MtrainError(f"{what} (stdin): invalid UTF-8 ({e.reason})") from None
-    return list(open_text(path))
+    return list(open_text(path if path is not None else "-"))
 
 
 @app.command()
@@ -123,11 +118,11 @@ def score(
     from mtrain import score as scoring
     with user_errors():
         names = [m.strip().lower() for m in metrics.split(",") if m.strip()]
-        hyps = _read_lines(hyp, "hypotheses")
-        refs = [_read_lines(r, str(r)) for r in ref]
+        hyps = _read_lines(hyp)
+        refs = [_read_lines(r) for r in ref]
         scoring.check_lengths(hyps, refs, str(hyp or "stdin"), [str(r) for r in ref])
         if compare is not None:
-            typer.echo(scoring.compare(hyps, _read_lines(compare, str(compare)), refs, names))
+            typer.echo(scoring.compare(hyps, _read_lines(compare), refs, names))
             return
         results = scoring.score(hyps, refs, names)
         if as_json:

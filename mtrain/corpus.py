@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,17 +20,25 @@ def _open_binary(path: Path):
 
 
 def open_text(path: Path | str) -> Iterator[str]:
-    """Lines of a plain or .gz UTF-8 file without their newline; bad bytes are an error naming the line."""
+    """Lines of a plain or .gz UTF-8 file ("-" = stdin) without their newline; bad bytes are an
+    error naming the line."""
+    if str(path) == "-":
+        yield from _decode_lines(sys.stdin.buffer, "stdin")
+        return
     path = Path(path)
     with _open_binary(path) as f:
         try:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    yield raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raise MtrainError(f"{path}:{number}: invalid UTF-8 (byte {e.start + 1} of the line)") from None
+            yield from _decode_lines(f, path)
         except (OSError, EOFError) as e:  # truncated or not-really-gzip files
             raise MtrainError(f"{path}: cannot read ({e})") from None
+
+
+def _decode_lines(f, name) -> Iterator[str]:
+    for number, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise MtrainError(f"{name}:{number}: invalid UTF-8 (byte {e.start + 1} of the line)") from None
 
 
 def count_lines(path: Path | str) -> int:

@@ -129,6 +129,20 @@ def _encode_to(folder: Path, source: DataSource, toks: Tokenizers, cfg: DataConf
     os.replace(tmp, folder)  # the cache appears whole or not at all
 
 
+def cut_sorted(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Pure: cut indices, already sorted by length, into runs with n * longest <= max_tokens
+    (a single sentence longer than the budget gets a batch of its own)."""
+    batches, start, width = [], 0, 0
+    for i, n in enumerate(lengths[order].tolist()):
+        width = max(width, n)
+        if (i - start + 1) * width > max_tokens and i > start:
+            batches.append(order[start:i])
+            start, width = i, n
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
 def token_batches(src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Pure: sentence indices grouped so that n * (longest side's padded length) <= max_tokens.
 
@@ -138,17 +152,8 @@ def token_batches(src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int, see
     rng = np.random.default_rng([seed, epoch])
     longest = np.maximum(src_len, tgt_len)
     order = np.lexsort((rng.random(len(longest)), np.minimum(src_len, tgt_len), longest))
-    sorted_len = longest[order].tolist()
-    batches, start, width = [], 0, 0
-    for i, n in enumerate(sorted_len):
-        width = max(width, n)
-        if (i - start + 1) * width > max_tokens and i > start:
-            batches.append(order[start:i])
-            start, width = i, n
-    if start < len(order):
-        batches.append(order[start:])
-    perm = rng.permutation(len(batches))
-    return [batches[i] for i in perm]
+    batches = cut_sorted(order, longest, max_tokens)
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 @dataclass

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from mtrain.config import DecodeConfig
-from mtrain.data import pad_batch
+from mtrain.data import cut_sorted, pad_batch
 from mtrain.device import Device
 from mtrain.errors import MtrainError
 from mtrain.model import Transformer
@@ -23,17 +24,8 @@ BLOCK = 2000  # lines read before decoding: enough to sort by length, small enou
 
 def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Pure: indices sorted by length and cut so that n * longest <= max_tokens (at least one each)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current, width = [], [], 0
-    for i in order:
-        width = max(width, lengths[i])
-        if current and (len(current) + 1) * width > max_tokens:
-            batches.append(current)
-            current, width = [], lengths[i]
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return [b.tolist() for b in cut_sorted(np.argsort(lengths, kind="stable"), lengths, max_tokens)]
 
 
 def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
@@ -111,7 +103,7 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
     dev = pick_device(device, precision)
     model.to(dev.device)
     decode = with_overrides(cfg.decode, **decode_flags)
-    lines = open_text(input) if input is not None and str(input) != "-" else _stdin_lines()
+    lines = open_text(input if input is not None else "-")
     out = open(output, "w", encoding="utf-8") if output is not None else sys.stdout
     try:
         for line in translate_lines(lines, model, toks, decode, dev, sampling):
@@ -122,10 +114,3 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
         if out is not sys.stdout:
             out.close()
 
-
-def _stdin_lines() -> Iterator[str]:
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MtrainError(f"stdin:{number}: invalid UTF-8") from None

@@ -4,7 +4,6 @@ import gzip
 import subprocess
 import sys
 
-import pytest
 
 from conftest import ROOT, SAMPLE_DE, SAMPLE_EN
 
@@ -64,3 +63,9 @@ def test_score_reads_stdin_and_compares():
     r = mtrain("score", "--ref", SAMPLE_DE, SAMPLE_DE, "--compare", SAMPLE_EN, "--metrics", "bleu")
     assert r.returncode == 0, r.stderr
     assert "baseline 100.00" in r.stdout and "p = " in r.stdout
+
+
+def test_bad_utf8_on_stdin_names_the_line():
+    r = subprocess.run([sys.executable, "-m", "mtrain", "score", "--ref", str(SAMPLE_DE)], input=b"ok\n\xff\n",
+                       capture_output=True, cwd=ROOT)
+    assert r.returncode == 1 and b"mtrain: stdin:2: invalid UTF-8" in r.stderr and b"Traceback" not in r.stderr

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from mtrain.config import DataConfig, DataSource
 from mtrain.data import Batches, collate, load_corpus, token_batches
