@@ -203,6 +203,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
+    def __post_init__(self):
+        if self.model.share_embeddings and not self.tokenizer.joint:
+            raise ValueError("model.share_embeddings needs tokenizer.joint: true (one vocabulary)")
+
 
 def parse_duration(text: str) -> float:
     """'90s', '30m', '2h', '1h30m' or a bare number of seconds; '' means no limit (inf)."""

@@ -12,8 +12,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from mtrain.config import TokenizerConfig
-from mtrain.corpus import open_text
+from mtrain.config import Config, DataSource, TokenizerConfig
+from mtrain.corpus import open_text, read_pairs
 from mtrain.errors import MtrainError
 
 # Fixed ids so that every model built by mtrain agrees on them.
@@ -150,3 +150,38 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
             s = tokenizer_stats(tok, path)
             yield (f"  {s['file']}: {s['pieces_per_sentence']:.2f} pieces/sentence, "
                    f"unknown rate {100 * s['unk_rate']:.3f}% (first {s['sentences']} lines)")
+
+
+def _dump_source(source: DataSource, folder: Path) -> tuple[Path, Path]:
+    """Plain text copies of both sides, for SentencePiece training on TSV or datasets sources."""
+    paths = folder / "train.src.txt", folder / "train.tgt.txt"
+    with open(paths[0], "w", encoding="utf-8") as fs, open(paths[1], "w", encoding="utf-8") as ft:
+        for s, t in read_pairs(source):
+            fs.write(s + "\n")
+            ft.write(t + "\n")
+    return paths
+
+
+def get_tokenizers(cfg: Config, run_dir: Path, log=print) -> Tokenizers:
+    """Load the configured SentencePiece model(s), training them on the training data if missing;
+    a copy goes into the run directory so that it is self-contained."""
+    tc = cfg.tokenizer
+    main = Path(tc.model) if tc.model else run_dir / "spm.model"
+    tgt_path = main if tc.joint else (Path(tc.tgt_model) if tc.tgt_model else main.with_name(main.stem + ".tgt.model"))
+    if not main.is_file() or not tgt_path.is_file():
+        source = cfg.data.train
+        if source.empty:
+            raise MtrainError("data.train: no training corpus given")
+        log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on {source.describe()}")
+        sides = (Path(source.src), Path(source.tgt)) if source.src else _dump_source(source, run_dir)
+        if tc.joint:
+            train_tokenizer(sides, tc, main.with_suffix(""))
+        else:
+            train_tokenizer(sides[:1], tc, main.with_suffix(""))
+            train_tokenizer(sides[1:], tc, tgt_path.with_suffix(""))
+    src_tok = Tokenizer.load(main)
+    toks = Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
+    toks.src.save(run_dir / ("spm.model" if tc.joint else "spm.src.model"))
+    if not tc.joint:
+        toks.tgt.save(run_dir / "spm.tgt.model")
+    return toks

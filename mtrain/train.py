@@ -17,14 +17,27 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mtrain import checkpoint
-from mtrain.config import Config, DataSource, config_to_dict, dump_config
+from mtrain.config import Config, config_to_dict, dump_config
 from mtrain.corpus import read_pairs
-from mtrain.data import Batches, EncodedCorpus, collate_corpus, load_corpus, token_batches
-from mtrain.device import Device, init_world, pick_device, rng_state, seed_everything, set_rng_state
+from mtrain.data import (
+    Batches,
+    EncodedCorpus,
+    collate_corpus,
+    load_corpus,
+    token_batches,
+)
+from mtrain.device import (
+    Device,
+    init_world,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from mtrain.errors import MtrainError
 from mtrain.model import Transformer
 from mtrain.score import bleu
-from mtrain.tokenizer import Tokenizer, Tokenizers, train_tokenizer
+from mtrain.tokenizer import Tokenizers, get_tokenizers
 from mtrain.translate import decode_ids
 
 
@@ -107,41 +120,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             path.unlink()
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _dump_source(source: DataSource, folder: Path) -> tuple[Path, Path]:
-    """Plain text copies of both sides, for SentencePiece training on TSV or datasets sources."""
-    paths = folder / "train.src.txt", folder / "train.tgt.txt"
-    with open(paths[0], "w", encoding="utf-8") as fs, open(paths[1], "w", encoding="utf-8") as ft:
-        for s, t in read_pairs(source):
-            fs.write(s + "\n")
-            ft.write(t + "\n")
-    return paths
-
-
-def get_tokenizers(cfg: Config, run_dir: Path, log=print) -> Tokenizers:
-    """Load the configured SentencePiece model(s), training them on the training data if missing;
-    a copy goes into the run directory so that it is self-contained."""
-    tc = cfg.tokenizer
-    main = Path(tc.model) if tc.model else run_dir / "spm.model"
-    tgt_path = main if tc.joint else (Path(tc.tgt_model) if tc.tgt_model else main.with_name(main.stem + ".tgt.model"))
-    if not main.is_file() or not tgt_path.is_file():
-        source = cfg.data.train
-        if source.empty:
-            raise MtrainError("data.train: no training corpus given")
-        log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on {source.describe()}")
-        sides = (Path(source.src), Path(source.tgt)) if source.src else _dump_source(source, run_dir)
-        if tc.joint:
-            train_tokenizer(sides, tc, main.with_suffix(""))
-        else:
-            train_tokenizer(sides[:1], tc, main.with_suffix(""))
-            train_tokenizer(sides[1:], tc, tgt_path.with_suffix(""))
-    src_tok = Tokenizer.load(main)
-    toks = Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
-    toks.src.save(run_dir / ("spm.model" if tc.joint else "spm.src.model"))
-    if not tc.joint:
-        toks.tgt.save(run_dir / "spm.tgt.model")
-    return toks
 
 
 @torch.no_grad()

@@ -55,7 +55,8 @@ def part_train(args) -> dict:
     from mtrain.data import Batches, load_corpus
     from mtrain.device import pick_device
     from mtrain.model import Transformer
-    from mtrain.train import batch_loss, get_tokenizers
+    from mtrain.tokenizer import get_tokenizers
+    from mtrain.train import batch_loss
 
     cfg = load_config(args.config, args.set)
     dev = pick_device(args.device, args.precision, cfg.train.threads)

@@ -63,3 +63,10 @@ def test_shipped_configs_load():
     from pathlib import Path
     for path in (Path(__file__).parent.parent / "configs").glob("*.yaml"):
         load_config(path)
+
+
+def test_shared_embeddings_need_a_joint_tokenizer(tmp_path):
+    with pytest.raises(MtrainError, match="share_embeddings needs tokenizer.joint"):
+        load_config(write(tmp_path, "tokenizer:\n  joint: false\n"))
+    cfg = load_config(write(tmp_path, "tokenizer:\n  joint: false\nmodel:\n  share_embeddings: false\n"))
+    assert not cfg.tokenizer.joint

@@ -148,3 +148,15 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path, tiny_cfg, monkeypatch
     monkeypatch.setattr(train_module, "batch_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     with pytest.raises(MtrainError, match="3 non-finite updates in a row"):
         fit(tiny_cfg(max_steps=6, max_nonfinite=3), tmp_path / "bad", log=lambda *_: None)
+
+
+def test_separate_vocabularies_are_trained_and_used(tmp_path, spm_model):
+    from mtrain.config import config_from_dict
+    raw = tiny_raw(tmp_path, spm_model, max_steps=3)
+    raw["tokenizer"] = {"model": str(tmp_path / "spm" / "sides.model"), "joint": False, "vocab_size": 60}
+    raw["model"]["share_embeddings"] = False
+    final = fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+    assert (tmp_path / "spm" / "sides.model").is_file() and (tmp_path / "spm" / "sides.tgt.model").is_file()
+    model, toks, _ = checkpoint.load_for_inference([final])
+    assert not toks.joint and model.src_embed is not model.tgt_embed
+    assert (tmp_path / "run" / "spm.src.model").is_file() and (tmp_path / "run" / "spm.tgt.model").is_file()
