@@ -39,9 +39,11 @@ def cpu_has_bf16() -> bool:
 
 
 def default_threads() -> int:
-    # Hyper-threads share one core's matrix units; one thread per physical core is fastest for GEMMs.
-    n = os.cpu_count() or 1
-    return max(1, n)
+    """The CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
