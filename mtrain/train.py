@@ -181,12 +181,13 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
         + (f", {world.size} processes" if world.size > 1 else ""))
     seed_everything(tc.seed + world.rank)
 
-    # 2. Tokenizer and data; rank 0 trains and encodes, the others then read its files.
-    for turn in ("main", "others"):
-        if world.main == (turn == "main"):
-            toks = get_tokenizers(cfg, run_dir, log)
-            train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
-            valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
+    # 2. Tokenizer and data; rank 0 trains and encodes first, the others then read its files.
+    if not world.main:
+        world.barrier()
+    toks = get_tokenizers(cfg, run_dir, log)
+    train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
+    valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
+    if world.main:
         world.barrier()
     if len(train_data) == 0:
         raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
@@ -383,7 +384,8 @@ def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log)
         else:
             model = checkpoint.build_model(ckpt, toks).to(dev.device)
             scores[name] = validate(model, valid, refs, cfg, toks, dev)["valid_bleu"]
-        log(f"final candidate {name}: valid BLEU {scores[name]:.2f}")
+        if valid is not None:
+            log(f"final candidate {name}: valid BLEU {scores[name]:.2f}")
     choice = max(scores, key=scores.get)
     ckpt = candidates[choice]
     inference = ("config", "model", "tokenizer_src", "tokenizer_tgt", "step", "averaged_from")
