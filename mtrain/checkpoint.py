@@ -1,10 +1,8 @@
-"""Checkpoints: atomic save, checked load, averaging, and loading a model for translation."""
+"""Checkpoints: atomic save, safe checked load, streaming averaging, and loading a model for translation."""
 
 from __future__ import annotations
 
-import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -12,56 +10,74 @@ import torch
 
 from mtrain.config import config_from_dict
 from mtrain.errors import MtrainError
+from mtrain.files import atomic_write
 from mtrain.model import Transformer
 from mtrain.tokenizer import Tokenizer, Tokenizers
 
-FORMAT, VERSION = "mtrain", 1
+# Version 2 holds only tensors and plain data (numbers, strings, bytes, lists, dicts), so it loads
+# with torch.load(weights_only=True), which cannot run code. Version 1 pickled numpy objects.
+FORMAT, VERSION = "mtrain", 2
+INFERENCE_KEYS = ("config", "model", "tokenizer_src", "tokenizer_tgt", "step", "averaged_from", "chosen",
+                  "valid_bleu")
 
 
 def save(path: Path, state: dict) -> None:
-    """Write to a temporary file, fsync, then rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """Write to a temporary file, fsync, then rename: a crash or a full disk leaves the old file or
+    the new one, never a part."""
+    with atomic_write(path, "wb", "checkpoint") as f:
         torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def load(path: Path | str, map_location="cpu") -> dict:
-    """Load a checkpoint written by `save`; anything else is refused with one clear line."""
+def load(path: Path | str, map_location="cpu", trust: bool = False, mmap: bool = False) -> dict:
+    """Load a checkpoint written by `save`; anything else is refused with one clear line.
+
+    Loading never runs code from the file (weights_only=True) unless `trust` is set, which only an
+    older mtrain checkpoint needs. `mmap` maps tensors instead of reading them: parts never touched
+    (the optimizer's moments, when averaging) cost no memory."""
     path = Path(path)
     if not path.is_file():
         raise MtrainError(f"{path}: checkpoint not found")
     try:
-        # weights_only=False: the checkpoint holds RNG states and numpy objects; load only your own files.
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        state = torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise MtrainError(f"{path}: holds Python objects beyond tensors and plain data (an mtrain checkpoint "
+                              f"older than version {VERSION}, or a crafted file); loading it could run code. "
+                              f"Only if you trust its origin, pass --trust-checkpoint") from None
+        raise MtrainError(f"{path}: not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # a cut or corrupt file fails anywhere in zip reading or unpickling
         raise MtrainError(f"{path}: not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MtrainError(f"{path}: not an mtrain checkpoint")
-    if state.get("version") != VERSION:
+    if state.get("version") not in (1, VERSION):  # a version 1 file that loaded safely holds no pickled objects
         raise MtrainError(f"{path}: checkpoint version {state.get('version')} is not supported (expected {VERSION})")
     return state
 
 
-def average(paths: Sequence[Path | str]) -> dict:
-    """Mean of the model weights of several checkpoints of one run (Vaswani et al. 2017 §6.1)."""
-    states = [load(p) for p in paths]
-    first = states[0]
-    for p, s in zip(paths[1:], states[1:]):
-        if s["model"].keys() != first["model"].keys() or any(
-                s["model"][k].shape != v.shape for k, v in first["model"].items()):
+def average(paths: Sequence[Path | str], trust: bool = False) -> dict:
+    """Mean of the model weights of several checkpoints of one run (Vaswani et al. 2017 §6.1).
+
+    One checkpoint at a time, model weights only: the running sum (float64) is the only model-sized
+    memory besides the checkpoint being read, so averaging 20 transformer-big checkpoints needs
+    about as much as one."""
+    total: dict[str, torch.Tensor] = {}
+    first: dict = {}
+    for p in paths:
+        state = load(p, trust=trust, mmap=True)
+        weights = state["model"]
+        if not first:
+            first = {k: state[k] for k in ("config", "tokenizer_src", "tokenizer_tgt", "step") if k in state}
+            total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in weights.items()}
+            dtypes = {k: v.dtype for k, v in weights.items()}
+        elif weights.keys() != total.keys() or any(weights[k].shape != v.shape for k, v in total.items()):
             raise MtrainError(f"{p}: its model does not match {paths[0]}; only checkpoints of one model can be averaged")
-    averaged = {}
-    for key, value in first["model"].items():
-        if value.is_floating_point():
-            averaged[key] = sum(s["model"][key].double() for s in states).div(len(states)).to(value.dtype)
         else:
-            averaged[key] = value
-    keep = ("config", "tokenizer_src", "tokenizer_tgt", "step")
-    return {**{k: first[k] for k in keep if k in first}, "model": averaged, "averaged_from": [str(p) for p in paths]}
+            for k, v in total.items():
+                if v.is_floating_point():
+                    v += weights[k].double()
+        del state, weights  # before the next load: never two checkpoints in memory
+    averaged = {k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in total.items()}
+    return {**first, "model": averaged, "averaged_from": [str(p) for p in paths]}
 
 
 def build_model(state: dict, toks: Tokenizers) -> Transformer:
@@ -71,9 +87,9 @@ def build_model(state: dict, toks: Tokenizers) -> Transformer:
     return model
 
 
-def load_for_inference(paths: Sequence[Path | str]):
+def load_for_inference(paths: Sequence[Path | str], trust: bool = False):
     """(model in eval mode, tokenizers, config) from one checkpoint or the average of several."""
-    state = load(paths[0]) if len(paths) == 1 else average(paths)
+    state = load(paths[0], trust=trust, mmap=True) if len(paths) == 1 else average(paths, trust)
     try:
         toks = Tokenizers(Tokenizer(state["tokenizer_src"]), Tokenizer(state["tokenizer_tgt"]))
         cfg = config_from_dict(state["config"], f"{paths[0]} config")

@@ -20,6 +20,30 @@ ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Train and use Transformer translation models.")
 
+TRUST_HELP = "Load a checkpoint that holds pickled Python objects (older mtrain versions); it can run code."
+
+
+def versions() -> str:
+    """What a bug report needs: mtrain's, torch's and CUDA's versions."""
+    import torch
+
+    from mtrain import __version__
+    cuda = torch.version.cuda or "none"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"mtrain {__version__}, torch {torch.__version__}, CUDA {cuda}{gpu}"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print mtrain's, torch's and CUDA's versions.")):
+    """Train and use Transformer translation models."""
+
 
 @contextlib.contextmanager
 def user_errors():
@@ -67,13 +91,14 @@ def fit(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory [runs/CONFIG_NAME]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again, deleting the run's checkpoints."),
+    trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
     """Train a Transformer; the run directory gets checkpoints, metrics.jsonl, config.yaml and the tokenizer."""
     from mtrain.config import load_config
     from mtrain.train import fit as fit_fn
     with user_errors():
         cfg = load_config(config, set_)
-        fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite)
+        fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust)
 
 
 @app.command()
@@ -96,14 +121,16 @@ def translate(
     seed: int = typer.Option(1, help="Sampling seed."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
+    trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
     """Translate a file or stdin with beam search; one output line per input line, flushed per block."""
-    from mtrain.translate import run_translate
+    from mtrain.translate import Sampling, run_translate
     with user_errors():
+        sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
         run_translate(checkpoint, input, output, device, precision,
                       dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,
                            max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram),
-                      dict(top_k=top_k, top_p=top_p, temperature=temperature, seed=seed) if sample else None)
+                      sampling, trust)
 
 
 @app.command()
@@ -136,11 +163,14 @@ def score(
 def average(
     checkpoints: List[Path] = typer.Argument(..., help="Checkpoints of one run."),
     output: Path = typer.Option(..., "--output", "-o", help="Averaged checkpoint."),
+    trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
     """Average the weights of several checkpoints into one (Vaswani et al. 2017 average the last 5 or 20)."""
     from mtrain import checkpoint as ckpt
+    from mtrain.files import check_parent
     with user_errors():
-        ckpt.save(output, {k: v for k, v in ckpt.average(checkpoints).items() if k not in ("format", "version")})
+        check_parent(output, "averaged checkpoint")
+        ckpt.save(output, ckpt.average(checkpoints, trust))
         typer.echo(f"averaged {len(checkpoints)} checkpoints into {output}")
 
 
@@ -152,6 +182,9 @@ def main() -> None:
         typer.echo("mtrain: aborted", err=True)
         sys.exit(130)
     except USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `mtrain`: the help is an answer, not an error
+            typer.echo(e.ctx.get_help() if getattr(e, "ctx", None) else e.format_message())
+            sys.exit(0)
         typer.echo(f"mtrain: {e.format_message()}", err=True)
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

@@ -43,7 +43,17 @@ def _decode_lines(f, name) -> Iterator[str]:
 
 def count_lines(path: Path | str) -> int:
     with _open_binary(Path(path)) as f:
-        return sum(1 for _ in f)
+        try:
+            return sum(1 for _ in f)
+        except (OSError, EOFError) as e:  # truncated or not-really-gzip files
+            raise MtrainError(f"{path}: cannot read ({e})") from None
+
+
+def check_line_counts(src: Path, tgt: Path) -> None:
+    """Both files exist and have as many lines: a fast byte-level pass, before any slow work."""
+    counts = count_lines(src), count_lines(tgt)
+    if counts[0] != counts[1]:
+        raise MtrainError(f"line counts differ: {src} has {counts[0]} lines, {tgt} has {counts[1]}")
 
 
 @dataclass
@@ -88,8 +98,7 @@ def _file_pairs(src: Path, tgt: Path) -> Iterator[tuple[str, str]]:
     sentinel = object()
     for s, t in itertools.zip_longest(open_text(src), open_text(tgt), fillvalue=sentinel):
         if s is sentinel or t is sentinel:
-            raise MtrainError(f"line counts differ: {src} has {count_lines(src)} lines, "
-                              f"{tgt} has {count_lines(tgt)}")
+            check_line_counts(src, tgt)
         yield s, t
 
 

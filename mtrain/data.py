@@ -18,7 +18,7 @@ from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import ReadStats, read_pairs
 from mtrain.tokenizer import Tokenizers
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CHUNK = 50_000  # lines encoded at once: bounds RAM for corpora of millions of pairs
 
 
@@ -48,13 +48,30 @@ class EncodedCorpus:
                 self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]])
 
 
+def content_sample(path: Path, span: int = 1 << 20) -> str:
+    """A hash of a file's first and last MiB: reads 2 MiB whatever the size, and tells apart a corpus
+    rewritten in place with the same size and modification time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        size = f.seek(0, os.SEEK_END)
+        if size > span:
+            f.seek(max(span, size - span))
+            h.update(f.read(span))
+    return h.hexdigest()[:16]
+
+
 def _source_fingerprint(source: DataSource) -> dict:
-    """What identifies the raw data: paths with size and mtime (cheap), or the dataset coordinates."""
+    """What identifies the raw data: paths with size, mtime and a content sample, or the dataset coordinates."""
     files = [p for p in (source.src, source.tgt, source.tsv, *source.hf_data_files) if p]
     stamp = []
     for p in files:
-        st = Path(p).stat() if Path(p).exists() else None
-        stamp.append([str(Path(p).resolve()), st.st_size if st else -1, st.st_mtime_ns if st else -1])
+        path = Path(p)
+        if path.is_file():
+            st = path.stat()
+            stamp.append([str(path.resolve()), st.st_size, st.st_mtime_ns, content_sample(path)])
+        else:
+            stamp.append([str(path.resolve()), -1, -1, ""])
     return {"source": json.dumps(source.__dict__, sort_keys=True), "files": stamp}
 
 
@@ -210,6 +227,7 @@ class Batches:
         self.src_len, self.tgt_len = corpus.src_lengths, corpus.tgt_lengths
         self.epoch, self.index = 1, 0
         self._epoch_batches: list[np.ndarray] | None = None
+        self._lengths_digest: str | None = None
 
     def epoch_batches(self) -> list[np.ndarray]:
         if self._epoch_batches is None:
@@ -231,8 +249,27 @@ class Batches:
     def epochs_done(self) -> int:
         return self.epoch - 1 + (self.index >= len(self.epoch_batches()))
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+    def lengths_digest(self) -> str:
+        """Identifies the encoded corpus: with batch_tokens, seed and epoch it decides the batch order."""
+        if self._lengths_digest is None:
+            h = hashlib.sha256(self.src_len.astype(np.int32).tobytes())
+            h.update(self.tgt_len.astype(np.int32).tobytes())
+            self._lengths_digest = h.hexdigest()[:16]
+        return self._lengths_digest
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "batch_tokens": self.max_tokens, "seed": self.seed,
+                "pairs": len(self.corpus), "lengths": self.lengths_digest()}
+
+    def load_state_dict(self, state: dict) -> str | None:
+        """Restore the position; returns what differs (and restores nothing) when the saved position
+        belongs to another batch order: other batch_tokens, seed or data."""
+        if state.get("batch_tokens", self.max_tokens) != self.max_tokens:
+            return f"train.batch_tokens was {state['batch_tokens']}, now {self.max_tokens}"
+        if state.get("seed", self.seed) != self.seed:
+            return f"train.seed was {state['seed']}, now {self.seed}"
+        if state.get("lengths", self.lengths_digest()) != self.lengths_digest():
+            return (f"the training data or tokenizer changed ({state['pairs']} pairs encoded then, "
+                    f"{len(self.corpus)} now)")
         self.epoch, self.index, self._epoch_batches = int(state["epoch"]), int(state["index"]), None
+        return None

@@ -46,6 +46,11 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Rank 0 may train SentencePiece and encode a corpus of tens of millions of pairs while the other
+# processes wait: that wait has its own group and a bound of its own, not train.dist_timeout.
+PREPARE_TIMEOUT = timedelta(days=1)
+
+
 @dataclass
 class World:
     """The processes of a torchrun job; one process (size 1) runs no distributed code at all."""
@@ -54,6 +59,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     timeout_s: float = 600.0
+    prepare_group: object = None  # a gloo group whose barrier waits up to PREPARE_TIMEOUT
 
     @property
     def main(self) -> bool:
@@ -66,6 +72,13 @@ class World:
                 dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s))
             else:
                 dist.barrier()
+
+    def wait_for_preparation(self) -> None:
+        """The barrier around rank 0's tokenizer training and corpus encoding: hours on a large corpus,
+        so not bounded by the collective timeout. If rank 0 dies meanwhile, torchrun ends the others."""
+        if self.size > 1:
+            import torch.distributed as dist
+            dist.barrier(group=self.prepare_group)
 
     def max(self, value: int) -> int:
         return int(self._reduce(torch.tensor(float(value)), "MAX"))
@@ -107,40 +120,63 @@ def init_world(device: str, timeout_s: float) -> World:
         return World()
     import torch.distributed as dist
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local)
+    world = World(rank, size, local, timeout_s)
+    dev = resolve_device(device, world)
+    kwargs = {}
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        kwargs["device_id"] = dev  # NCCL binds this process to its GPU instead of guessing rank % GPUs
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
+        world.prepare_group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
     except Exception as e:  # the rendezvous failed: name it in one line
         raise MtrainError(f"torchrun: cannot join the process group ({type(e).__name__}: {e})") from None
-    return World(rank, size, local, timeout_s)
+    return world
 
 
-def pick_device(device: str = "auto", precision: str = "auto", threads: int = 0, world: World = World()) -> Device:
-    """Resolve 'auto' settings to a device and autocast dtype; errors name the setting."""
+def resolve_device(device: str, world: World = World(), setting: str = "train.device") -> torch.device:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> a torch.device; a CUDA device always carries its index.
+    Under torchrun every process takes the GPU of its LOCAL_RANK, whatever index the config names,
+    so that N processes use N GPUs instead of sharing one."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world.size > 1:
-        device = f"cuda:{world.local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MtrainError(f"train.device: {device} requested but CUDA is not available")
-    dev = torch.device(device)
+    if not device.startswith("cuda"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise MtrainError(f"{setting}: {device} requested but CUDA is not available")
+    index = world.local_rank if world.size > 1 else torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise MtrainError(f"{setting}: cuda:{index} does not exist ({torch.cuda.device_count()} GPUs visible)")
+    return torch.device("cuda", index)
+
+
+def pick_device(device: str = "auto", precision: str = "auto", threads: int = 0, world: World = World(),
+                setting: str = "train.") -> Device:
+    """Resolve 'auto' settings to a device and autocast dtype; errors name the setting
+    (`setting` is the prefix of its name: "train." in a config, "--" on the command line)."""
+    dev = resolve_device(device, world, f"{setting}device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         # TF32 matmuls for the fp32 parts (Ampere and newer): same range, far faster.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        bf16_ok = torch.cuda.is_bf16_supported()
+        # Without emulation: emulated bf16 (V100, T4) is slower than fp16 there.
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
         torch.set_num_threads(threads or max(1, default_threads() // world.size))
         bf16_ok = cpu_has_bf16()
     if precision == "auto":
         precision = "bf16" if bf16_ok else ("fp16" if dev.type == "cuda" else "fp32")
-    if precision == "bf16" and not bf16_ok and dev.type == "cuda":
-        raise MtrainError("train.precision: bf16 is not supported by this GPU; use fp16 or fp32")
+    if precision == "bf16" and not bf16_ok:
+        if dev.type == "cuda":
+            raise MtrainError(f"{setting}precision: bf16 is not supported by this GPU; use fp16 or fp32")
+        raise MtrainError(f"{setting}precision: this CPU has no native bf16 (AVX512-BF16 or AMX), and emulated "
+                          f"bf16 is hundreds of times slower than fp32; use fp32 (or auto)")
     if precision == "fp16" and dev.type == "cpu":
-        raise MtrainError("train.precision: fp16 autocast is for GPUs; use bf16 or fp32 on a CPU")
+        raise MtrainError(f"{setting}precision: fp16 autocast is for GPUs; use bf16 or fp32 on a CPU")
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     return Device(dev, amp_dtype, scaler)
@@ -153,15 +189,21 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain data, which checkpoints load without pickle
+    (numpy's key array becomes an int64 tensor). Always on the CPU: the setters accept nothing else."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]  # a tensor, or an array in version 1 checkpoints
+    np.random.set_state((kind, np.asarray(keys).astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -23,9 +23,10 @@ def length_penalty(length, alpha: float, kind: str = "gnmt"):
 
 
 def max_lengths(src_pad_mask: torch.Tensor, a: float, b: int, limit: int) -> torch.Tensor:
-    """(B,) longest allowed output (EOS included): a * |src| + b, capped by the model's positions."""
-    src_len = (~src_pad_mask).sum(1).float()
-    return (a * src_len + b).long().clamp(min=1, max=limit)
+    """(B,) longest allowed output, EOS included: floor(a * |src| + b) pieces then EOS, where |src| counts
+    the source pieces without its EOS (as fairseq's max_len_a/b); capped by the model's positions."""
+    src_len = (~src_pad_mask).sum(1).float() - 1  # the source ends in EOS
+    return (a * src_len + b).floor().long().add(1).clamp(min=1, max=limit)
 
 
 def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
@@ -124,9 +125,10 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
 
 @torch.no_grad()
 def sample(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, *, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, max_len_a: float = 1.5, max_len_b: int = 10,
+           top_k: int = 0, top_p: float = 1.0, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 1,
            bos: int, eos: int, pad: int, generator: torch.Generator | None = None) -> list[Hypothesis]:
-    """One sampled translation per sentence (for back-translation), with top-k / nucleus filtering."""
+    """One sampled translation per sentence (for back-translation), with top-k / nucleus filtering.
+    temperature > 0, top_k >= 0 (0 = all) and 0 < top_p <= 1 are the caller's to check."""
     B, device = src.shape[0], src.device
     max_len = max_lengths(src_pad_mask, max_len_a, max_len_b, model.cfg.max_positions - 1)
     cache = model.new_cache(model.encode(src, src_pad_mask), src_pad_mask, int(max_len.max()) + 1)
@@ -137,6 +139,8 @@ def sample(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, *,
     for t in range(int(max_len.max())):
         logits = model.decode_step(last, cache).float()
         logits[:, pad] = logits[:, bos] = float("-inf")
+        if t < min_len:
+            logits[:, eos] = float("-inf")
         logits[t + 1 >= max_len, :] = float("-inf")
         logits[t + 1 >= max_len, eos] = 0.0
         logp = (logits / temperature).log_softmax(-1)

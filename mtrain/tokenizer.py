@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from mtrain.config import Config, DataSource, TokenizerConfig
-from mtrain.corpus import open_text, read_pairs
+from mtrain.corpus import check_line_counts, open_text, read_pairs
 from mtrain.errors import MtrainError
+from mtrain.files import atomic_write
 
 # Fixed ids so that every model built by mtrain agrees on them.
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -47,7 +49,9 @@ class Tokenizer:
         return self.sp.decode([[i for i in seq if i > EOS] for seq in ids])
 
     def save(self, path: Path) -> None:
-        path.write_bytes(self.proto)
+        """Atomically: another process reading the file meanwhile sees the old model or the new one."""
+        with atomic_write(path, "wb", "SentencePiece model") as f:
+            f.write(self.proto)
 
 
 @dataclass
@@ -90,8 +94,12 @@ def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_p
             )
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[-1]
-            if "Vocabulary size" in msg or "vocab_size" in msg:
-                msg += "; lower tokenizer.vocab_size"
+            too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+            if too_high:
+                raise MtrainError(f"{', '.join(map(str, inputs))}: vocabulary size {too_high[1]} is too large for "
+                                  f"this text, which allows at most {too_high[2]} pieces; lower the vocabulary size "
+                                  f"(--vocab-size or tokenizer.vocab_size)") from None
+            msg = re.sub(r"^[A-Z_]+: \S+\(\d+\) \[.*?\] ", "", msg)  # SentencePiece's source location
             raise MtrainError(f"sentencepiece: {msg}") from None
         finally:
             log.close()
@@ -162,16 +170,19 @@ def _dump_source(source: DataSource, folder: Path) -> tuple[Path, Path]:
     return paths
 
 
-def get_tokenizers(cfg: Config, run_dir: Path, log=print) -> Tokenizers:
+def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) -> Tokenizers:
     """Load the configured SentencePiece model(s), training them on the training data if missing;
-    a copy goes into the run directory so that it is self-contained."""
+    a copy goes into the run directory so that it is self-contained. Only one process of a torchrun
+    job may `write` (train and copy); the others read what it wrote."""
     tc = cfg.tokenizer
     main = Path(tc.model) if tc.model else run_dir / "spm.model"
     tgt_path = main if tc.joint else (Path(tc.tgt_model) if tc.tgt_model else main.with_name(main.stem + ".tgt.model"))
-    if not main.is_file() or not tgt_path.is_file():
+    if write and (not main.is_file() or not tgt_path.is_file()):
         source = cfg.data.train
         if source.empty:
             raise MtrainError("data.train: no training corpus given")
+        if source.src:  # a mismatched pair must be named before SentencePiece fails on it in its own words
+            check_line_counts(Path(source.src), Path(source.tgt))
         log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on {source.describe()}")
         sides = (Path(source.src), Path(source.tgt)) if source.src else _dump_source(source, run_dir)
         if tc.joint:
@@ -181,7 +192,8 @@ def get_tokenizers(cfg: Config, run_dir: Path, log=print) -> Tokenizers:
             train_tokenizer(sides[1:], tc, tgt_path.with_suffix(""))
     src_tok = Tokenizer.load(main)
     toks = Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
-    toks.src.save(run_dir / ("spm.model" if tc.joint else "spm.src.model"))
-    if not tc.joint:
-        toks.tgt.save(run_dir / "spm.tgt.model")
+    if write:
+        toks.src.save(run_dir / ("spm.model" if tc.joint else "spm.src.model"))
+        if not tc.joint:
+            toks.tgt.save(run_dir / "spm.tgt.model")
     return toks

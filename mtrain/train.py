@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
+import re
 import shutil
 import signal
 import time
@@ -35,6 +35,7 @@ from mtrain.device import (
     set_rng_state,
 )
 from mtrain.errors import MtrainError
+from mtrain.files import link_or_copy
 from mtrain.model import Transformer
 from mtrain.score import bleu
 from mtrain.tokenizer import Tokenizers, get_tokenizers
@@ -58,6 +59,28 @@ def batch_loss(model, batch, eps: float, pad: int) -> torch.Tensor:
     """Summed label-smoothed loss of one batch; `model` may be wrapped in DistributedDataParallel."""
     real = batch.tgt_out != pad
     return label_smoothed_loss(model(batch.src, batch.src_pad_mask, batch.tgt_in, real), batch.tgt_out[real], eps)
+
+
+# fp16 loss scaling halves the scale after every overflow; ~165 halvings from 2^16 reach 0 and the next
+# unscale (1/0) writes NaN into the weights. The floor keeps it finite (fairseq stops at 1e-4 likewise).
+MIN_LOSS_SCALE = 2.0 ** -14
+
+
+def optimizer_update(opt: torch.optim.Optimizer, params, scaler: torch.amp.GradScaler, clip_norm: float) -> bool:
+    """Apply the accumulated gradients: unscale (fp16), clip, step, reset. Returns False, leaving the
+    weights and optimizer state untouched, when the loss or a gradient is not finite; in fp16 that is
+    also how the scaler's overflow skips show up, so every precision counts skipped updates alike."""
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm or float("inf"))
+    finite = bool(torch.isfinite(grad_norm))  # the one host sync of an update
+    if finite:
+        scaler.step(opt)
+    if scaler.is_enabled():
+        scaler.update()  # halves the scale after an overflow, doubles it after a run of clean updates
+        if not finite and scaler.get_scale() < MIN_LOSS_SCALE:
+            scaler.update(MIN_LOSS_SCALE)
+    opt.zero_grad(set_to_none=True)
+    return finite
 
 
 class StopRequest:
@@ -86,7 +109,11 @@ class MetricsLog:
     """metrics.jsonl (always) and TensorBoard events (when tensorboard is installed)."""
 
     def __init__(self, run_dir: Path):
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = run_dir / "metrics.jsonl"
+        torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self.file = open(path, "a", encoding="utf-8")
+        if torn:  # a kill -9 cut the last record: start ours on a fresh line
+            self.file.write("\n")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
@@ -107,18 +134,44 @@ class MetricsLog:
             self.tb.close()
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut by a kill (or being written now) is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+# What a run writes into its directory, and so all that --overwrite may delete.
+RUN_OUTPUTS = re.compile(r"(ckpt_\d+|last|best|final)\.pt|metrics\.jsonl|tensorboard|\..*\.(tmp|link)\d+")
+RUN_FILES = re.compile(rf"{RUN_OUTPUTS.pattern}|config\.yaml|spm(\.src|\.tgt)?\.(model|vocab)")
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    started = run_dir.is_dir() and any(run_dir.glob("*.pt")) or (run_dir / "metrics.jsonl").exists()
+    """A new run needs a new or empty directory, or (with --overwrite) an old mtrain run, of which only
+    the files mtrain wrote are deleted; anything else there is never touched."""
+    present = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    foreign = [name for name in present if not RUN_FILES.fullmatch(name)]
+    started = any(RUN_OUTPUTS.fullmatch(name) for name in present)
     if resume:
         if not (run_dir / "last.pt").is_file():
             raise MtrainError(f"{run_dir}: nothing to resume (no last.pt); start without --resume")
+    elif foreign:
+        raise MtrainError(f"{run_dir}: holds files mtrain did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); give a new or empty directory with --output")
     elif started:
         if not overwrite:
             raise MtrainError(f"{run_dir}: run directory already holds a run; use --resume to continue it "
                               f"or --overwrite to start again")
-        for path in [*run_dir.glob("*.pt"), run_dir / "metrics.jsonl"]:
-            path.unlink()
-        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        for name in present:
+            if RUN_OUTPUTS.fullmatch(name):
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -149,23 +202,47 @@ STOP_REASONS = ("", "reached train.max_steps", "reached train.max_epochs", "reac
                 "no BLEU gain in train.patience validations", "interrupted")
 
 
-def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False, log=print) -> Path:
+def is_lost_peer(e: BaseException) -> bool:
+    """A collective that failed because another process died or timed out (DistError, or the gloo and
+    NCCL failures older paths raise as plain RuntimeErrors) — not a bug, not out-of-memory."""
+    import torch.distributed as dist
+    if isinstance(e, dist.DistError):
+        return True
+    return isinstance(e, RuntimeError) and bool(re.search(
+        r"gloo|nccl|connection (closed|reset)|timed out|timeout|broken pipe|peer", str(e), re.IGNORECASE))
+
+
+def resume_advice(run_dir: Path) -> str:
+    last = run_dir / "last.pt"
+    if last.is_file():
+        return f"the last checkpoint {last} is intact, continue with --resume"
+    return "no checkpoint was written yet; start the run again"
+
+
+def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False, log=print,
+        trust: bool = False) -> Path:
     """Train a model as `cfg` says; returns the path of the checkpoint to translate with.
     Under torchrun each process trains one shard of every update (DistributedDataParallel)."""
+    run_dir = Path(run_dir)
     world = init_world(cfg.train.device, cfg.train.dist_timeout)
     try:
-        final = train(cfg, Path(run_dir), resume, overwrite, log, world)
-    except RuntimeError as e:  # torch.distributed errors (DistError and gloo/NCCL failures) are RuntimeErrors
-        if world.size == 1:
-            raise
+        final = train(cfg, run_dir, resume, overwrite, log, world, trust)
+    except torch.OutOfMemoryError:
+        tc = cfg.train
+        raise MtrainError(f"process {world.rank}: out of memory on {tc.device}; lower train.batch_tokens (now "
+                          f"{tc.batch_tokens}) and raise train.update_freq (now {tc.update_freq}) to keep the "
+                          f"update size; {resume_advice(run_dir)}") from None
+    except RuntimeError as e:
+        if world.size == 1 or not is_lost_peer(e):
+            raise  # a bug: keep its traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MtrainError(f"process {world.rank}: lost the other processes ({first}); the last checkpoint "
-                          f"{Path(run_dir) / 'last.pt'} is intact, continue with --resume") from None
+        raise MtrainError(f"process {world.rank}: lost the other processes ({first}); "
+                          f"{resume_advice(run_dir)}") from None
     world.close()
     return final
 
 
-def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world) -> Path:
+def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world, trust: bool = False) -> Path:
     """The body of `fit`, for one process of `world`."""
     t0 = time.time()
     tc = cfg.train
@@ -183,12 +260,12 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
 
     # 2. Tokenizer and data; rank 0 trains and encodes first, the others then read its files.
     if not world.main:
-        world.barrier()
-    toks = get_tokenizers(cfg, run_dir, log)
+        world.wait_for_preparation()
+    toks = get_tokenizers(cfg, run_dir, log, write=world.main)
     train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
     valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
     if world.main:
-        world.barrier()
+        world.wait_for_preparation()
     if len(train_data) == 0:
         raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
     valid_refs = [t for _, t in read_pairs(cfg.data.valid)] if valid is not None else []
@@ -204,13 +281,18 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
 
     # 4. Resume: everything that decides the next update comes back.
     if resume:
-        ckpt = checkpoint.load(run_dir / "last.pt", map_location=dev.device)
+        # On the CPU: RNG states must stay there, and the optimizer moves its state to the weights' device.
+        ckpt = checkpoint.load(run_dir / "last.pt", trust=trust)
         if ckpt["config"]["model"] != config_to_dict(cfg)["model"]:
             raise MtrainError(f"{run_dir / 'last.pt'}: model settings differ from the config; cannot resume")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        dev.scaler.load_state_dict(ckpt["scaler"])
-        batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
+        if ckpt["scaler"] and dev.scaler.is_enabled():  # empty when the run was not fp16 until now
+            dev.scaler.load_state_dict(ckpt["scaler"])
+        problem = batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
+        if problem:
+            raise MtrainError(f"{run_dir / 'last.pt'}: {problem}, so the saved position in the batch order would "
+                              f"skip or repeat data; restore it, or start a new run")
         state = ckpt["train_state"]
         if world.rank < len(ckpt["rng"]):
             set_rng_state(ckpt["rng"][world.rank])
@@ -232,14 +314,15 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
     def checkpoint_now():
         rngs = world.gather(rng_state())  # every process's RNG, so that each resumes its own stream
         if world.main:
-            path = save(f"ckpt_{state['step']}.pt", rngs)
-            state["kept"] = [p for p in state["kept"] if p != path.name] + [path.name]
-            while len(state["kept"]) > tc.keep_last:
-                (run_dir / state["kept"].pop(0)).unlink(missing_ok=True)
-            tmp = run_dir / ".last.pt.link"
-            tmp.unlink(missing_ok=True)
-            os.link(path, tmp)  # last.pt is the same file, not a second copy
-            os.replace(tmp, run_dir / "last.pt")
+            name = f"ckpt_{state['step']}.pt"
+            # The list saved inside the checkpoint already holds it: a run resumed from it still
+            # deletes it in turn and averages it at the end.
+            kept = [p for p in state["kept"] if p != name] + [name]
+            state["kept"] = kept[-tc.keep_last:]
+            path = save(name, rngs)
+            for old in kept[:-tc.keep_last]:
+                (run_dir / old).unlink(missing_ok=True)
+            link_or_copy(path, run_dir / "last.pt")  # the same file (a hard link), not a second copy
 
     def run_validation(record: dict) -> None:
         """Rank 0 validates and keeps the best checkpoint by BLEU; the others wait."""
@@ -286,6 +369,9 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
             n_tokens = int(sum(batches.tgt_len[i].sum() for i in shares))  # all target tokens of the update
             mine = shares[world.rank * tc.update_freq:(world.rank + 1) * tc.update_freq]
             update_loss = torch.zeros((), device=dev.device)
+            lr = lr_at(state["step"] + 1, tc.warmup, tc.lr)  # the schedule counts applied updates only
+            for group in opt.param_groups:
+                group["lr"] = lr
             for j, indices in enumerate(mine):
                 batch = batches.make_batch(indices, pad, bos, eos).to(dev.device)
                 # Gradients are all-reduced once per update, on its last batch.
@@ -296,14 +382,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
                     # DDP averages gradients over processes; * world.size makes that a sum.
                     dev.scaler.scale(summed * (world.size / n_tokens)).backward()
                 update_loss += summed.detach()
-            dev.scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
-            lr = lr_at(state["step"] + 1, tc.warmup, tc.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if not dev.scaler.is_enabled() and not torch.isfinite(grad_norm):
-                # A non-finite loss or gradient: skip this update; the fp16 scaler does the same itself.
-                opt.zero_grad(set_to_none=True)
+            if not optimizer_update(opt, model.parameters(), dev.scaler, tc.clip_norm):
                 nonfinite += 1
                 bar.write(f"step {state['step'] + 1}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
                 if nonfinite >= tc.max_nonfinite:
@@ -312,9 +391,6 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
                 continue
             nonfinite = 0
             loss_sum += update_loss  # skipped updates stay out of the logged loss
-            dev.scaler.step(opt)
-            dev.scaler.update()
-            opt.zero_grad(set_to_none=True)
             state["step"] += 1
             tok_count += n_tokens
             bar.update(1)
@@ -369,26 +445,35 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world)
 
 
 def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log) -> Path:
-    """final.pt: the average of the last checkpoints or the best one, whichever scores higher on valid."""
+    """final.pt: the average of the last checkpoints or the best one, whichever scores higher on valid.
+    Without a validation set nothing can be scored: the average when train.average_last asks for one
+    (the paper's recipe, Vaswani et al. 2017 §6.1), else the last checkpoint."""
     final = run_dir / "final.pt"
-    candidates = {}
-    best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
-    candidates["best" if best.name == "best.pt" else "last"] = checkpoint.load(best)
     kept = [run_dir / p for p in state["kept"] if (run_dir / p).is_file()][-cfg.train.average_last:]
-    if cfg.train.average_last > 1 and len(kept) > 1:
-        candidates[f"average of {len(kept)}"] = {**checkpoint.average(kept), "averaged_from": [p.name for p in kept]}
-    scores = {}
-    for name, ckpt in candidates.items():
-        if valid is None or len(candidates) == 1 or name == "best":
-            scores[name] = state["best_bleu"]  # the best checkpoint was scored when it was saved
-        else:
-            model = checkpoint.build_model(ckpt, toks).to(dev.device)
-            scores[name] = validate(model, valid, refs, cfg, toks, dev)["valid_bleu"]
-        if valid is not None:
-            log(f"final candidate {name}: valid BLEU {scores[name]:.2f}")
-    choice = max(scores, key=scores.get)
-    ckpt = candidates[choice]
-    inference = ("config", "model", "tokenizer_src", "tokenizer_tgt", "step", "averaged_from")
-    checkpoint.save(final, {k: ckpt[k] for k in inference if k in ckpt} | {"chosen": choice})
+    averaging = cfg.train.average_last > 1 and len(kept) > 1
+    average_name = f"average of {len(kept)}"
+
+    def averaged() -> dict:
+        return {**checkpoint.average(kept), "averaged_from": [p.name for p in kept]}
+
+    score = None
+    if valid is None:
+        choice, ckpt = (average_name, averaged()) if averaging else ("last", checkpoint.load(run_dir / "last.pt"))
+        log(f"no validation set: final.pt is the {choice}, unscored")
+    else:
+        has_best = (run_dir / "best.pt").is_file()
+        choice = "best" if has_best else "last"
+        ckpt = checkpoint.load(run_dir / f"{choice}.pt", mmap=True)
+        score = state["best_bleu"]  # the best checkpoint was scored when it was saved
+        if averaging:
+            candidate = averaged()
+            model = checkpoint.build_model(candidate, toks).to(dev.device)
+            candidate_score = validate(model, valid, refs, cfg, toks, dev)["valid_bleu"]
+            log(f"final candidate {choice}: valid BLEU {score:.2f}")
+            log(f"final candidate {average_name}: valid BLEU {candidate_score:.2f}")
+            if candidate_score > score:
+                choice, ckpt, score = average_name, candidate, candidate_score
+    keep = {k: ckpt[k] for k in checkpoint.INFERENCE_KEYS if k in ckpt}
+    checkpoint.save(final, keep | {"chosen": choice} | ({"valid_bleu": score} if score is not None else {}))
     log(f"final.pt = {choice}; translate with: mtrain translate --checkpoint {final}")
     return final

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -15,11 +17,37 @@ from mtrain.config import DecodeConfig
 from mtrain.data import cut_sorted, pad_batch
 from mtrain.device import Device
 from mtrain.errors import MtrainError
+from mtrain.files import atomic_write, check_parent
 from mtrain.model import Transformer
 from mtrain.search import Hypothesis, beam_search, sample
 from mtrain.tokenizer import Tokenizers
 
 BLOCK = 2000  # lines read before decoding: enough to sort by length, small enough to stream a pipe
+
+
+@dataclass
+class Sampling:
+    """Ancestral sampling instead of beam search (back-translation). One generator serves the whole
+    input, so every block of lines continues the random stream instead of repeating it."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 1
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise MtrainError(f"--temperature: must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise MtrainError(f"--top-k: must be >= 0 (0 = all tokens), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise MtrainError(f"--top-p: must be in (0, 1], got {self.top_p}")
+
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+        return self.generator
 
 
 def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -29,10 +57,9 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
-               dev: Device, sampling: dict | None = None) -> list[list[Hypothesis]]:
+               dev: Device, sampling: Sampling | None = None) -> list[list[Hypothesis]]:
     """n-best hypotheses for each id sequence (EOS is added here), in input order; with `sampling`
-    (top_k, top_p, temperature, seed) one sampled hypothesis each instead."""
-    generator = torch.Generator(dev.device).manual_seed(sampling["seed"]) if sampling else None
+    one sampled hypothesis each instead."""
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     limit = model.cfg.max_positions - 1
     src_ids = [list(s[:limit - 1]) for s in src_ids]  # leave room for EOS within the model's positions
@@ -41,9 +68,10 @@ def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: Decode
         with dev.autocast():
             if sampling:
                 hyps = [[h] for h in sample(
-                    model, src, src == toks.src.pad, temperature=sampling["temperature"], top_k=sampling["top_k"],
-                    top_p=sampling["top_p"], max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
-                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, generator=generator)]
+                    model, src, src == toks.src.pad, temperature=sampling.temperature, top_k=sampling.top_k,
+                    top_p=sampling.top_p, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len,
+                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad,
+                    generator=sampling.generator_on(dev.device))]
             else:
                 hyps = beam_search(model, src, src == toks.src.pad, beam=cfg.beam, lenpen=cfg.lenpen,
                                    lenpen_type=cfg.lenpen_type, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
@@ -55,7 +83,7 @@ def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: Decode
 
 
 def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, cfg: DecodeConfig,
-                    dev: Device, sampling: dict | None = None) -> Iterator[str]:
+                    dev: Device, sampling: Sampling | None = None) -> Iterator[str]:
     """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1)."""
     model.eval()
     index = 0
@@ -91,26 +119,28 @@ def with_overrides(cfg: DecodeConfig, **changes) -> DecodeConfig:
 
 
 def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path | None, device: str,
-                  precision: str, decode_flags: dict, sampling: dict | None) -> None:
-    """`mtrain translate`: load (and average) checkpoints, stream lines from a file or stdin."""
+                  precision: str, decode_flags: dict, sampling: Sampling | None, trust: bool = False) -> None:
+    """`mtrain translate`: load (and average) checkpoints, stream lines from a file or stdin.
+    A file output appears whole when every line is translated, or not at all: an error on line 2000
+    leaves no half-written file (and an older file of that name untouched)."""
     from mtrain.checkpoint import load_for_inference
     from mtrain.corpus import open_text
     from mtrain.device import pick_device
 
     if not checkpoints:
         raise MtrainError("--checkpoint: give at least one checkpoint")
-    model, toks, cfg = load_for_inference(checkpoints)
-    dev = pick_device(device, precision)
+    if output is not None:
+        check_parent(output, "output")
+    if input is not None and (not input.exists() or input.is_dir()):
+        raise MtrainError(f"{input}: file not found")
+    model, toks, cfg = load_for_inference(checkpoints, trust)
+    dev = pick_device(device, precision, setting="--")
     model.to(dev.device)
     decode = with_overrides(cfg.decode, **decode_flags)
     lines = open_text(input if input is not None else "-")
-    out = open(output, "w", encoding="utf-8") if output is not None else sys.stdout
-    try:
+    with atomic_write(output, "w", "output") if output is not None else contextlib.nullcontext(sys.stdout) as out:
         for line in translate_lines(lines, model, toks, decode, dev, sampling):
             out.write(line + "\n")
             if out is sys.stdout:
                 out.flush()  # each block reaches the next command of the pipe at once
-    finally:
-        if out is not sys.stdout:
-            out.close()
 

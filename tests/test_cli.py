@@ -41,7 +41,7 @@ def test_user_errors_are_one_line(tmp_path):
     assert_one_line_error(mtrain("tokenize", "--input", tmp_path / "none.txt", "--output", tmp_path / "x"),
                           "none.txt: file not found")
     assert_one_line_error(mtrain("tokenize", "--input", SAMPLE_EN, "--vocab-size", 5000, "--output", tmp_path / "x"),
-                          "Vocabulary size too high")
+                          "vocabulary size 5000 is too large", "at most ")
     assert_one_line_error(mtrain("fit", tmp_path / "none.yaml"), "none.yaml: config file not found")
     (tmp_path / "bad.yaml").write_text("model:\n  heads: 7\n")
     assert_one_line_error(mtrain("fit", tmp_path / "bad.yaml"), "bad.yaml: model: d_model (512)")

@@ -129,27 +129,6 @@ def test_sigterm_saves_a_checkpoint(tmp_path, spm_model):
     assert checkpoint.load(run / "last.pt")["step"] >= 1
 
 
-def test_nonfinite_updates_are_skipped_then_stop(tmp_path, tiny_cfg, monkeypatch):
-    import mtrain.train as train_module
-    real_loss = train_module.batch_loss
-    calls = {"n": 0}
-
-    def flaky(*args, **kw):  # the 3rd and 4th batches give NaN
-        calls["n"] += 1
-        loss = real_loss(*args, **kw)
-        return loss * float("nan") if calls["n"] in (3, 4) else loss
-
-    monkeypatch.setattr(train_module, "batch_loss", flaky)
-    fit(tiny_cfg(max_steps=6), tmp_path / "ok", log=lambda *_: None)
-    steps = losses(tmp_path / "ok")
-    assert sorted(steps) == list(range(1, 7)) and all(math.isfinite(v) for v in steps.values())
-    assert calls["n"] == 8  # two skipped updates were redone with the next batches
-
-    monkeypatch.setattr(train_module, "batch_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
-    with pytest.raises(MtrainError, match="3 non-finite updates in a row"):
-        fit(tiny_cfg(max_steps=6, max_nonfinite=3), tmp_path / "bad", log=lambda *_: None)
-
-
 def test_separate_vocabularies_are_trained_and_used(tmp_path, spm_model):
     from mtrain.config import config_from_dict
     raw = tiny_raw(tmp_path, spm_model, max_steps=3)
@@ -160,3 +139,116 @@ def test_separate_vocabularies_are_trained_and_used(tmp_path, spm_model):
     model, toks, _ = checkpoint.load_for_inference([final])
     assert not toks.joint and model.src_embed is not model.tgt_embed
     assert (tmp_path / "run" / "spm.src.model").is_file() and (tmp_path / "run" / "spm.tgt.model").is_file()
+
+
+def cpu_fp16(*args, **kwargs):
+    """fp16 autocast with a GradScaler, on the CPU: the GPU's fp16 code path, testable here."""
+    from mtrain.device import Device
+    return Device(torch.device("cpu"), torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+
+
+def test_fp16_loss_scale_never_collapses():
+    from mtrain.train import MIN_LOSS_SCALE, optimizer_update
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    before = [p.detach().clone() for p in layer.parameters()]
+    for _ in range(200):  # more overflows than halvings from 2^16 to 0
+        scaler.scale(layer(torch.ones(1, 4)).sum() * float("inf")).backward()
+        assert not optimizer_update(opt, layer.parameters(), scaler, 1.0)
+    assert scaler.get_scale() >= MIN_LOSS_SCALE
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # skipped: untouched
+    scaler.scale(layer(torch.ones(1, 4)).sum()).backward()
+    assert optimizer_update(opt, layer.parameters(), scaler, 1.0)
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16-scaler"])
+def test_nonfinite_updates_are_skipped_then_stop(tmp_path, tiny_cfg, monkeypatch, fp16):
+    import mtrain.train as train_module
+    if fp16:
+        monkeypatch.setattr(train_module, "pick_device", cpu_fp16)
+    real_loss = train_module.batch_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):  # the 3rd and 4th batches give NaN
+        calls["n"] += 1
+        loss = real_loss(*args, **kw)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(train_module, "batch_loss", flaky)
+    fit(tiny_cfg(max_steps=6, warmup=4), tmp_path / "ok", log=lambda *_: None)
+    records = [r for r in train_module.read_metrics(tmp_path / "ok" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 7))  # skipped updates are not steps
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert [r["lr"] for r in records] == pytest.approx([lr_at(s, 4, 3e-3) for s in range(1, 7)])
+    assert calls["n"] == 8  # two skipped updates were redone with the next batches
+    state = checkpoint.load(tmp_path / "ok" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+    monkeypatch.setattr(train_module, "batch_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    with pytest.raises(MtrainError, match="3 non-finite updates in a row"):
+        fit(tiny_cfg(max_steps=6, max_nonfinite=3), tmp_path / "bad", log=lambda *_: None)
+
+
+def test_resume_loads_on_the_cpu_and_into_fp16(tmp_path, tiny_cfg, monkeypatch):
+    import mtrain.train as train_module
+    fit(tiny_cfg(max_steps=3), tmp_path / "run", log=lambda *_: None)  # fp32: an empty scaler state
+    seen = []
+    real_load = checkpoint.load
+
+    def spy(path, *args, **kwargs):
+        state = real_load(path, *args, **kwargs)
+        seen.append(kwargs.get("map_location", "cpu"))
+        return state
+
+    monkeypatch.setattr(train_module.checkpoint, "load", spy)
+    monkeypatch.setattr(train_module, "pick_device", cpu_fp16)
+    fit(tiny_cfg(max_steps=5), tmp_path / "run", resume=True, log=lambda *_: None)
+    assert seen and seen[0] == "cpu"  # RNG states must stay on the CPU; the optimizer moves its own state
+    assert real_load(tmp_path / "run" / "last.pt")["step"] == 5
+    assert real_load(tmp_path / "run" / "last.pt")["scaler"]["scale"] > 0
+
+
+def test_kept_checkpoints_survive_resumes(tmp_path, tiny_cfg):
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=4, save_every=2, keep_last=2), run, log=lambda *_: None)
+    for end in (6, 8, 10):
+        fit(tiny_cfg(max_steps=end, save_every=2, keep_last=2, average_last=2), run, resume=True,
+            log=lambda *_: None)
+    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == ["ckpt_10.pt", "ckpt_8.pt"]
+    assert checkpoint.load(run / "last.pt")["train_state"]["kept"] == ["ckpt_8.pt", "ckpt_10.pt"]
+    final = checkpoint.load(run / "final.pt")
+    if "average" in final["chosen"]:
+        assert final["averaged_from"] == ["ckpt_8.pt", "ckpt_10.pt"]
+
+
+def test_without_validation_the_average_is_final(tmp_path, spm_model):
+    from mtrain.config import config_from_dict
+    raw = tiny_raw(tmp_path, spm_model, max_steps=6, save_every=2, average_last=3)
+    del raw["data"]["valid"]
+    final = checkpoint.load(fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None))
+    assert final["chosen"] == "average of 3"
+    assert final["averaged_from"] == ["ckpt_2.pt", "ckpt_4.pt", "ckpt_6.pt"]
+
+
+def test_out_of_memory_is_one_line(tmp_path, tiny_cfg, monkeypatch):
+    import mtrain.train as train_module
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "batch_loss", oom)
+    with pytest.raises(MtrainError, match=r"out of memory .* lower train.batch_tokens \(now 200\)"):
+        fit(tiny_cfg(), tmp_path / "run", log=lambda *_: None)
+
+
+def test_only_collective_failures_count_as_lost_processes():
+    import torch.distributed as dist
+    from mtrain.train import is_lost_peer
+    assert is_lost_peer(dist.DistError("connection to rank 1 closed"))
+    assert is_lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1"))
+    assert not is_lost_peer(RuntimeError("index 7 is out of bounds for dimension 0 with size 4"))
+    assert not is_lost_peer(ValueError("gloo"))

@@ -1,0 +1,71 @@
+"""Writing files so that a crash, a full disk or a reader at the same moment never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Iterator
+
+from mtrain.errors import MtrainError
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable: without it a power cut can undo the rename."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems cannot open directories; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_parent(path: Path, what: str = "output") -> None:
+    """One line naming the directory, before any work, when `path` cannot be created there."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise MtrainError(f"{parent}: directory for the {what} {Path(path).name} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path | str, mode: str = "wb", what: str = "file") -> Iterator[IO]:
+    """Write to a hidden temporary file beside `path`, fsync, then rename over `path`: readers and
+    crashes see the old file or the new one, never a part. On any error the temporary file is removed,
+    the old file stays, and a write error (a full disk) becomes one line naming the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    encoding = None if "b" in mode else "utf-8"
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise MtrainError(f"{path.parent}: cannot write the {what} {path.name} "
+                              f"({e.strerror or e}); the previous {path.name}, if any, is intact") from None
+        raise
+    fsync_dir(path.parent)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes the same file as `source` (a hard link, no second copy), atomically; on file
+    systems without hard links (some network and FUSE mounts) an atomic copy instead."""
+    tmp = target.with_name(f".{target.name}.link{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        with atomic_write(target, "wb", "checkpoint") as out, open(source, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        return
+    fsync_dir(target.parent)

@@ -1,0 +1,86 @@
+"""Device and precision resolution, with CUDA mocked where this machine has none."""
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mtrain import device as device_module
+from mtrain.device import World, init_world, pick_device, rng_state, set_rng_state
+from mtrain.errors import MtrainError
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two GPUs that support bf16 only through emulation (a V100/T4-class machine)."""
+    calls = {"set_device": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def set_device(dev):
+        if isinstance(dev, torch.device) and dev.index is None:  # what the real one refuses
+            raise ValueError("Expected a cuda device with a specified index or an integer")
+        calls["set_device"].append(dev)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    return calls
+
+
+def test_cuda_device_always_gets_an_index(fake_cuda):
+    for name in ("auto", "cuda"):
+        dev = pick_device(name, "fp32")
+        assert dev.device == torch.device("cuda", 0)
+    assert pick_device("cuda:1", "fp32").device == torch.device("cuda", 1)
+    assert fake_cuda["set_device"] == [torch.device("cuda", i) for i in (0, 0, 1)]
+    with pytest.raises(MtrainError, match="train.device: cuda:5 does not exist"):
+        pick_device("cuda:5", "fp32")
+
+
+def test_emulated_bf16_is_not_bf16_support(fake_cuda):
+    dev = pick_device("cuda", "auto")
+    assert dev.precision == "fp16" and dev.scaler.is_enabled()
+    with pytest.raises(MtrainError, match="bf16 is not supported by this GPU"):
+        pick_device("cuda", "bf16")
+
+
+def test_each_torchrun_process_takes_its_own_gpu(fake_cuda, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: seen.setdefault("groups", []).append(kw) or "prep")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    world = init_world("cuda:0", 60)  # a config that names one GPU still gives each process its own
+    assert (world.rank, world.size, world.local_rank, world.prepare_group) == (1, 2, 1, "prep")
+    assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 1)
+    assert seen["timeout"] == timedelta(seconds=60)
+    assert seen["groups"] == [{"backend": "gloo", "timeout": device_module.PREPARE_TIMEOUT}]
+    assert pick_device("cuda:0", "fp32", world=world).device == torch.device("cuda", 1)
+
+
+def test_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
+    assert pick_device("cpu", "auto").precision == "fp32"
+    with pytest.raises(MtrainError, match="train.precision: this CPU has no native bf16"):
+        pick_device("cpu", "bf16")
+    with pytest.raises(MtrainError, match="--precision: this CPU has no native bf16"):
+        pick_device("cpu", "bf16", setting="--")
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    assert pick_device("cpu", "auto").precision == "bf16"
+
+
+def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    from mtrain import checkpoint
+
+    state = rng_state()
+    checkpoint.save(tmp_path / "rng.pt", {"rng": [state]})
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    loaded = checkpoint.load(tmp_path / "rng.pt")["rng"][0]  # weights_only: no pickled numpy objects
+    set_rng_state(loaded)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
