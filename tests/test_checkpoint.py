@@ -37,3 +37,65 @@ def test_average(tmp_path):
     checkpoint.save(tmp_path / "other.pt", {"model": {"w": torch.ones(3), "n": torch.tensor(7)}})
     with pytest.raises(MtrainError, match="does not match"):
         checkpoint.average([tmp_path / "0.pt", tmp_path / "other.pt"])
+
+
+class RunsCode:
+    """Unpickling this object runs a command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": "mtrain", "version": 2, "model": {}, "payload": RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(MtrainError, match="evil.pt: holds Python objects .* --trust-checkpoint"):
+        checkpoint.load(tmp_path / "evil.pt")
+    with pytest.raises(MtrainError, match="evil.pt: holds Python objects"):
+        checkpoint.average([tmp_path / "evil.pt"])
+    assert not marker.exists()
+    checkpoint.load(tmp_path / "evil.pt", trust=True)  # the explicit opt-in does what it says
+    assert marker.exists()
+
+
+def test_averaging_holds_one_checkpoint_at_a_time(tmp_path, monkeypatch):
+    import weakref
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.pt")
+        checkpoint.save(paths[-1], {"model": {"w": torch.full((64,), float(i))},
+                                    "optimizer": {"exp_avg": torch.zeros(64)}, "config": {}})
+    alive = []
+    real_load = checkpoint.load
+
+    def tracking_load(*args, **kwargs):
+        assert not any(ref() is not None for ref in alive), "an earlier checkpoint is still in memory"
+        state = real_load(*args, **kwargs)
+        alive.extend([weakref.ref(state["model"]["w"]), weakref.ref(state["optimizer"]["exp_avg"])])
+        return state
+
+    monkeypatch.setattr(checkpoint, "load", tracking_load)
+    avg = checkpoint.average(paths)
+    assert torch.allclose(avg["model"]["w"], torch.full((64,), 1.5))
+    assert "optimizer" not in avg and avg["averaged_from"] == [str(p) for p in paths]
+
+
+def test_save_failing_partway_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    checkpoint.save(tmp_path / "last.pt", {"model": {"w": torch.zeros(2)}, "step": 1})
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(MtrainError, match=f"{tmp_path}: cannot write the checkpoint last.pt "
+                                          r"\(No space left on device\); the previous last.pt"):
+        checkpoint.save(tmp_path / "last.pt", {"model": {"w": torch.ones(2)}, "step": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temporary file is gone
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 1

@@ -63,3 +63,37 @@ def test_batches_resume_mid_epoch(tmp_path, toks):
     assert [resumed.next_indices().tolist() for _ in range(12)] == rest
     assert stream.epoch > 1  # the stream crossed an epoch boundary
     assert len(seen) == 5
+
+
+def test_a_corpus_rewritten_in_place_is_encoded_again(tmp_path, toks):
+    import os
+    src, tgt = tmp_path / "a.en", tmp_path / "a.de"
+    src.write_text(SAMPLE_EN.read_text())
+    tgt.write_text(SAMPLE_DE.read_text())
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    source = DataSource(src=str(src), tgt=str(tgt))
+    first = load_corpus(source, toks, cfg, log=lambda *_: None)
+    stat = tgt.stat()
+    lines = SAMPLE_DE.read_text().splitlines()
+    tgt.write_text("\n".join(reversed(lines)) + "\n")  # same size, other content
+    os.utime(tgt, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same modification time
+    assert tgt.stat().st_size == stat.st_size and tgt.stat().st_mtime_ns == stat.st_mtime_ns
+    logs = []
+    second = load_corpus(source, toks, cfg, log=logs.append)
+    assert not any("using cache" in line for line in logs)
+    assert list(second.pair(0)[1]) == list(first.pair(len(first) - 1)[1])
+
+
+def test_a_changed_batch_order_is_not_resumed(tmp_path, toks):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    corpus = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks, cfg, log=lambda *_: None)
+    stream = Batches(corpus, 60, seed=7)
+    stream.next_indices()
+    state = stream.state_dict()
+    assert Batches(corpus, 80, seed=7).load_state_dict(state) == "train.batch_tokens was 60, now 80"
+    assert Batches(corpus, 60, seed=8).load_state_dict(state) == "train.seed was 7, now 8"
+    smaller = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks,
+                          DataConfig(cache_dir=str(tmp_path / "cache"), max_len=18), log=lambda *_: None)
+    assert "training data or tokenizer changed" in Batches(smaller, 60, seed=7).load_state_dict(state)
+    same = Batches(corpus, 60, seed=7)
+    assert same.load_state_dict(state) is None and same.state_dict() == state

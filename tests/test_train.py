@@ -252,3 +252,71 @@ def test_only_collective_failures_count_as_lost_processes():
     assert is_lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1"))
     assert not is_lost_peer(RuntimeError("index 7 is out of bounds for dimension 0 with size 4"))
     assert not is_lost_peer(ValueError("gloo"))
+
+
+def test_resume_with_another_batch_order_is_refused(tmp_path, tiny_cfg):
+    fit(tiny_cfg(max_steps=3), tmp_path / "run", log=lambda *_: None)
+    with pytest.raises(MtrainError, match=r"last.pt: train.batch_tokens was 200, now 300, so the saved position"):
+        fit(tiny_cfg(max_steps=5, batch_tokens=300), tmp_path / "run", resume=True, log=lambda *_: None)
+    fit(tiny_cfg(max_steps=5), tmp_path / "run", resume=True, log=lambda *_: None)
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == 5
+
+
+def test_overwrite_touches_only_what_mtrain_wrote(tmp_path, tiny_cfg):
+    theirs = tmp_path / "shared"
+    theirs.mkdir()
+    (theirs / "model.pt").write_bytes(b"someone else's model")
+    for overwrite in (False, True):
+        with pytest.raises(MtrainError, match="shared: holds files mtrain did not write \\(model.pt\\)"):
+            fit(tiny_cfg(max_steps=2), theirs, overwrite=overwrite, log=lambda *_: None)
+    assert (theirs / "model.pt").read_bytes() == b"someone else's model"
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=2, save_every=1), run, log=lambda *_: None)
+    fit(tiny_cfg(max_steps=1, save_every=1), run, overwrite=True, log=lambda *_: None)
+    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == ["ckpt_1.pt"]  # ckpt_2 of the old run is gone
+
+
+def test_torn_metrics_line_is_skipped_and_not_continued(tmp_path, tiny_cfg):
+    from mtrain.train import read_metrics
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=2), run, log=lambda *_: None)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 4.')  # what a kill -9 in the middle of a write leaves
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 2]  # 2 twice: loss, then valid
+    fit(tiny_cfg(max_steps=4), run, resume=True, log=lambda *_: None)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[2 + 1] == '{"step": 3, "loss": 4.'  # the torn line stays alone on its line
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_last_pt_without_hard_links(tmp_path, tiny_cfg, monkeypatch):
+    import mtrain.files as files
+
+    def no_links(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "link", no_links)
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=4, save_every=2), run, log=lambda *_: None)
+    assert (run / "last.pt").read_bytes() == (run / "ckpt_4.pt").read_bytes()
+    assert os.stat(run / "last.pt").st_ino != os.stat(run / "ckpt_4.pt").st_ino
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_disk_full_while_training_stops_with_one_line(tmp_path, tiny_cfg, monkeypatch):
+    import errno
+    import mtrain.train as train_module
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=2, save_every=2), run, log=lambda *_: None)
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module.checkpoint.torch, "save", disk_full)
+    with pytest.raises(MtrainError, match=f"{run}: cannot write the checkpoint ckpt_4.pt"):
+        fit(tiny_cfg(max_steps=6, save_every=2), run, resume=True, log=lambda *_: None)
+    monkeypatch.setattr(train_module.checkpoint.torch, "save", real_save)
+    assert checkpoint.load(run / "last.pt")["step"] == 2
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
