@@ -101,7 +101,28 @@ def test_a_dead_process_ends_the_job_and_resume_continues(tmp_path, configs):
     out, _ = job.communicate(timeout=120)
     assert job.returncode != 0
     assert time.time() - start < 60  # well within train.dist_timeout + torchrun's grace period
+    assert "process 0: lost the other processes" in out and "is intact, continue with --resume" in out, out[-3000:]
     step = checkpoint.load(run / "last.pt")["step"]
     assert step >= 6
     result = run_fit(configs("short", max_steps=step + 2, save_every=2, valid_every=100000), run, 1, "--resume")
     assert f"resumed from step {step}" in result.stdout
+
+
+def test_preparation_wait_is_not_bounded_by_the_collective_timeout(tmp_path):
+    """Rank 0 may train SentencePiece and encode a corpus for hours while the others wait."""
+    script = tmp_path / "prep.py"
+    script.write_text(
+        "import time\n"
+        "from mtrain.device import init_world\n"
+        "world = init_world('cpu', timeout_s=2)\n"
+        "if world.main:\n"
+        "    time.sleep(6)  # longer than the 2 s collective timeout\n"
+        "world.wait_for_preparation()\n"
+        "world.barrier()\n"
+        "print('rank', world.rank, 'prepared')\n"
+        "world.close()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "rank 0 prepared" in result.stdout and "rank 1 prepared" in result.stdout

@@ -60,3 +60,49 @@ def test_pipe_average_and_score(trained):
     first, second = (checkpoint.load(c)["model"] for c in ckpts)
     for name, value in averaged.state_dict().items():
         assert torch.allclose(value, (first[name] + second[name]) / 2, atol=1e-6), name
+
+
+def test_sampling_continues_its_stream_across_blocks(trained, monkeypatch):
+    import mtrain.translate as translate_module
+    from mtrain.translate import Sampling
+    model, toks, cfg = checkpoint.load_for_inference([trained / "final.pt"])
+    monkeypatch.setattr(translate_module, "BLOCK", 4)
+    lines = ["a man is walking ."] * 4
+    dev = pick_device("cpu", "fp32")
+    sampling = dict(temperature=3.0, seed=5)
+    twice = list(translate_lines(lines * 2, model, toks, DecodeConfig(max_len_b=8), dev, Sampling(**sampling)))
+    assert twice[:4] == list(translate_lines(lines, model, toks, DecodeConfig(max_len_b=8), dev, Sampling(**sampling)))
+    assert twice[4:] != twice[:4]  # the second block draws new samples, not the first block's again
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=0.0), "--temperature: must be > 0"),
+    (dict(temperature=-1.0), "--temperature: must be > 0"),
+    (dict(top_k=-1), "--top-k: must be >= 0"),
+    (dict(top_p=0.0), r"--top-p: must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"--top-p: must be in \(0, 1\]"),
+])
+def test_bad_sampling_settings(kwargs, message):
+    from mtrain.errors import MtrainError
+    from mtrain.translate import Sampling
+    with pytest.raises(MtrainError, match=message):
+        Sampling(**kwargs)
+
+
+def test_output_file_appears_only_when_complete(trained, tmp_path):
+    out = tmp_path / "out.de"
+    out.write_text("an older translation\n")
+    bad = tmp_path / "bad.en"
+    bad.write_bytes(b"a man .\n\xff\xfe broken\n")
+    args = [sys.executable, "-m", "mtrain", "translate", "-c", str(trained / "final.pt"), "--beam", "1"]
+    r = subprocess.run(args + ["-i", str(bad), "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "bad.en:2: invalid UTF-8" in r.stderr and "Traceback" not in r.stderr
+    assert out.read_text() == "an older translation\n"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    r = subprocess.run(args + ["-i", str(SAMPLE_EN), "-o", str(tmp_path / "missing" / "out.de")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip() == \
+        f"mtrain: {tmp_path / 'missing'}: directory for the output out.de does not exist"
+    r = subprocess.run(args + ["-i", str(SAMPLE_EN), "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == len(SAMPLE_EN.read_text().splitlines())
