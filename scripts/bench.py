@@ -2,9 +2,12 @@
 
     python scripts/bench.py --config configs/multi30k_en_de.yaml --precision bf16 \
         --checkpoint runs/multi30k_en_de/final.pt [--skip-data]
+    python scripts/bench.py --config configs/transformer_base.yaml --synthetic-vocab 32000 \
+        --set train.batch_tokens=25000 --precision bf16 --skip-data      # GPU: transformer-base
 
 Each part runs in its own process so that its peak RSS is its own. Needs data/multi30k
-(scripts/get_multi30k.sh). Run it on an otherwise idle machine.
+(scripts/get_multi30k.sh) unless --synthetic-vocab makes random batches (lengths 10-60, the
+model's shape and batch_tokens from the config). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -25,6 +28,24 @@ sys.path.insert(0, str(ROOT))
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets, bf16 and fp16 alike;
+# the SXM parts (PCIe H100: 756). MFU on a GPU is relative to these; elsewhere to a measured matmul.
+GPU_DENSE_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
+                         "A10G": 70.0, "V100": 125.0, "T4": 65.0}
+
+
+def dense_peak_gflops(device, dtype) -> tuple[float, str]:
+    """The peak MFU is relative to, and where it comes from."""
+    import torch
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_DENSE_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1000, f"{name} data sheet"
+    n = 8192 if device.type == "cuda" else 2048
+    return matmul_peak(device, dtype, n), f"measured {n}^3 matmul"
 
 
 def matmul_peak(device, dtype, n=2048, reps=10) -> float:
@@ -48,6 +69,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class SyntheticCorpus:
+    """Random token ids with a spread of lengths, shaped like an EncodedCorpus for Batches."""
+
+    def __init__(self, vocab: int, pairs: int = 200_000, seed: int = 0):
+        import numpy as np
+        rng = np.random.default_rng(seed)
+        src_n = rng.integers(10, 60, pairs)
+        tgt_n = np.clip((src_n * rng.uniform(0.8, 1.25, pairs)).astype(np.int64), 5, 70)
+        self.src_offsets = np.concatenate([[0], np.cumsum(src_n)])
+        self.tgt_offsets = np.concatenate([[0], np.cumsum(tgt_n)])
+        self.src = rng.integers(4, vocab, int(src_n.sum())).astype(np.int32)
+        self.tgt = rng.integers(4, vocab, int(tgt_n.sum())).astype(np.int32)
+        self.src_lengths, self.tgt_lengths = src_n + 1, tgt_n + 1
+
+    def __len__(self):
+        return len(self.src_offsets) - 1
+
+    def pair(self, i):
+        return (self.src[self.src_offsets[i]:self.src_offsets[i + 1]],
+                self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]])
+
+
 def part_train(args) -> dict:
     """Steady-state training throughput on real batches of the config's corpus (no validation)."""
     import torch
@@ -55,20 +98,23 @@ def part_train(args) -> dict:
     from mtrain.data import Batches, load_corpus
     from mtrain.device import pick_device
     from mtrain.model import Transformer
-    from mtrain.tokenizer import get_tokenizers
-    from mtrain.train import batch_loss
+    from mtrain.tokenizer import BOS, EOS, PAD, get_tokenizers
+    from mtrain.train import batch_loss, optimizer_update
 
     cfg = load_config(args.config, args.set)
     dev = pick_device(args.device, args.precision, cfg.train.threads)
-    run = ROOT / "runs" / "bench"
-    run.mkdir(parents=True, exist_ok=True)
-    toks = get_tokenizers(cfg, run, log=lambda *_: None)
-    corpus = load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None)
+    if args.synthetic_vocab:
+        corpus, vocab = SyntheticCorpus(args.synthetic_vocab), args.synthetic_vocab
+    else:
+        run = ROOT / "runs" / "bench"
+        run.mkdir(parents=True, exist_ok=True)
+        toks = get_tokenizers(cfg, run, log=lambda *_: None)
+        corpus, vocab = load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None), toks.tgt.vocab_size
     stream = Batches(corpus, cfg.train.batch_tokens, cfg.train.seed)
     torch.manual_seed(0)
-    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
+    model = Transformer(cfg.model, vocab, vocab, PAD).to(dev.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=dev.device.type == "cuda")
-    pad, bos, eos = toks.tgt.pad, toks.tgt.bos, toks.tgt.eos
+    pad, bos, eos = PAD, BOS, EOS
     tokens = src_tokens = 0
     for i in range(args.warmup_steps + args.steps):
         if i == args.warmup_steps:
@@ -81,22 +127,23 @@ def part_train(args) -> dict:
         with dev.autocast():
             loss = batch_loss(model, batch, 0.1, pad) / batch.n_tgt_tokens
         dev.scaler.scale(loss).backward()
-        dev.scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        dev.scaler.step(opt)
-        dev.scaler.update()
-        opt.zero_grad(set_to_none=True)
+        optimizer_update(opt, model.parameters(), dev.scaler, 1.0)
     sync(dev.device)
     seconds = time.perf_counter() - start
     tok_s = tokens / seconds
     lengths = corpus.tgt_lengths.mean(), corpus.src_lengths.mean()
     flops = model.flops_per_token(src_len=float(lengths[1]), tgt_len=float(lengths[0]))
     flops *= src_tokens / tokens / (lengths[1] / lengths[0])  # the batches' own source/target ratio
-    peak = matmul_peak(dev.device, dev.amp_dtype or torch.float32)
-    return {"device": str(dev.device), "precision": dev.precision, "threads": torch.get_num_threads(),
+    peak, peak_source = dense_peak_gflops(dev.device, dev.amp_dtype or torch.float32)
+    gpu_mb = torch.cuda.max_memory_allocated(dev.device) / 2 ** 20 if dev.device.type == "cuda" else 0.0
+    from mtrain.device import cpu_has_bf16
+    name = (torch.cuda.get_device_name(dev.device) if dev.device.type == "cuda"
+            else "native bf16" if cpu_has_bf16() else "no native bf16")
+    return {"device": f"{dev.device} ({name})", "precision": dev.precision, "threads": torch.get_num_threads(),
             "params": model.num_parameters(), "train_tok_s": tok_s, "flops_per_tok": flops,
-            "achieved_gflops": tok_s * flops / 1e9, "matmul_peak_gflops": peak,
-            "mfu": tok_s * flops / 1e9 / peak, "train_rss_mb": peak_rss_mb()}
+            "achieved_gflops": tok_s * flops / 1e9, "peak_gflops": peak, "peak_source": peak_source,
+            "mfu": tok_s * flops / 1e9 / peak, "train_rss_mb": peak_rss_mb(), "gpu_peak_mb": gpu_mb,
+            "batch_tokens": cfg.train.batch_tokens}
 
 
 def part_decode(args) -> dict:
@@ -176,6 +223,9 @@ def main():
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--repeat", type=int, default=100, help="copies of Multi30k in the data part (100 = 2.9M pairs)")
     p.add_argument("--skip-data", action="store_true")
+    p.add_argument("--synthetic-vocab", type=int, default=0,
+                   help="train on random batches with this vocabulary instead of the config's corpus")
+    p.add_argument("--json", action="store_true", help="print the train part's figures as one JSON line")
     p.add_argument("--part", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.chdir(ROOT)
@@ -186,14 +236,20 @@ def main():
     import torch
     rows = [("torch", torch.__version__), ("python", platform.python_version()), ("cpu cores", os.cpu_count())]
     r = run_part("train", argv)
+    if args.json:
+        print(json.dumps(r))
+        return
     rows += [("device", r["device"]), ("threads", r["threads"]), ("precision (train)", r["precision"]),
-             ("config", args.config + (" " + " ".join(args.set) if args.set else "")),
+             ("config", args.config + (" " + " ".join(args.set) if args.set else "")
+              + (f" (random batches, vocabulary {args.synthetic_vocab})" if args.synthetic_vocab else "")),
              ("parameters", f"{r['params']:,}"),
              ("train target tokens/s", f"{r['train_tok_s']:,.0f}"),
              ("model FLOPs per target token", f"{r['flops_per_tok'] / 1e6:.1f} M"),
              ("achieved GFLOP/s", f"{r['achieved_gflops']:.1f}"),
-             (f"matmul peak GFLOP/s ({r['precision']}, 2048^3)", f"{r['matmul_peak_gflops']:.1f}"),
+             (f"peak GFLOP/s ({r['precision']}, {r['peak_source']})", f"{r['peak_gflops']:.1f}"),
              ("MFU", f"{100 * r['mfu']:.1f}%"), ("train peak RSS", f"{r['train_rss_mb']:,.0f} MB")]
+    if r["gpu_peak_mb"]:
+        rows.append(("train peak GPU memory", f"{r['gpu_peak_mb']:,.0f} MB"))
     if args.checkpoint:
         r = run_part("decode", argv)
         rows += [("precision (decode)", args.decode_precision),
