@@ -36,7 +36,8 @@ def open_text(path: Path | str) -> Iterator[str]:
 def _decode_lines(f, name) -> Iterator[str]:
     for number, raw in enumerate(f, start=1):
         try:
-            yield raw.decode("utf-8").rstrip("\r\n")
+            # utf-8-sig on the first line: a byte-order mark (Windows editors write one) is not text.
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
             raise MtrainError(f"{name}:{number}: invalid UTF-8 (byte {e.start + 1} of the line)") from None
 

@@ -89,7 +89,11 @@ def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered:
     key = cache_key(source, toks, cfg.max_len, cfg.max_len_ratio, filtered)
     folder = Path(cfg.cache_dir) / key
     if not (folder / "report.json").is_file():
-        _encode_to(folder, source, toks, cfg, filtered)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        try:
+            _encode_to(folder, tmp, source, toks, cfg, filtered)
+        finally:  # an error in the data (line 3 million) leaves no half-written cache behind
+            shutil.rmtree(tmp, ignore_errors=True)
     else:
         log(f"data: {source.describe()}: using cache {folder}")
     report = json.loads((folder / "report.json").read_text())
@@ -106,32 +110,33 @@ def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered:
     return corpus
 
 
-def _encode_to(folder: Path, source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered: bool) -> None:
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cfg: DataConfig,
+               filtered: bool) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     stats = ReadStats()
     too_long = bad_ratio = 0
     lengths = {"src": [], "tgt": []}  # one numpy array per chunk: no Python int per sentence is kept
-    files = {side: open(tmp / f"{side}.bin", "wb") for side in ("src", "tgt")}
-    pairs = read_pairs(source, stats)
-    while chunk := list(itertools.islice(pairs, CHUNK)):
-        ids = {"src": toks.src.encode_batch([s for s, _ in chunk]), "tgt": toks.tgt.encode_batch([t for _, t in chunk])}
-        n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(chunk)) for side in ids}
-        keep = np.ones(len(chunk), dtype=bool)
-        if filtered:  # lengths with the EOS each side gets
-            longest, shortest = np.maximum(n["src"], n["tgt"]) + 1, np.minimum(n["src"], n["tgt"]) + 1
-            long = longest > cfg.max_len
-            ratio = ~long & (longest > cfg.max_len_ratio * shortest)
-            too_long, bad_ratio = too_long + int(long.sum()), bad_ratio + int(ratio.sum())
-            keep = ~(long | ratio)
-        for side in ("src", "tgt"):
-            kept_ids = [x for x, k in zip(ids[side], keep) if k]
-            flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int32, count=int(n[side][keep].sum()))
-            files[side].write(flat.tobytes())
-            lengths[side].append(n[side][keep])
-    for f in files.values():
-        f.close()
+    with open(tmp / "src.bin", "wb") as src_file, open(tmp / "tgt.bin", "wb") as tgt_file:
+        files = {"src": src_file, "tgt": tgt_file}
+        pairs = read_pairs(source, stats)
+        while chunk := list(itertools.islice(pairs, CHUNK)):
+            ids = {"src": toks.src.encode_batch([s for s, _ in chunk]),
+                   "tgt": toks.tgt.encode_batch([t for _, t in chunk])}
+            n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(chunk)) for side in ids}
+            keep = np.ones(len(chunk), dtype=bool)
+            if filtered:  # lengths with the EOS each side gets
+                longest, shortest = np.maximum(n["src"], n["tgt"]) + 1, np.minimum(n["src"], n["tgt"]) + 1
+                long = longest > cfg.max_len
+                ratio = ~long & (longest > cfg.max_len_ratio * shortest)
+                too_long, bad_ratio = too_long + int(long.sum()), bad_ratio + int(ratio.sum())
+                keep = ~(long | ratio)
+            for side in ("src", "tgt"):
+                kept_ids = [x for x, k in zip(ids[side], keep) if k]
+                flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int32,
+                                   count=int(n[side][keep].sum()))
+                files[side].write(flat.tobytes())
+                lengths[side].append(n[side][keep])
     for side in ("src", "tgt"):
         counts = np.concatenate(lengths[side]) if lengths[side] else np.zeros(0, dtype=np.int64)
         np.save(tmp / f"{side}_offsets.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))

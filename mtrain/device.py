@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -139,6 +140,8 @@ def resolve_device(device: str, world: World = World(), setting: str = "train.de
     """'auto', 'cpu', 'cuda' or 'cuda:N' -> a torch.device; a CUDA device always carries its index.
     Under torchrun every process takes the GPU of its LOCAL_RANK, whatever index the config names,
     so that N processes use N GPUs instead of sharing one."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise MtrainError(f"{setting}: must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not device.startswith("cuda"):
@@ -157,6 +160,8 @@ def pick_device(device: str = "auto", precision: str = "auto", threads: int = 0,
                 setting: str = "train.") -> Device:
     """Resolve 'auto' settings to a device and autocast dtype; errors name the setting
     (`setting` is the prefix of its name: "train." in a config, "--" on the command line)."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise MtrainError(f"{setting}precision: must be auto, fp32, bf16 or fp16, got {precision!r}")
     dev = resolve_device(device, world, f"{setting}device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from mtrain.config import Config, DataSource, TokenizerConfig
-from mtrain.corpus import check_line_counts, open_text, read_pairs
+from mtrain.corpus import open_text, read_pairs
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write
 
@@ -171,9 +171,9 @@ def _dump_source(source: DataSource, folder: Path) -> tuple[Path, Path]:
 
 
 def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) -> Tokenizers:
-    """Load the configured SentencePiece model(s), training them on the training data if missing;
-    a copy goes into the run directory so that it is self-contained. Only one process of a torchrun
-    job may `write` (train and copy); the others read what it wrote."""
+    """Load the configured SentencePiece model(s), training them on the training data if missing
+    (into the run directory when no path is configured). Only one process of a torchrun job may
+    `write` (train); the others read what it wrote."""
     tc = cfg.tokenizer
     main = Path(tc.model) if tc.model else run_dir / "spm.model"
     tgt_path = main if tc.joint else (Path(tc.tgt_model) if tc.tgt_model else main.with_name(main.stem + ".tgt.model"))
@@ -181,8 +181,6 @@ def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) ->
         source = cfg.data.train
         if source.empty:
             raise MtrainError("data.train: no training corpus given")
-        if source.src:  # a mismatched pair must be named before SentencePiece fails on it in its own words
-            check_line_counts(Path(source.src), Path(source.tgt))
         log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on {source.describe()}")
         sides = (Path(source.src), Path(source.tgt)) if source.src else _dump_source(source, run_dir)
         if tc.joint:
@@ -191,9 +189,11 @@ def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) ->
             train_tokenizer(sides[:1], tc, main.with_suffix(""))
             train_tokenizer(sides[1:], tc, tgt_path.with_suffix(""))
     src_tok = Tokenizer.load(main)
-    toks = Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
-    if write:
-        toks.src.save(run_dir / ("spm.model" if tc.joint else "spm.src.model"))
-        if not tc.joint:
-            toks.tgt.save(run_dir / "spm.tgt.model")
-    return toks
+    return Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
+
+
+def save_to_run(toks: Tokenizers, run_dir: Path) -> None:
+    """A copy of the tokenizer(s) in the run directory, so that it is self-contained."""
+    toks.src.save(run_dir / ("spm.model" if toks.joint else "spm.src.model"))
+    if not toks.joint:
+        toks.tgt.save(run_dir / "spm.tgt.model")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mtrain import checkpoint
 from mtrain.config import Config, config_to_dict, dump_config
-from mtrain.corpus import read_pairs
+from mtrain.corpus import check_line_counts, read_pairs
 from mtrain.data import (
     Batches,
     EncodedCorpus,
@@ -38,7 +38,7 @@ from mtrain.errors import MtrainError
 from mtrain.files import link_or_copy
 from mtrain.model import Transformer
 from mtrain.score import bleu
-from mtrain.tokenizer import Tokenizers, get_tokenizers
+from mtrain.tokenizer import Tokenizers, get_tokenizers, save_to_run
 from mtrain.translate import decode_ids
 
 
@@ -154,7 +154,8 @@ RUN_FILES = re.compile(rf"{RUN_OUTPUTS.pattern}|config\.yaml|spm(\.src|\.tgt)?\.
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """A new run needs a new or empty directory, or (with --overwrite) an old mtrain run, of which only
-    the files mtrain wrote are deleted; anything else there is never touched."""
+    the files mtrain wrote are deleted; anything else there is never touched. Creates nothing: the
+    directory appears once the data has been read without error."""
     present = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     foreign = [name for name in present if not RUN_FILES.fullmatch(name)]
     started = any(RUN_OUTPUTS.fullmatch(name) for name in present)
@@ -172,7 +173,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             if RUN_OUTPUTS.fullmatch(name):
                 path = run_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 @torch.no_grad()
@@ -252,22 +252,28 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     log = log if world.main else (lambda *_: None)
     if world.main:
         prepare_run_dir(run_dir, resume, overwrite)
-        dump_config(cfg, run_dir / "config.yaml")
     log(f"device: {dev.device}, precision {dev.precision}"
         + (f", {torch.get_num_threads()} threads" if dev.device.type == "cpu" else "")
         + (f", {world.size} processes" if world.size > 1 else ""))
     seed_everything(tc.seed + world.rank)
 
     # 2. Tokenizer and data; rank 0 trains and encodes first, the others then read its files.
+    # Mismatched or missing files are named before anything slow (SentencePiece) runs on them.
     if not world.main:
         world.wait_for_preparation()
+    for source in (cfg.data.train, cfg.data.valid):
+        if source.src and world.main:
+            check_line_counts(Path(source.src), Path(source.tgt))
     toks = get_tokenizers(cfg, run_dir, log, write=world.main)
     train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
     valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
-    if world.main:
-        world.wait_for_preparation()
     if len(train_data) == 0:
         raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
+    if world.main:  # only now, with the data read, does the run directory fill
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        save_to_run(toks, run_dir)
+        world.wait_for_preparation()
     valid_refs = [t for _, t in read_pairs(cfg.data.valid)] if valid is not None else []
     batches = Batches(train_data, tc.batch_tokens, tc.seed)
 

@@ -8,14 +8,18 @@ from mtrain.tokenizer import Tokenizer, get_tokenizers
 from conftest import SAMPLE_DE, SAMPLE_EN, tiny_raw
 
 
-def test_only_the_writing_process_touches_the_run_dir(tmp_path, spm_model):
-    cfg = config_from_dict(tiny_raw(tmp_path, spm_model))
+def test_only_the_writing_process_trains(tmp_path, spm_model):
+    raw = tiny_raw(tmp_path, spm_model)
+    raw["tokenizer"] = {"model": "", "vocab_size": 60}
+    cfg = config_from_dict(raw)
     run = tmp_path / "run"
-    run.mkdir()
-    reader = get_tokenizers(cfg, run, log=lambda *_: None, write=False)
-    assert list(run.iterdir()) == []
+    with pytest.raises(MtrainError, match="spm.model: SentencePiece model not found"):
+        get_tokenizers(cfg, run, log=lambda *_: None, write=False)  # it waits for the writer's model
+    assert not run.exists()
     writer = get_tokenizers(cfg, run, log=lambda *_: None, write=True)
-    assert [p.name for p in run.iterdir()] == ["spm.model"] and reader.src.proto == writer.src.proto
+    assert sorted(p.name for p in run.iterdir()) == ["spm.model", "spm.vocab"]
+    reader = get_tokenizers(cfg, run, log=lambda *_: None, write=False)
+    assert reader.src.proto == writer.src.proto
 
 
 def test_saving_replaces_the_file_instead_of_rewriting_it(tmp_path, spm_model):
@@ -28,11 +32,14 @@ def test_saving_replaces_the_file_instead_of_rewriting_it(tmp_path, spm_model):
     assert [p.name for p in tmp_path.iterdir()] == ["spm.model"]
 
 
-def test_mismatched_corpus_is_named_before_tokenizer_training(tmp_path, spm_model):
+@pytest.mark.parametrize("side", ["train", "valid"])
+def test_mismatched_corpus_is_named_before_tokenizer_training(tmp_path, spm_model, side):
+    from mtrain.train import fit
     short = tmp_path / "short.de"
     short.write_text("\n".join(SAMPLE_DE.read_text().splitlines()[:7]) + "\n")
     raw = tiny_raw(tmp_path, spm_model)
-    raw["data"]["train"] = {"src": str(SAMPLE_EN), "tgt": str(short)}
+    raw["data"][side] = {"src": str(SAMPLE_EN), "tgt": str(short)}
     raw["tokenizer"] = {"model": "", "vocab_size": 500}  # would be too large for 7 lines: not what we report
     with pytest.raises(MtrainError, match=r"line counts differ: .*train.en has 20 lines, .*short.de has 7"):
-        get_tokenizers(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+        fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
