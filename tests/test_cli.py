@@ -69,3 +69,13 @@ def test_bad_utf8_on_stdin_names_the_line():
     r = subprocess.run([sys.executable, "-m", "mtrain", "score", "--ref", str(SAMPLE_DE)], input=b"ok\n\xff\n",
                        capture_output=True, cwd=ROOT)
     assert r.returncode == 1 and b"mtrain: stdin:2: invalid UTF-8" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_no_arguments_prints_help_and_version_prints_versions():
+    import torch
+    r = mtrain()
+    assert r.returncode == 0 and r.stdout.startswith("Usage:") and "Commands" in r.stdout
+    assert "mtrain:" not in r.stderr + r.stdout
+    r = mtrain("--version")
+    assert r.returncode == 0
+    assert r.stdout.strip().startswith(f"mtrain 0.1.0, torch {torch.__version__}, CUDA ")
