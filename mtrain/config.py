@@ -127,6 +127,10 @@ class TrainConfig:
     update_freq: int = 1  # batches accumulated per update
     lr: float = 7e-4  # peak learning rate, reached at the end of warm-up
     warmup: int = 4000  # Vaswani et al. 2017 §5.3
+    # After warm-up: inverse_sqrt (the paper) never ends; linear and cosine decay to 0 at the end of the
+    # budget (max_steps, or the updates max_time allows at the measured speed), which wins under a fixed
+    # budget (Li et al. 2020, "Budgeted Training").
+    schedule: str = "inverse_sqrt"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # §5.3
     eps: float = 1e-9  # §5.3
     weight_decay: float = 0.0
@@ -146,6 +150,10 @@ class TrainConfig:
     dist_timeout: int = 600  # seconds a process waits at a collective (torchrun) before the job fails
 
     def __post_init__(self):
+        if self.schedule not in ("inverse_sqrt", "linear", "cosine"):
+            raise ValueError(f"schedule must be inverse_sqrt, linear or cosine, got {self.schedule!r}")
+        if self.schedule != "inverse_sqrt" and not self.max_steps and not self.max_time:
+            raise ValueError(f"schedule {self.schedule} decays to 0 at the end of the budget: set max_steps or max_time")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

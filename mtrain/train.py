@@ -42,11 +42,31 @@ from mtrain.tokenizer import Tokenizers, get_tokenizers, save_to_run
 from mtrain.translate import decode_ids
 
 
-def lr_at(step: int, warmup: int, peak: float) -> float:
-    """Linear warm-up to `peak`, then inverse square root decay (Vaswani et al. 2017 §5.3, rescaled
-    so that the peak is a setting: the paper's d^-0.5 * min(s^-0.5, s * w^-1.5) has peak d^-0.5 * w^-0.5)."""
+def lr_at(step: int, warmup: int, peak: float, schedule: str = "inverse_sqrt", total: int = 0) -> float:
+    """Linear warm-up to `peak`, then one of three decays:
+    - inverse_sqrt: Vaswani et al. 2017 §5.3, rescaled so that the peak is a setting (the paper's
+      d^-0.5 * min(s^-0.5, s * w^-1.5) has peak d^-0.5 * w^-0.5);
+    - linear or cosine: from `peak` at the end of warm-up to 0 at update `total` (Li et al. 2020)."""
     step, warmup = max(step, 1), max(warmup, 1)
-    return peak * min(step / warmup, math.sqrt(warmup / step))
+    if step <= warmup or schedule == "inverse_sqrt":
+        return peak * min(step / warmup, math.sqrt(warmup / step))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def planned_updates(step: int, elapsed_s: float, budget_s: float, max_steps: int) -> int:
+    """The update the decay should end at: max_steps, or, under a time budget, the updates done so far
+    plus what the remaining time allows at the speed measured over the whole run (validation and
+    checkpoints included, since they spend the same budget); the smaller when both are set."""
+    plans = [max_steps] if max_steps else []
+    if math.isfinite(budget_s) and step > 0 and elapsed_s > 0:
+        plans.append(step + int((budget_s - elapsed_s) * step / elapsed_s))
+    return max(step + 1, min(plans)) if plans else 0
+
+
+PLAN_EVERY = 25  # updates between re-estimates of a time budget's plan
 
 
 def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
@@ -283,7 +303,10 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     fused = dev.device.type == "cuda"  # one kernel for all parameters instead of one per tensor
     opt = torch.optim.AdamW(model.parameters(), lr=lr_at(1, tc.warmup, tc.lr), betas=tuple(tc.betas), eps=tc.eps,
                             weight_decay=tc.weight_decay, fused=fused)
-    state = {"step": 0, "best_bleu": -1.0, "bad_valid": 0, "elapsed": 0.0, "kept": []}
+    # plan: the update at which a linear or cosine decay ends (re-estimated under a time budget, and saved
+    # so that a resumed run continues the same plan).
+    state = {"step": 0, "best_bleu": -1.0, "bad_valid": 0, "elapsed": 0.0, "kept": [],
+             "plan": planned_updates(0, 0.0, tc.max_seconds, tc.max_steps) or tc.warmup * 10}
 
     # 4. Resume: everything that decides the next update comes back.
     if resume:
@@ -299,7 +322,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
         if problem:
             raise MtrainError(f"{run_dir / 'last.pt'}: {problem}, so the saved position in the batch order would "
                               f"skip or repeat data; restore it, or start a new run")
-        state = ckpt["train_state"]
+        state = {"plan": tc.max_steps or tc.warmup * 10, **ckpt["train_state"]}
         if world.rank < len(ckpt["rng"]):
             set_rng_state(ckpt["rng"][world.rank])
         else:  # more processes than the run had: fresh, distinct dropout streams
@@ -375,7 +398,14 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
             n_tokens = int(sum(batches.tgt_len[i].sum() for i in shares))  # all target tokens of the update
             mine = shares[world.rank * tc.update_freq:(world.rank + 1) * tc.update_freq]
             update_loss = torch.zeros((), device=dev.device)
-            lr = lr_at(state["step"] + 1, tc.warmup, tc.lr)  # the schedule counts applied updates only
+            if not math.isfinite(tc.max_seconds):
+                state["plan"] = tc.max_steps  # a pure function of the step
+            elif state["step"] % PLAN_EVERY == 0 and state["step"]:
+                # Every process must apply the same learning rate: they agree on one plan.
+                state["plan"] = world.max(planned_updates(state["step"], elapsed_start + time.time(),
+                                                          tc.max_seconds, tc.max_steps))
+            # The schedule counts applied updates only.
+            lr = lr_at(state["step"] + 1, tc.warmup, tc.lr, tc.schedule, state["plan"])
             for group in opt.param_groups:
                 group["lr"] = lr
             for j, indices in enumerate(mine):

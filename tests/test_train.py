@@ -320,3 +320,49 @@ def test_disk_full_while_training_stops_with_one_line(tmp_path, tiny_cfg, monkey
     monkeypatch.setattr(train_module.checkpoint.torch, "save", real_save)
     assert checkpoint.load(run / "last.pt")["step"] == 2
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_budget_schedules_decay_to_zero_at_the_plan():
+    w, peak, total = 100, 1e-3, 1100
+    for schedule in ("linear", "cosine"):
+        assert lr_at(50, w, peak, schedule, total) == pytest.approx(peak / 2)  # warm-up as before
+        assert lr_at(w, w, peak, schedule, total) == pytest.approx(peak)
+        assert lr_at(total, w, peak, schedule, total) == pytest.approx(0.0, abs=1e-12)
+        assert lr_at(total + 50, w, peak, schedule, total) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(600, w, peak, "linear", total) == pytest.approx(peak * 0.5)
+    assert lr_at(600, w, peak, "cosine", total) == pytest.approx(peak * 0.5)
+    assert lr_at(350, w, peak, "cosine", total) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(400, w, peak, "inverse_sqrt", total) == pytest.approx(peak * 0.5)  # total is ignored
+
+
+def test_time_budget_plan_is_re_estimated_from_the_measured_speed():
+    from mtrain.train import planned_updates
+    assert planned_updates(0, 0.0, 600.0, 0) == 0  # nothing measured yet
+    assert planned_updates(100, 60.0, 600.0, 0) == 1000  # 100 updates per minute, 10 minutes
+    assert planned_updates(100, 120.0, 600.0, 0) == 500  # slower than thought: the plan shrinks
+    assert planned_updates(100, 60.0, 600.0, 700) == 700  # max_steps comes first
+    assert planned_updates(100, 60.0, float("inf"), 700) == 700
+    assert planned_updates(500, 700.0, 600.0, 0) == 501  # over budget: ends now
+
+
+def test_linear_schedule_resumes_exactly_and_saves_its_plan(tmp_path, tiny_cfg):
+    full = tmp_path / "full"
+    fit(tiny_cfg(max_steps=16, warmup=4, schedule="linear"), full, log=lambda *_: None)
+    # Stopped by max_epochs, so that the plan (max_steps) is the same as the full run's.
+    fit(tiny_cfg(max_steps=16, max_epochs=2, warmup=4, schedule="linear"), tmp_path / "part", log=lambda *_: None)
+    stopped = checkpoint.load(tmp_path / "part" / "last.pt")["step"]
+    assert 4 < stopped < 16
+    fit(tiny_cfg(max_steps=16, warmup=4, schedule="linear"), tmp_path / "part", resume=True, log=lambda *_: None)
+    a, b = losses(full), losses(tmp_path / "part")
+    assert [a[s] for s in range(stopped + 1, 17)] == [b[s] for s in range(stopped + 1, 17)]
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(full / "metrics.jsonl")) if "lr" in r}
+    assert lrs[16] == pytest.approx(0.0, abs=1e-12) and lrs[10] == pytest.approx(3e-3 * (1 - 6 / 12))
+    assert checkpoint.load(full / "last.pt")["train_state"]["plan"] == 16
+    # Under a time budget the plan is measured, saved, and continued after a resume.
+    timed = tmp_path / "timed"
+    fit(tiny_cfg(max_steps=0, max_time="4s", warmup=4, schedule="linear", save_every=1000), timed,
+        log=lambda *_: None)
+    state = checkpoint.load(timed / "last.pt")["train_state"]
+    assert state["step"] >= 25 and abs(state["plan"] - state["step"]) <= 0.25 * state["step"] + 25
+    lrs = [r["lr"] for r in map(json.loads, open(timed / "metrics.jsonl")) if "lr" in r]
+    assert lrs[-1] < 0.25 * 3e-3  # the run ended near the end of its decay, not at the peak
