@@ -122,15 +122,22 @@ def translate(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+    alignment: Optional[str] = typer.Option(
+        None, "--alignment", help="Append ' ||| ' and Pharaoh alignments (source-target) on pieces; "
+                                  "'--alignment words' on words."),
+    attention: Optional[Path] = typer.Option(None, "--attention", help="Write cross-attention heatmaps "
+                                                                        "DIR/lineN.png (needs matplotlib)."),
+    attention_limit: int = typer.Option(20, help="Heatmaps for the first N input lines."),
 ):
     """Translate a file or stdin with beam search; one output line per input line, flushed per block."""
-    from mtrain.translate import Sampling, run_translate
+    from mtrain.translate import Inspect, Sampling, run_translate
     with user_errors():
         sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
+        inspect = Inspect(alignment, attention, attention_limit) if alignment or attention else None
         run_translate(checkpoint, input, output, device, precision,
                       dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,
                            max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram),
-                      sampling, trust)
+                      sampling, trust, inspect)
 
 
 @app.command()
@@ -176,6 +183,12 @@ def average(
 
 def main() -> None:
     """Entry point: click's usage errors (bad flags, missing files) also become one line."""
+    # `--alignment` alone means pieces; Typer options cannot have an optional value, so say it for the user.
+    argv = sys.argv
+    for n, arg in enumerate(argv):
+        if arg == "--alignment" and (n + 1 == len(argv) or argv[n + 1] not in ("pieces", "words")):
+            sys.argv = [*argv[:n + 1], "pieces", *argv[n + 1:]]
+            break
     try:
         code = app(standalone_mode=False)
     except ABORTS:

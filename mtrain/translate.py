@@ -82,9 +82,32 @@ def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: Decode
     return results
 
 
+@dataclass
+class Inspect:
+    """What to show besides the translations: word alignments after ` ||| ` on each line
+    (`alignment` = "pieces" or "words") and cross-attention heatmaps of the first lines."""
+
+    alignment: str | None = None
+    attention_dir: Path | None = None
+    attention_limit: int = 20
+
+    def __post_init__(self):
+        if self.alignment not in (None, "pieces", "words"):
+            raise MtrainError(f"--alignment: pieces or words, got {self.alignment!r}")
+        if self.attention_dir is not None:
+            from mtrain.attention import require_matplotlib
+            require_matplotlib()
+            if not self.attention_dir.parent.is_dir():
+                raise MtrainError(f"{self.attention_dir.parent}: directory for --attention does not exist")
+            self.attention_dir.mkdir(exist_ok=True)
+
+
 def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, cfg: DecodeConfig,
-                    dev: Device, sampling: Sampling | None = None) -> Iterator[str]:
-    """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1)."""
+                    dev: Device, sampling: Sampling | None = None, inspect: Inspect | None = None) -> Iterator[str]:
+    """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1;
+    `TEXT ||| ALIGNMENT` with inspect.alignment)."""
+    if inspect and inspect.alignment and cfg.nbest > 1:
+        raise MtrainError("--alignment works with one translation per line, not --nbest")
     model.eval()
     index = 0
     lines = iter(lines)
@@ -99,10 +122,18 @@ def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, 
         hyps: list[list[Hypothesis]] = [[] for _ in text]
         for i, h in zip(todo, decode_ids(model, ids, cfg, toks, dev, sampling)):
             hyps[i] = h
-        for h in hyps:
+        shown = [""] * len(text)
+        if inspect and (inspect.alignment or inspect.attention_dir):
+            from mtrain.attention import annotate
+            notes = annotate(model, toks, ids, [hyps[i][0].tokens for i in todo], [index + i + 1 for i in todo],
+                             inspect.alignment, inspect.attention_dir, inspect.attention_limit)
+            for i, note in zip(todo, notes):
+                shown[i] = note
+        for h, note in zip(hyps, shown):
             decoded = toks.tgt.decode_batch([x.tokens for x in h]) if h else []
             if cfg.nbest == 1:
-                yield decoded[0] if decoded else ""
+                text_out = decoded[0] if decoded else ""
+                yield f"{text_out} ||| {note}" if inspect and inspect.alignment else text_out
             else:
                 for j in range(cfg.nbest):
                     out, sc = (decoded[j], h[j].score) if j < len(h) else ("", float("-inf"))
@@ -119,7 +150,8 @@ def with_overrides(cfg: DecodeConfig, **changes) -> DecodeConfig:
 
 
 def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path | None, device: str,
-                  precision: str, decode_flags: dict, sampling: Sampling | None, trust: bool = False) -> None:
+                  precision: str, decode_flags: dict, sampling: Sampling | None, trust: bool = False,
+                  inspect: Inspect | None = None) -> None:
     """`mtrain translate`: load (and average) checkpoints, stream lines from a file or stdin.
     A file output appears whole when every line is translated, or not at all: an error on line 2000
     leaves no half-written file (and an older file of that name untouched)."""
@@ -139,7 +171,7 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
     decode = with_overrides(cfg.decode, **decode_flags)
     lines = open_text(input if input is not None else "-")
     with atomic_write(output, "w", "output") if output is not None else contextlib.nullcontext(sys.stdout) as out:
-        for line in translate_lines(lines, model, toks, decode, dev, sampling):
+        for line in translate_lines(lines, model, toks, decode, dev, sampling, inspect):
             out.write(line + "\n")
             if out is sys.stdout:
                 out.flush()  # each block reaches the next command of the pipe at once
