@@ -97,3 +97,25 @@ def load_for_inference(paths: Sequence[Path | str], trust: bool = False):
     except (KeyError, RuntimeError) as e:
         raise MtrainError(f"{paths[0]}: incomplete checkpoint ({type(e).__name__}: {e})") from None
     return model.eval(), toks, cfg
+
+
+def describe(path: Path | str, trust: bool = False) -> dict:
+    """What a checkpoint holds, for `mtrain info`: settings, size, progress, vocabularies, scores."""
+    path = Path(path)
+    state = load(path, trust=trust, mmap=True)
+    try:
+        toks = Tokenizers(Tokenizer(state["tokenizer_src"]), Tokenizer(state["tokenizer_tgt"]))
+        model = build_model(state, toks)
+    except (KeyError, RuntimeError) as e:
+        raise MtrainError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
+    train_state = state.get("train_state", {})
+    return {
+        "path": str(path), "format_version": state["version"], "file_mb": round(path.stat().st_size / 2 ** 20, 2),
+        "step": state.get("step"), "parameters": model.num_parameters(),
+        "model": state["config"]["model"],
+        "vocabulary": {"joint": toks.joint, "source_size": toks.src.vocab_size, "target_size": toks.tgt.vocab_size},
+        "valid_bleu": state.get("valid_bleu", train_state.get("best_bleu")),
+        "chosen": state.get("chosen"), "averaged_from": state.get("averaged_from"),
+        "data_position": state.get("data"), "resumable": "optimizer" in state,
+        "config": state["config"],
+    }

@@ -181,6 +181,61 @@ def average(
         typer.echo(f"averaged {len(checkpoints)} checkpoints into {output}")
 
 
+@app.command()
+def info(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (.pt) written by mtrain."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object, the full config included."),
+    trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+):
+    """What a checkpoint holds: model settings, parameters, step, vocabularies, validation BLEU, averaging."""
+    from mtrain.checkpoint import describe
+    with user_errors():
+        d = describe(checkpoint, trust)
+        if as_json:
+            typer.echo(json.dumps(d, indent=1))
+            return
+        m = d["model"]
+        vocab = d["vocabulary"]
+        typer.echo("\n".join([
+            f"checkpoint:   {d['path']} ({d['file_mb']} MB, format version {d['format_version']}"
+            + (", resumable" if d["resumable"] else ", weights only") + ")",
+            f"model:        {m['encoder_layers']}+{m['decoder_layers']} layers, d_model {m['d_model']}, "
+            f"{m['heads']} heads, FFN {m['ffn_dim']}, {'pre' if m['pre_norm'] else 'post'}-norm, "
+            f"dropout {m['dropout']}",
+            f"parameters:   {d['parameters']:,}",
+            f"step:         {d['step']}",
+            f"vocabulary:   " + (f"joint, {vocab['source_size']} pieces" if vocab["joint"] else
+                                 f"source {vocab['source_size']}, target {vocab['target_size']} pieces"),
+            f"valid BLEU:   {d['valid_bleu'] if d['valid_bleu'] is not None else '-'}"
+            + (f" ({d['chosen']})" if d["chosen"] else ""),
+            f"averaged:     {', '.join(d['averaged_from']) if d['averaged_from'] else 'no'}",
+        ]))
+
+
+@app.command()
+def plot(
+    runs: List[Path] = typer.Argument(..., help="Run directories (with metrics.jsonl); in progress is fine."),
+    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="PNG to write."),
+):
+    """Training curves: loss, validation loss and BLEU, learning rate, against updates and wall time."""
+    from mtrain.plot import plot_runs
+    with user_errors():
+        typer.echo(plot_runs(runs, output))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint to export (final.pt, or any other)."),
+    ctranslate2: Path = typer.Option(..., "--ctranslate2", help="Output directory of the CTranslate2 model."),
+    quantization: Optional[str] = typer.Option(None, help="CTranslate2 weight type: int8, int8_float16, float16..."),
+    trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+):
+    """Export to CTranslate2 for fast inference (needs the ctranslate2 package)."""
+    from mtrain.export import export_ctranslate2
+    with user_errors():
+        typer.echo(export_ctranslate2(checkpoint, ctranslate2, quantization, trust))
+
+
 def main() -> None:
     """Entry point: click's usage errors (bad flags, missing files) also become one line."""
     # `--alignment` alone means pieces; Typer options cannot have an optional value, so say it for the user.

@@ -1,0 +1,88 @@
+import sys
+
+import pytest
+
+from mtrain import checkpoint
+from mtrain.config import DecodeConfig, config_from_dict
+from mtrain.device import pick_device
+from mtrain.errors import MtrainError
+from mtrain.train import fit
+from mtrain.translate import translate_lines
+from conftest import SAMPLE_EN, tiny_raw
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, spm_model):
+    """A small model trained until its outputs end on their own, well inside the length limit."""
+    d = tmp_path_factory.mktemp("export")
+    raw = tiny_raw(d, spm_model, max_steps=150, lr=3e-3, warmup=30, batch_tokens=600, valid_every=150,
+                   save_every=150, label_smoothing=0.0)
+    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, ffn_dim=128, dropout=0.0)
+    return fit(config_from_dict(raw), d / "run", log=lambda *_: None)
+
+
+def test_ctranslate2_gives_mtrains_tokens(trained, tmp_path):
+    from mtrain.export import ctranslate2_options, export_ctranslate2
+    out = tmp_path / "ct2"
+    assert "wrote" in export_ctranslate2(trained, out)
+    assert {"model.bin", "shared_vocabulary.json", "config.json", "source.spm", "target.spm"} <= \
+        {p.name for p in out.iterdir()}
+    model, toks, _ = checkpoint.load_for_inference([trained])
+    lines = SAMPLE_EN.read_text().splitlines()[:12]
+    translator = ctranslate2.Translator(str(out), device="cpu", compute_type="float32", intra_threads=1)
+    for beam in (1, 4):
+        decode = DecodeConfig(beam=beam, lenpen=0.6, lenpen_type="plain")
+        ours = [toks.tgt.sp.encode(x, out_type=str)
+                for x in translate_lines(lines, model, toks, decode, pick_device("cpu", "fp32"))]
+        theirs = []
+        for line in lines:
+            pieces = toks.src.sp.encode(line, out_type=str)
+            theirs.append(translator.translate_batch([pieces], **ctranslate2_options(decode, len(pieces)))[0]
+                          .hypotheses[0])
+        assert theirs == ours, beam
+
+
+def test_export_without_ctranslate2_says_how_to_install(trained, tmp_path, monkeypatch):
+    from mtrain.export import export_ctranslate2
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)
+    with pytest.raises(MtrainError, match=r'pip install -e "\.\[ctranslate2\]"'):
+        export_ctranslate2(trained, tmp_path / "ct2")
+    assert not (tmp_path / "ct2").exists()
+
+
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "separate"])
+def test_ctranslate2_scores_equal_mtrains(tmp_path, spm_model, pre_norm, share):
+    """Log-probabilities of given translations, token by token, for both layer-norm placements."""
+    import torch
+    from mtrain.export import build_spec
+    from mtrain.model import Transformer
+    from mtrain.tokenizer import Tokenizer, Tokenizers
+    raw = tiny_raw(tmp_path, spm_model)
+    raw["model"].update(pre_norm=pre_norm, share_embeddings=share, d_model=32, heads=4, ffn_dim=48,
+                        activation="gelu" if share else "relu")
+    cfg = config_from_dict(raw)
+    tok = Tokenizer.load(spm_model)
+    toks = Tokenizers(tok, tok)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, tok.vocab_size, tok.vocab_size, tok.pad).eval()
+    spec = build_spec(model, toks)
+    spec.validate()
+    spec.optimize()
+    (tmp_path / "ct2").mkdir()
+    spec.save(str(tmp_path / "ct2"))
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", compute_type="float32")
+    lines = SAMPLE_EN.read_text().splitlines()[:4]
+    targets = ["ein Mann geht .", "zwei Hunde spielen im Schnee .", "eine Frau", "Kinder"]
+    for src, tgt in zip(lines, targets):
+        sp, tp = tok.sp.encode(src, out_type=str), tok.sp.encode(tgt, out_type=str)
+        theirs = translator.score_batch([sp], [tp])[0].log_probs
+        s = torch.tensor([tok.sp.encode(src) + [tok.eos]])
+        t = tok.sp.encode(tgt)
+        with torch.no_grad():
+            logp = model.decode(torch.tensor([[tok.bos] + t]), model.encode(s, s == tok.pad), s == tok.pad)
+            logp = logp[0].log_softmax(-1)
+        ours = [float(logp[i, x]) for i, x in enumerate(t + [tok.eos])]
+        assert theirs == pytest.approx(ours, abs=1e-3)
