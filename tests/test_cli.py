@@ -79,3 +79,28 @@ def test_no_arguments_prints_help_and_version_prints_versions():
     r = mtrain("--version")
     assert r.returncode == 0
     assert r.stdout.strip().startswith(f"mtrain 0.1.0, torch {torch.__version__}, CUDA ")
+
+
+def test_info_and_plot_of_a_run(tmp_path, spm_model):
+    import json
+
+    import yaml
+    from conftest import tiny_raw
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(tmp_path, spm_model, max_steps=4, save_every=2, average_last=2)))
+    r = mtrain("fit", cfg, "--output", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    r = mtrain("info", tmp_path / "run" / "final.pt")
+    assert r.returncode == 0, r.stderr
+    assert "1+1 layers, d_model 32, 2 heads, FFN 64" in r.stdout and "step:         4" in r.stdout
+    assert "vocabulary:   joint, 100 pieces" in r.stdout
+    info = json.loads(mtrain("info", tmp_path / "run" / "last.pt", "--json").stdout)
+    assert info["step"] == 4 and info["resumable"] and info["data_position"]["batch_tokens"] == 200
+    assert info["parameters"] > 0 and info["config"]["train"]["max_steps"] == 4
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a run in progress, cut mid-line
+    r = mtrain("plot", tmp_path / "run", tmp_path / "run", "-o", tmp_path / "curves.png")
+    assert r.returncode == 0, r.stderr
+    assert "run (4 updates)" in r.stdout
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_one_line_error(mtrain("plot", tmp_path, "-o", tmp_path / "c.png"), "no metrics.jsonl")
