@@ -147,16 +147,20 @@ def part_train(args) -> dict:
 
 
 def part_decode(args) -> dict:
-    """Sentences/s and target tokens/s translating test_2016_flickr.en with beam 1 and beam 5."""
+    """Sentences/s and target tokens/s translating test_2016_flickr.en with beam 1 and beam 5, and
+    BLEU; with --ctranslate2, the same with CTranslate2 (fp32 and int8) on the same weights and threads."""
+    import torch
     from mtrain.checkpoint import load_for_inference
     from mtrain.corpus import open_text
     from mtrain.device import pick_device
+    from mtrain.score import bleu
     from mtrain.translate import translate_lines, with_overrides
 
     model, toks, cfg = load_for_inference([args.checkpoint])
     dev = pick_device(args.device, args.decode_precision, cfg.train.threads)
     model.to(dev.device)
     lines = list(open_text(ROOT / "data/multi30k/test_2016_flickr.en.gz"))
+    refs = list(open_text(ROOT / "data/multi30k/test_2016_flickr.de.gz"))
     out = {}
     for beam in (1, 5):
         decode = with_overrides(cfg.decode, beam=beam)
@@ -166,6 +170,24 @@ def part_decode(args) -> dict:
         pieces = sum(len(x) + 1 for x in toks.tgt.encode_batch(hyps))
         out[f"beam{beam}_sent_s"] = len(lines) / seconds
         out[f"beam{beam}_tok_s"] = pieces / seconds
+        out[f"beam{beam}_bleu"] = bleu(hyps, refs)
+    if args.ctranslate2:
+        import ctranslate2
+        from mtrain.export import ctranslate2_options
+        decode = with_overrides(cfg.decode, beam=5)
+        sources = [toks.src.sp.encode(line, out_type=str) for line in lines]
+        options = ctranslate2_options(decode, max(len(s) for s in sources))  # one length limit for all
+        options.pop("return_scores")
+        for compute_type in ("float32", "int8"):
+            translator = ctranslate2.Translator(args.ctranslate2, device="cpu", compute_type=compute_type,
+                                                inter_threads=1, intra_threads=torch.get_num_threads())
+            start = time.perf_counter()
+            results = translator.translate_batch(sources, max_batch_size=decode.batch_tokens // decode.beam,
+                                                 batch_type="tokens", **options)
+            seconds = time.perf_counter() - start
+            hyps = [toks.tgt.sp.decode(r.hypotheses[0]) for r in results]
+            out[f"ct2_{compute_type}_sent_s"] = len(lines) / seconds
+            out[f"ct2_{compute_type}_bleu"] = bleu(hyps, refs)
     out["decode_rss_mb"] = peak_rss_mb()
     return out
 
@@ -219,6 +241,8 @@ def main():
     p.add_argument("--decode-precision", default="fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", help="trained checkpoint for the decoding part (skipped without)")
+    p.add_argument("--ctranslate2", help="the checkpoint exported by `mtrain export --ctranslate2 DIR`: adds "
+                                         "CTranslate2 rows to the decoding part")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--repeat", type=int, default=100, help="copies of Multi30k in the data part (100 = 2.9M pairs)")
@@ -253,11 +277,15 @@ def main():
     if args.checkpoint:
         r = run_part("decode", argv)
         rows += [("precision (decode)", args.decode_precision),
-                 ("decode beam 1: sentences/s", f"{r['beam1_sent_s']:.1f}"),
+                 ("decode beam 1: sentences/s, BLEU", f"{r['beam1_sent_s']:.1f}, {r['beam1_bleu']:.2f}"),
                  ("decode beam 1: target tokens/s", f"{r['beam1_tok_s']:,.0f}"),
-                 ("decode beam 5: sentences/s", f"{r['beam5_sent_s']:.1f}"),
+                 ("decode beam 5: sentences/s, BLEU", f"{r['beam5_sent_s']:.1f}, {r['beam5_bleu']:.2f}"),
                  ("decode beam 5: target tokens/s", f"{r['beam5_tok_s']:,.0f}"),
                  ("decode peak RSS", f"{r['decode_rss_mb']:,.0f} MB")]
+        if args.ctranslate2:
+            rows += [(f"CTranslate2 {kind} beam 5: sentences/s, BLEU",
+                      f"{r[f'ct2_{kind}_sent_s']:.1f}, {r[f'ct2_{kind}_bleu']:.2f}") for kind in ("float32", "int8")]
+            rows.append(("mtrain beam 5 / CTranslate2 float32 speed", f"{r['beam5_sent_s'] / r['ct2_float32_sent_s']:.2f}"))
     if not args.skip_data:
         r = run_part("data", argv)
         rows += [("data: pairs (Multi30k repeated)", f"{r['pairs']:,}"),
