@@ -237,7 +237,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/multi30k_en_de.yaml")
     p.add_argument("--set", action="append", default=[], help="config override, as for mtrain fit")
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default="auto", help="training precision: auto picks the fast path here")
     p.add_argument("--decode-precision", default="fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", help="trained checkpoint for the decoding part (skipped without)")
