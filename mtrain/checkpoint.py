@@ -90,24 +90,24 @@ def build_model(state: dict, toks: Tokenizers) -> Transformer:
 def load_for_inference(paths: Sequence[Path | str], trust: bool = False):
     """(model in eval mode, tokenizers, config) from one checkpoint or the average of several."""
     state = load(paths[0], trust=trust, mmap=True) if len(paths) == 1 else average(paths, trust)
+    model, toks = model_and_tokenizers(state, paths[0])
+    return model.eval(), toks, config_from_dict(state["config"], f"{paths[0]} config")
+
+
+def model_and_tokenizers(state: dict, path: Path | str) -> tuple[Transformer, Tokenizers]:
+    """Rebuild what a loaded checkpoint describes; a missing part is named in one line."""
     try:
         toks = Tokenizers(Tokenizer(state["tokenizer_src"]), Tokenizer(state["tokenizer_tgt"]))
-        cfg = config_from_dict(state["config"], f"{paths[0]} config")
-        model = build_model(state, toks)
+        return build_model(state, toks), toks
     except (KeyError, RuntimeError) as e:
-        raise MtrainError(f"{paths[0]}: incomplete checkpoint ({type(e).__name__}: {e})") from None
-    return model.eval(), toks, cfg
+        raise MtrainError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
 
 
 def describe(path: Path | str, trust: bool = False) -> dict:
     """What a checkpoint holds, for `mtrain info`: settings, size, progress, vocabularies, scores."""
     path = Path(path)
     state = load(path, trust=trust, mmap=True)
-    try:
-        toks = Tokenizers(Tokenizer(state["tokenizer_src"]), Tokenizer(state["tokenizer_tgt"]))
-        model = build_model(state, toks)
-    except (KeyError, RuntimeError) as e:
-        raise MtrainError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
+    model, toks = model_and_tokenizers(state, path)
     train_state = state.get("train_state", {})
     return {
         "path": str(path), "format_version": state["version"], "file_mb": round(path.stat().st_size / 2 ** 20, 2),

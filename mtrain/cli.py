@@ -206,7 +206,7 @@ def info(
             f"step:         {d['step']}",
             f"vocabulary:   " + (f"joint, {vocab['source_size']} pieces" if vocab["joint"] else
                                  f"source {vocab['source_size']}, target {vocab['target_size']} pieces"),
-            f"valid BLEU:   {d['valid_bleu'] if d['valid_bleu'] is not None else '-'}"
+            "valid BLEU:   " + (f"{d['valid_bleu']:.2f}" if d["valid_bleu"] is not None else "-")
             + (f" ({d['chosen']})" if d["chosen"] else ""),
             f"averaged:     {', '.join(d['averaged_from']) if d['averaged_from'] else 'no'}",
         ]))

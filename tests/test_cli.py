@@ -1,6 +1,7 @@
 """The commands as a user runs them: one line on stderr for every user error, never a traceback."""
 
 import gzip
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,7 @@ def test_info_and_plot_of_a_run(tmp_path, spm_model):
     assert r.returncode == 0, r.stderr
     assert "1+1 layers, d_model 32, 2 heads, FFN 64" in r.stdout and "step:         4" in r.stdout
     assert "vocabulary:   joint, 100 pieces" in r.stdout
+    assert re.search(r"^valid BLEU:   \d+\.\d\d( \(|$)", r.stdout, re.M), r.stdout  # two decimals, as fit prints
     info = json.loads(mtrain("info", tmp_path / "run" / "last.pt", "--json").stdout)
     assert info["step"] == 4 and info["resumable"] and info["data_position"]["batch_tokens"] == 200
     assert info["parameters"] > 0 and info["config"]["train"]["max_steps"] == 4
