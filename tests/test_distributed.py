@@ -112,14 +112,14 @@ def test_preparation_wait_is_not_bounded_by_the_collective_timeout(tmp_path):
     """Rank 0 may train SentencePiece and encode a corpus for hours while the others wait."""
     script = tmp_path / "prep.py"
     script.write_text(
-        "import time\n"
+        "import os, time\n"
         "from mtrain.device import init_world\n"
         "world = init_world('cpu', timeout_s=2)\n"
         "if world.main:\n"
         "    time.sleep(6)  # longer than the 2 s collective timeout\n"
         "world.wait_for_preparation()\n"
         "world.barrier()\n"
-        "print('rank', world.rank, 'prepared')\n"
+        "os.write(1, f'rank {world.rank} prepared\\n'.encode())  # one write: two processes share the pipe\n"
         "world.close()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
