@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import time
 import random
 import re
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 

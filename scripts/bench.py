@@ -91,13 +91,12 @@ class SyntheticCorpus:
                 self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]])
 
 
-def config_tokenizers(args):
+def config_tokenizers(cfg):
     """The config's tokenizer (trained from its training data when the model file is missing)."""
-    from mtrain.config import load_config
     from mtrain.tokenizer import get_tokenizers
     run = ROOT / "runs" / "bench"
     run.mkdir(parents=True, exist_ok=True)
-    return get_tokenizers(load_config(args.config, args.set), run, log=lambda *_: None)
+    return get_tokenizers(cfg, run, log=lambda *_: None)
 
 
 def part_train(args) -> dict:
@@ -115,7 +114,7 @@ def part_train(args) -> dict:
     if args.synthetic_vocab:
         corpus, vocab = SyntheticCorpus(args.synthetic_vocab), args.synthetic_vocab
     else:
-        toks = config_tokenizers(args)
+        toks = config_tokenizers(cfg)
         corpus, vocab = load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None), toks.tgt.vocab_size
     stream = Batches(corpus, cfg.train.batch_tokens, cfg.train.seed)
     torch.manual_seed(0)
@@ -202,7 +201,7 @@ def part_decode(args) -> dict:
 
 def part_data(args) -> dict:
     """Encoding and batching a ~3M-pair corpus made by repeating Multi30k; a second load maps the cache."""
-    from mtrain.config import DataConfig, DataSource
+    from mtrain.config import DataConfig, DataSource, load_config
     from mtrain.data import Batches, load_corpus
 
     folder = ROOT / "data" / "bench"
@@ -214,7 +213,7 @@ def part_data(args) -> dict:
         de = list(open_text(ROOT / "data/multi30k/train.de.gz"))
         src.write_text("\n".join(en * args.repeat) + "\n")
         tgt.write_text("\n".join(de * args.repeat) + "\n")
-    toks = config_tokenizers(args)
+    toks = config_tokenizers(load_config(args.config, args.set))
     cfg = DataConfig(cache_dir=str(folder / "cache"))
     source = DataSource(src=str(src), tgt=str(tgt))
     import shutil
