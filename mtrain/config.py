@@ -143,6 +143,9 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 5  # periodic checkpoints kept on disk
     average_last: int = 0  # at the end, average this many last checkpoints into final.pt (0 = off)
+    # Decay of an exponential moving average of the weights, updated after every update (e.g. 0.999:
+    # about the last 1,000 updates weigh); 0 = off. At the end it is one more candidate for final.pt.
+    ema: float = 0.0
     patience: int = 0  # validations without BLEU gain before stopping; 0 = off
     log_every: int = 50
     valid_beam: int = 1  # beam for validation BLEU (1 = greedy, fastest)
@@ -169,6 +172,8 @@ class TrainConfig:
             raise ValueError("lr must be > 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError("label_smoothing must be in [0, 1)")
+        if not 0 <= self.ema < 1:
+            raise ValueError("ema must be in [0, 1): the decay per update, 0 = off")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must be two numbers in [0, 1)")
         parse_duration(self.max_time)

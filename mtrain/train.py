@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from mtrain import checkpoint
@@ -307,6 +308,9 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     # so that a resumed run continues the same plan).
     state = {"step": 0, "best_bleu": -1.0, "bad_valid": 0, "elapsed": 0.0, "kept": [],
              "plan": planned_updates(0, 0.0, tc.max_seconds, tc.max_steps) or tc.warmup * 10}
+    # An exponential moving average of the weights (train.ema): a copy of the model, lerped towards it
+    # after every update by torch's multi-tensor EMA; it starts as a copy at the first update.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema)) if tc.ema else None
 
     # 4. Resume: everything that decides the next update comes back.
     if resume:
@@ -318,6 +322,11 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
         opt.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"] and dev.scaler.is_enabled():  # empty when the run was not fp16 until now
             dev.scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.module.load_state_dict(ckpt["ema"]["model"])
+            ema.n_averaged.fill_(ckpt["ema"]["updates"])
+        elif ema is not None:
+            log("the checkpoint holds no moving average (train.ema was off): it starts from the next update")
         problem = batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
         if problem:
             raise MtrainError(f"{run_dir / 'last.pt'}: {problem}, so the saved position in the batch order would "
@@ -337,8 +346,13 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                                "optimizer": opt.state_dict(), "scaler": dev.scaler.state_dict(),
                                "data": batches.state_dict(), "train_state": state, "rng": rngs,
                                "tokenizer_src": toks.src.proto, "tokenizer_tgt": toks.tgt.proto,
-                               "step": state["step"]})
+                               "step": state["step"], "ema": ema_state()})
         return path
+
+    def ema_state() -> dict | None:
+        if ema is None or not int(ema.n_averaged):
+            return None
+        return {"model": ema.module.state_dict(), "updates": int(ema.n_averaged)}
 
     def checkpoint_now():
         rngs = world.gather(rng_state())  # every process's RNG, so that each resumes its own stream
@@ -426,6 +440,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                                       f"checkpoint is {run_dir / 'last.pt'} (try a lower train.lr or precision fp32)")
                 continue
             nonfinite = 0
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += update_loss  # skipped updates stay out of the logged loss
             state["step"] += 1
             tok_count += n_tokens
@@ -476,39 +492,47 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
         if reason == 5:
             log("checkpoint saved; continue with --resume")
         else:
-            final = finish(cfg, run_dir, state, valid, valid_refs, toks, dev, log)
+            final = finish(cfg, run_dir, state, valid, valid_refs, toks, dev, log, ema_state())
     return final
 
 
-def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log) -> Path:
-    """final.pt: the average of the last checkpoints or the best one, whichever scores higher on valid.
-    Without a validation set nothing can be scored: the average when train.average_last asks for one
-    (the paper's recipe, Vaswani et al. 2017 §6.1), else the last checkpoint."""
+def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log, ema: dict | None = None) -> Path:
+    """final.pt: whichever of the best checkpoint, the average of the last checkpoints and the moving
+    average of the weights (train.ema) scores highest on valid. Without a validation set nothing can
+    be scored: the average when train.average_last asks for one (the paper's recipe, Vaswani et al.
+    2017 §6.1), else the moving average when there is one, else the last checkpoint."""
     final = run_dir / "final.pt"
     kept = [run_dir / p for p in state["kept"] if (run_dir / p).is_file()][-cfg.train.average_last:]
     averaging = cfg.train.average_last > 1 and len(kept) > 1
     average_name = f"average of {len(kept)}"
+    ema_name = f"moving average (decay {cfg.train.ema})"
 
     def averaged() -> dict:
         return {**checkpoint.average(kept), "averaged_from": [p.name for p in kept]}
 
+    def moving_average() -> dict:
+        last = checkpoint.load(run_dir / "last.pt", mmap=True)
+        return {**{k: last[k] for k in ("config", "tokenizer_src", "tokenizer_tgt", "step")}, "model": ema["model"]}
+
     score = None
     if valid is None:
-        choice, ckpt = (average_name, averaged()) if averaging else ("last", checkpoint.load(run_dir / "last.pt"))
+        choice, ckpt = ((average_name, averaged()) if averaging else (ema_name, moving_average()) if ema
+                        else ("last", checkpoint.load(run_dir / "last.pt")))
         log(f"no validation set: final.pt is the {choice}, unscored")
     else:
         has_best = (run_dir / "best.pt").is_file()
         choice = "best" if has_best else "last"
         ckpt = checkpoint.load(run_dir / f"{choice}.pt", mmap=True)
         score = state["best_bleu"]  # the best checkpoint was scored when it was saved
-        if averaging:
-            candidate = averaged()
+        log(f"final candidate {choice}: valid BLEU {score:.2f}")
+        candidates = ([(average_name, averaged)] if averaging else []) + ([(ema_name, moving_average)] if ema else [])
+        for name, make in candidates:
+            candidate = make()
             model = checkpoint.build_model(candidate, toks).to(dev.device)
             candidate_score = validate(model, valid, refs, cfg, toks, dev)["valid_bleu"]
-            log(f"final candidate {choice}: valid BLEU {score:.2f}")
-            log(f"final candidate {average_name}: valid BLEU {candidate_score:.2f}")
+            log(f"final candidate {name}: valid BLEU {candidate_score:.2f}")
             if candidate_score > score:
-                choice, ckpt, score = average_name, candidate, candidate_score
+                choice, ckpt, score = name, candidate, candidate_score
     keep = {k: ckpt[k] for k in checkpoint.INFERENCE_KEYS if k in ckpt}
     checkpoint.save(final, keep | {"chosen": choice} | ({"valid_bleu": score} if score is not None else {}))
     log(f"final.pt = {choice}; translate with: mtrain translate --checkpoint {final}")

@@ -35,6 +35,7 @@ def test_overrides_with_dotted_keys(tmp_path):
     ("data:\n  train: {src: a}\n", "cfg.yaml: data.train: src and tgt must be given together"),
     ("train: [1, 2]\n", "cfg.yaml: train: expected a mapping"),
     ("train:\n  lr: [1\n", "cfg.yaml: line"),
+    ("train:\n  ema: 1.0\n", "cfg.yaml: train: ema must be in [0, 1)"),
     ("train:\n  schedule: step\n", "cfg.yaml: train: schedule must be inverse_sqrt, linear or cosine"),
     ("train:\n  schedule: linear\n", "cfg.yaml: train: schedule linear decays to 0 at the end of the budget"),
 ])

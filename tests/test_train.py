@@ -366,3 +366,45 @@ def test_linear_schedule_resumes_exactly_and_saves_its_plan(tmp_path, tiny_cfg):
     assert state["step"] >= 25 and abs(state["plan"] - state["step"]) <= 0.25 * state["step"] + 25
     lrs = [r["lr"] for r in map(json.loads, open(timed / "metrics.jsonl")) if "lr" in r]
     assert lrs[-1] < 0.25 * 3e-3  # the run ended near the end of its decay, not at the peak
+
+
+def test_moving_average_follows_its_formula_and_resumes_exactly(tmp_path, tiny_cfg):
+    d = 0.9
+    one, two = tmp_path / "one", tmp_path / "two"
+    fit(tiny_cfg(max_steps=1, ema=d), one, log=lambda *_: None)
+    fit(tiny_cfg(max_steps=2, ema=d), two, log=lambda *_: None)
+    w1, ema1 = (checkpoint.load(one / "last.pt")[k] for k in ("model", "ema"))
+    w2, ema2 = (checkpoint.load(two / "last.pt")[k] for k in ("model", "ema"))
+    assert ema1["updates"] == 1 and ema2["updates"] == 2
+    for k in w1:  # a copy at the first update, then ema = d * ema + (1 - d) * weights
+        torch.testing.assert_close(ema1["model"][k], w1[k], rtol=0, atol=0)
+        torch.testing.assert_close(ema2["model"][k], d * w1[k] + (1 - d) * w2[k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(ema2["model"][k], w2[k]) for k in w2)
+
+    # Stopped and resumed, the moving average is the one of an uninterrupted run.
+    full, part = tmp_path / "full", tmp_path / "part"
+    fit(tiny_cfg(max_steps=12, ema=d), full, log=lambda *_: None)
+    fit(tiny_cfg(max_steps=6, ema=d), part, log=lambda *_: None)
+    fit(tiny_cfg(max_steps=12, ema=d), part, resume=True, log=lambda *_: None)
+    a, b = (checkpoint.load(run / "last.pt")["ema"] for run in (full, part))
+    assert a["updates"] == b["updates"] == 12
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_moving_average_is_a_final_candidate_and_translates(tmp_path, tiny_cfg, spm_model):
+    from mtrain.config import config_from_dict
+    lines = []
+    final = checkpoint.load(fit(tiny_cfg(max_steps=8, ema=0.5), tmp_path / "run", log=lines.append))
+    assert any(line.startswith("final candidate moving average (decay 0.5): valid BLEU") for line in lines)
+    assert final["chosen"] in ("best", "moving average (decay 0.5)")
+    # Without a validation set the moving average is final.pt, and it loads for translation.
+    raw = tiny_raw(tmp_path, spm_model, max_steps=8, ema=0.5)
+    del raw["data"]["valid"]
+    path = fit(config_from_dict(raw), tmp_path / "novalid", log=lambda *_: None)
+    final, last = checkpoint.load(path), checkpoint.load(tmp_path / "novalid" / "last.pt")
+    assert final["chosen"] == "moving average (decay 0.5)"
+    model, _, _ = checkpoint.load_for_inference([path])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, last["ema"]["model"][k], rtol=0, atol=0)
+    assert any(not torch.equal(last["ema"]["model"][k], v) for k, v in last["model"].items())
