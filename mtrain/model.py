@@ -21,19 +21,25 @@ def sinusoids(length: int, dim: int) -> torch.Tensor:
 
 
 class Dropout(nn.Module):
-    """Inverted dropout from a uniform draw: torch.rand is about 3x faster than the bernoulli_
-    behind nn.Dropout on CPU (4 ms against 13 ms per 1M values here), where dropout took 16%
-    of a training step. Same distribution, same scaling."""
+    """Inverted dropout from random 15-bit integers: on CPU, int16 random_ is cheaper than the float
+    draw of torch.rand, which is itself about 3x faster than the bernoulli_ behind nn.Dropout (dropout
+    took 16% of a training step with nn.Dropout; with torch.rand, the draw alone was 9%). A value is
+    dropped when its draw (uniform on 0..32767) is below round(p * 32768): p to within 2e-5, and the
+    scale is exactly 1 / P(keep), so the expectation is unchanged."""
+
+    LEVELS = 32768  # int16 random_() draws uniformly from [0, 2^15)
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.threshold = round(p * self.LEVELS)
+        self.scale = self.LEVELS / (self.LEVELS - self.threshold)
 
     def forward(self, x):
-        if not self.training or self.p == 0:
+        if not self.training or self.threshold == 0:
             return x
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() >= self.threshold
+        return x * keep.to(x.dtype) * self.scale
 
 
 def explicit_attention(q, k, v, mask, causal: bool, dropout: float) -> torch.Tensor:
