@@ -87,13 +87,14 @@ def batch_loss(model, batch, eps: float, pad: int) -> torch.Tensor:
 MIN_LOSS_SCALE = 2.0 ** -14
 
 
-def optimizer_update(opt: torch.optim.Optimizer, params, scaler: torch.amp.GradScaler, clip_norm: float) -> bool:
-    """Apply the accumulated gradients: unscale (fp16), clip, step, reset. Returns False, leaving the
-    weights and optimizer state untouched, when the loss or a gradient is not finite; in fp16 that is
-    also how the scaler's overflow skips show up, so every precision counts skipped updates alike."""
+def optimizer_update(opt: torch.optim.Optimizer, params, scaler: torch.amp.GradScaler, clip_norm: float) -> float:
+    """Apply the accumulated gradients: unscale (fp16), clip, step, reset. Returns the gradient norm
+    before clipping; when it is not finite (a non-finite loss or gradient) the weights and optimizer
+    state are left untouched. In fp16 that is also how the scaler's overflow skips show up, so every
+    precision counts skipped updates alike."""
     scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm or float("inf"))
-    finite = bool(torch.isfinite(grad_norm))  # the one host sync of an update
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm or float("inf")))  # the one host sync
+    finite = math.isfinite(grad_norm)
     if finite:
         scaler.step(opt)
     if scaler.is_enabled():
@@ -101,7 +102,7 @@ def optimizer_update(opt: torch.optim.Optimizer, params, scaler: torch.amp.GradS
         if not finite and scaler.get_scale() < MIN_LOSS_SCALE:
             scaler.update(MIN_LOSS_SCALE)
     opt.zero_grad(set_to_none=True)
-    return finite
+    return grad_norm
 
 
 class StopRequest:
@@ -387,6 +388,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     model.train()
     pad, bos, eos = toks.tgt.pad, toks.tgt.bos, toks.tgt.eos
     loss_sum, tok_count, nonfinite = torch.zeros((), device=dev.device), 0, 0
+    norms = []  # gradient norms (before clipping) of the updates since the last log line
     interval_start = time.time()
     elapsed_start = state["elapsed"] - time.time()
     with StopRequest() as stop:
@@ -432,7 +434,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                     # DDP averages gradients over processes; * world.size makes that a sum.
                     dev.scaler.scale(summed * (world.size / n_tokens)).backward()
                 update_loss += summed.detach()
-            if not optimizer_update(opt, model.parameters(), dev.scaler, tc.clip_norm):
+            grad_norm = optimizer_update(opt, model.parameters(), dev.scaler, tc.clip_norm)
+            if not math.isfinite(grad_norm):
                 nonfinite += 1
                 bar.write(f"step {state['step'] + 1}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
                 if nonfinite >= tc.max_nonfinite:
@@ -443,6 +446,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
             if ema is not None:
                 ema.update_parameters(model)
             loss_sum += update_loss  # skipped updates stay out of the logged loss
+            norms.append(grad_norm)
             state["step"] += 1
             tok_count += n_tokens
             bar.update(1)
@@ -453,12 +457,15 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                 now = time.time()
                 loss = world.sum(loss_sum) / tok_count  # the only host sync of the loss: once per log interval
                 record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_count / (now - interval_start),
-                          "epoch": batches.epoch}
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                          "epoch": batches.epoch, "grad_norm": sum(norms) / len(norms),
+                          "clipped": sum(n > tc.clip_norm for n in norms) / len(norms) if tc.clip_norm else 0.0}
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                gnorm=f"{record['grad_norm']:.2f}")
                 if bar.disable and world.main:
                     print(f"step {step}: loss {loss:.3f}, lr {lr:.2e}, {record['tokens_per_s']:.0f} tok/s, "
-                          f"epoch {batches.epoch}", flush=True)
+                          f"grad norm {record['grad_norm']:.2f}, epoch {batches.epoch}", flush=True)
                 loss_sum.zero_()
+                norms.clear()
                 tok_count, interval_start = 0, now
             if valid is not None and step % tc.valid_every == 0:
                 record.setdefault("step", step)

@@ -133,7 +133,7 @@ def part_train(args) -> dict:
         with dev.autocast():
             loss = batch_loss(model, batch, 0.1, pad) / batch.n_tgt_tokens
         dev.scaler.scale(loss).backward()
-        optimizer_update(opt, model.parameters(), dev.scaler, 1.0)
+        optimizer_update(opt, model.parameters(), dev.scaler, cfg.train.clip_norm)
     sync(dev.device)
     seconds = time.perf_counter() - start
     tok_s = tokens / seconds

@@ -57,6 +57,24 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_cfg):
     assert checkpoint.load(tmp_path / "part" / "last.pt")["step"] == 20
 
 
+@pytest.mark.parametrize("clip, moved", [(1.0, [0.6, 0.8]), (0.0, [3.0, 4.0])])
+def test_update_returns_the_norm_before_clipping(clip, moved):
+    from mtrain.train import optimizer_update
+    layer = torch.nn.Linear(2, 1, bias=False)
+    before = layer.weight.detach().clone()
+    layer.weight.grad = torch.tensor([[3.0, 4.0]])
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    assert optimizer_update(opt, layer.parameters(), torch.amp.GradScaler("cpu", enabled=False), clip) == pytest.approx(5.0)
+    torch.testing.assert_close(before - layer.weight.detach(), torch.tensor([moved]))
+
+
+def test_metrics_log_gradient_norms(tmp_path, tiny_cfg):
+    fit(tiny_cfg(max_steps=6, log_every=2, clip_norm=0.5), tmp_path / "run", log=lambda *_: None)
+    records = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(0 < r["grad_norm"] < 1e3 and r["clipped"] in (0.0, 0.5, 1.0) for r in records)
+
+
 def test_run_dir_is_not_overwritten_silently(tmp_path, tiny_cfg):
     fit(tiny_cfg(max_steps=2), tmp_path / "run", log=lambda *_: None)
     with pytest.raises(MtrainError, match="already holds a run"):
@@ -156,11 +174,11 @@ def test_fp16_loss_scale_never_collapses():
     before = [p.detach().clone() for p in layer.parameters()]
     for _ in range(200):  # more overflows than halvings from 2^16 to 0
         scaler.scale(layer(torch.ones(1, 4)).sum() * float("inf")).backward()
-        assert not optimizer_update(opt, layer.parameters(), scaler, 1.0)
+        assert not math.isfinite(optimizer_update(opt, layer.parameters(), scaler, 1.0))
     assert scaler.get_scale() >= MIN_LOSS_SCALE
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # skipped: untouched
     scaler.scale(layer(torch.ones(1, 4)).sum()).backward()
-    assert optimizer_update(opt, layer.parameters(), scaler, 1.0)
+    assert math.isfinite(optimizer_update(opt, layer.parameters(), scaler, 1.0))
     assert all(torch.isfinite(p).all() for p in layer.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
 
