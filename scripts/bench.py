@@ -206,8 +206,8 @@ def part_data(args) -> dict:
 
     folder = ROOT / "data" / "bench"
     folder.mkdir(parents=True, exist_ok=True)
-    src, tgt = folder / "big.en", folder / "big.de"
-    if not src.exists():
+    src, tgt = folder / f"big{args.repeat}.en", folder / f"big{args.repeat}.de"  # one pair of files per --repeat
+    if not (src.exists() and tgt.exists()):
         from mtrain.corpus import open_text
         en = list(open_text(ROOT / "data/multi30k/train.en.gz"))
         de = list(open_text(ROOT / "data/multi30k/train.de.gz"))
