@@ -517,9 +517,9 @@ def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log,
     def averaged() -> dict:
         return {**checkpoint.average(kept), "averaged_from": [p.name for p in kept]}
 
-    def moving_average() -> dict:
-        last = checkpoint.load(run_dir / "last.pt", mmap=True)
-        return {**{k: last[k] for k in ("config", "tokenizer_src", "tokenizer_tgt", "step")}, "model": ema["model"]}
+    def moving_average() -> dict:  # what a checkpoint of the run holds for inference, with the EMA weights
+        return {"config": config_to_dict(cfg), "tokenizer_src": toks.src.proto, "tokenizer_tgt": toks.tgt.proto,
+                "step": state["step"], "model": ema["model"]}
 
     score = None
     if valid is None:
