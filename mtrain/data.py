@@ -9,13 +9,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import ReadStats, read_pairs
+from mtrain.errors import MtrainError
 from mtrain.tokenizer import Tokenizers
 
 CACHE_VERSION = 2
@@ -110,6 +111,24 @@ def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered:
     return corpus
 
 
+def length_filter(n_src: np.ndarray, n_tgt: np.ndarray, max_len: int, max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pure: (too long, bad length ratio) masks for pairs of piece counts, counted with the EOS each
+    side gets; a pair that is too long is not also counted as a bad ratio."""
+    longest, shortest = np.maximum(n_src, n_tgt) + 1, np.minimum(n_src, n_tgt) + 1
+    long = longest > max_len
+    return long, ~long & (longest > max_ratio * shortest)
+
+
+def from_ids(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> EncodedCorpus:
+    """Pure: an in-memory EncodedCorpus from id lists (without EOS)."""
+    def flat(ids):
+        n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        data = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(n.sum()))
+        return data, np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+
+    return EncodedCorpus(*flat(src), *flat(tgt), report={})
+
+
 def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cfg: DataConfig,
                filtered: bool) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,10 +144,8 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
                    "tgt": toks.tgt.encode_batch([t for _, t in chunk])}
             n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(chunk)) for side in ids}
             keep = np.ones(len(chunk), dtype=bool)
-            if filtered:  # lengths with the EOS each side gets
-                longest, shortest = np.maximum(n["src"], n["tgt"]) + 1, np.minimum(n["src"], n["tgt"]) + 1
-                long = longest > cfg.max_len
-                ratio = ~long & (longest > cfg.max_len_ratio * shortest)
+            if filtered:
+                long, ratio = length_filter(n["src"], n["tgt"], cfg.max_len, cfg.max_len_ratio)
                 too_long, bad_ratio = too_long + int(long.sum()), bad_ratio + int(ratio.sum())
                 keep = ~(long | ratio)
             for side in ("src", "tgt"):
@@ -149,6 +166,45 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
     (tmp / "report.json").write_text(json.dumps(report))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)  # the cache appears whole or not at all
+
+
+class SubwordSampler:
+    """Subword regularization (Kudo 2018; BPE-dropout, Provilkov et al. 2020, for a BPE model): every
+    epoch, each training pair gets a segmentation sampled by SentencePiece instead of its best one, so
+    the model sees a word in many pieces, which helps most on small corpora. The draw depends on
+    (seed, epoch) only, so a resumed run sees the same segmentations (on the same SentencePiece
+    build: its generator is not promised stable across versions). It holds the training text in
+    memory and encodes it again each epoch, on one thread (about 2 s for Multi30k's 29k pairs)."""
+
+    def __init__(self, source: DataSource, toks: Tokenizers, cfg: DataConfig, best: EncodedCorpus,
+                 alpha: float, nbest: int, seed: int):
+        self.toks, self.best, self.alpha, self.nbest, self.seed = toks, best, alpha, nbest, seed
+        self.max_len, self.max_ratio = cfg.max_len, cfg.max_len_ratio
+        self.src, self.tgt = [], []  # the text of the pairs `best` kept, in its order
+        pairs = read_pairs(source)
+        while chunk := list(itertools.islice(pairs, CHUNK)):
+            n = [np.fromiter(map(len, tok.encode_batch(side)), dtype=np.int64, count=len(chunk))
+                 for tok, side in ((toks.src, [s for s, _ in chunk]), (toks.tgt, [t for _, t in chunk]))]
+            long, ratio = length_filter(*n, cfg.max_len, cfg.max_len_ratio)
+            for (s, t), drop in zip(chunk, long | ratio):
+                if not drop:
+                    self.src.append(s)
+                    self.tgt.append(t)
+        if len(self.src) != len(best):
+            raise MtrainError(f"{source.describe()}: {len(self.src)} pairs now, {len(best)} in the encoded cache; "
+                              f"delete {cfg.cache_dir} and start again")
+
+    def __call__(self, epoch: int) -> EncodedCorpus:
+        seeds = np.random.default_rng([self.seed, epoch]).integers(0, 2**32 - 1, size=2)  # 2**32-1: spm's "unset"
+        src = self.toks.src.sample_batch(self.src, self.alpha, self.nbest, int(seeds[0]))
+        tgt = self.toks.tgt.sample_batch(self.tgt, self.alpha, self.nbest, int(seeds[1]))
+        # A sampled segmentation is longer than the best one; where that breaks the length filter the
+        # pair keeps its best segmentation, so every epoch has the same pairs.
+        n = [np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) for ids in (src, tgt)]
+        long, ratio = length_filter(*n, self.max_len, self.max_ratio)
+        for i in np.flatnonzero(long | ratio).tolist():
+            src[i], tgt[i] = (x.tolist() for x in self.best.pair(i))
+        return from_ids(src, tgt)
 
 
 def cut_sorted(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -223,32 +279,50 @@ def collate_corpus(corpus: EncodedCorpus, indices: np.ndarray, pad: int, bos: in
     return collate([s for s, _ in pairs], [t for _, t in pairs], pad, bos, eos)
 
 
-class Batches:
-    """Endless, resumable stream of batch index arrays over epochs; state is (epoch, index)."""
+@dataclass
+class Share:
+    """One batch's sentences, with the encoding of the epoch that drew them (it changes per epoch
+    under subword sampling, and one update can span two epochs)."""
 
-    def __init__(self, corpus: EncodedCorpus, max_tokens: int, seed: int):
-        self.corpus = corpus
-        self.max_tokens, self.seed = max_tokens, seed
-        self.src_len, self.tgt_len = corpus.src_lengths, corpus.tgt_lengths
+    indices: np.ndarray
+    corpus: EncodedCorpus
+
+    @property
+    def n_tgt_tokens(self) -> int:  # target pieces + EOS, from the offsets: O(batch), not O(corpus)
+        offsets = self.corpus.tgt_offsets
+        return int((offsets[self.indices + 1] - offsets[self.indices]).sum()) + len(self.indices)
+
+    def collate(self, pad: int, bos: int, eos: int) -> Batch:
+        return collate_corpus(self.corpus, self.indices, pad, bos, eos)
+
+
+class Batches:
+    """Endless, resumable stream of batches over epochs; state is (epoch, index). With `resample`
+    (epoch -> EncodedCorpus, e.g. a SubwordSampler), each epoch is batched from its own encoding."""
+
+    def __init__(self, corpus: EncodedCorpus, max_tokens: int, seed: int,
+                 resample: Callable[[int], EncodedCorpus] | None = None):
+        self.best = self.corpus = corpus  # the cached encoding, and the current epoch's
+        self.max_tokens, self.seed, self.resample = max_tokens, seed, resample
         self.epoch, self.index = 1, 0
         self._epoch_batches: list[np.ndarray] | None = None
         self._lengths_digest: str | None = None
 
     def epoch_batches(self) -> list[np.ndarray]:
         if self._epoch_batches is None:
-            self._epoch_batches = token_batches(self.src_len, self.tgt_len, self.max_tokens, self.seed, self.epoch)
+            if self.resample is not None:
+                self.corpus = self.resample(self.epoch)
+            self._epoch_batches = token_batches(self.corpus.src_lengths, self.corpus.tgt_lengths, self.max_tokens,
+                                                self.seed, self.epoch)
         return self._epoch_batches
 
-    def next_indices(self) -> np.ndarray:
+    def next(self) -> Share:
         batches = self.epoch_batches()
         if self.index >= len(batches):
             self.epoch, self.index, self._epoch_batches = self.epoch + 1, 0, None
             batches = self.epoch_batches()
         self.index += 1
-        return batches[self.index - 1]
-
-    def make_batch(self, indices: np.ndarray, pad: int, bos: int, eos: int) -> Batch:
-        return collate_corpus(self.corpus, indices, pad, bos, eos)
+        return Share(batches[self.index - 1], self.corpus)
 
     @property
     def epochs_done(self) -> int:
@@ -257,14 +331,14 @@ class Batches:
     def lengths_digest(self) -> str:
         """Identifies the encoded corpus: with batch_tokens, seed and epoch it decides the batch order."""
         if self._lengths_digest is None:
-            h = hashlib.sha256(self.src_len.astype(np.int32).tobytes())
-            h.update(self.tgt_len.astype(np.int32).tobytes())
+            h = hashlib.sha256(self.best.src_lengths.astype(np.int32).tobytes())
+            h.update(self.best.tgt_lengths.astype(np.int32).tobytes())
             self._lengths_digest = h.hexdigest()[:16]
         return self._lengths_digest
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "batch_tokens": self.max_tokens, "seed": self.seed,
-                "pairs": len(self.corpus), "lengths": self.lengths_digest()}
+                "pairs": len(self.best), "lengths": self.lengths_digest()}
 
     def load_state_dict(self, state: dict) -> str | None:
         """Restore the position; returns what differs (and restores nothing) when the saved position
@@ -275,6 +349,6 @@ class Batches:
             return f"train.seed was {state['seed']}, now {self.seed}"
         if state.get("lengths", self.lengths_digest()) != self.lengths_digest():
             return (f"the training data or tokenizer changed ({state['pairs']} pairs encoded then, "
-                    f"{len(self.corpus)} now)")
+                    f"{len(self.best)} now)")
         self.epoch, self.index, self._epoch_batches = int(state["epoch"]), int(state["index"]), None
         return None

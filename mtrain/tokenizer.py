@@ -45,6 +45,14 @@ class Tokenizer:
     def encode_batch(self, lines: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(lines), out_type=int, num_threads=os.cpu_count() or 1)
 
+    def sample_batch(self, lines: Sequence[str], alpha: float, nbest: int, seed: int) -> list[list[int]]:
+        """One sampled segmentation per line (subword regularization; BPE-dropout for a BPE model), the
+        same ones for the same seed: SentencePiece draws from a per-thread generator, which the seed
+        resets in this thread, and one thread encodes here."""
+        spm.set_random_generator_seed(seed)
+        return self.sp.encode(list(lines), out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest,
+                              num_threads=1)
+
     def decode_batch(self, ids: Iterable[Sequence[int]]) -> list[str]:
         return self.sp.decode([[i for i in seq if i > EOS] for seq in ids])
 

@@ -23,6 +23,7 @@ from mtrain.corpus import check_line_counts, read_pairs
 from mtrain.data import (
     Batches,
     EncodedCorpus,
+    SubwordSampler,
     collate_corpus,
     load_corpus,
     token_batches,
@@ -297,7 +298,11 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
         save_to_run(toks, run_dir)
         world.wait_for_preparation()
     valid_refs = [t for _, t in read_pairs(cfg.data.valid)] if valid is not None else []
-    batches = Batches(train_data, tc.batch_tokens, tc.seed)
+    sampler = None
+    if tc.subword_alpha:
+        sampler = SubwordSampler(cfg.data.train, toks, cfg.data, train_data, tc.subword_alpha, tc.subword_nbest, tc.seed)
+        log(f"data: a sampled segmentation each epoch (subword_alpha {tc.subword_alpha}, nbest {tc.subword_nbest})")
+    batches = Batches(train_data, tc.batch_tokens, tc.seed, resample=sampler)
 
     # 3. Model, optimizer, schedule.
     model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
@@ -410,8 +415,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
 
             # Every process draws the same global batches and keeps its own share, so N processes
             # with update_freq U see exactly the batches of one process with update_freq N x U.
-            shares = [batches.next_indices() for _ in range(tc.update_freq * world.size)]
-            n_tokens = int(sum(batches.tgt_len[i].sum() for i in shares))  # all target tokens of the update
+            shares = [batches.next() for _ in range(tc.update_freq * world.size)]
+            n_tokens = sum(share.n_tgt_tokens for share in shares)  # all target tokens of the update
             mine = shares[world.rank * tc.update_freq:(world.rank + 1) * tc.update_freq]
             update_loss = torch.zeros((), device=dev.device)
             if not math.isfinite(tc.max_seconds):
@@ -424,8 +429,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
             lr = lr_at(state["step"] + 1, tc.warmup, tc.lr, tc.schedule, state["plan"])
             for group in opt.param_groups:
                 group["lr"] = lr
-            for j, indices in enumerate(mine):
-                batch = batches.make_batch(indices, pad, bos, eos).to(dev.device)
+            for j, share in enumerate(mine):
+                batch = share.collate(pad, bos, eos).to(dev.device)
                 # Gradients are all-reduced once per update, on its last batch.
                 sync = world.size == 1 or j == len(mine) - 1
                 with contextlib.nullcontext() if sync else train_model.no_sync():

@@ -126,7 +126,7 @@ def part_train(args) -> dict:
         if i == args.warmup_steps:
             sync(dev.device)
             start, tokens, src_tokens = time.perf_counter(), 0, 0
-        batch = stream.make_batch(stream.next_indices(), pad, bos, eos)
+        batch = stream.next().collate(pad, bos, eos)
         tokens += batch.n_tgt_tokens
         src_tokens += int((~batch.src_pad_mask).sum())
         batch = batch.to(dev.device)
@@ -224,7 +224,7 @@ def part_data(args) -> dict:
     start = time.perf_counter()
     corpus = load_corpus(source, toks, cfg, log=lambda *_: None)
     stream = Batches(corpus, 4096, 1)
-    first = stream.next_indices()
+    first = stream.next().indices
     ready_s = time.perf_counter() - start
     return {"pairs": len(corpus), "encode_pairs_s": len(corpus) / encode_s, "encode_s": encode_s,
             "warm_start_s": ready_s, "batches_per_epoch": len(stream.epoch_batches()), "first_batch": len(first),

@@ -53,7 +53,7 @@ def main():
         if i == FIRST:
             print(f"first {FIRST} updates: {time.perf_counter() - start:.1f} s", flush=True)
             start, tokens = time.perf_counter(), 0
-        batch = stream.make_batch(stream.next_indices(), PAD, BOS, EOS)
+        batch = stream.next().collate(PAD, BOS, EOS)
         tokens += batch.n_tgt_tokens
         (batch_loss(forward, batch, 0.1, PAD) / batch.n_tgt_tokens).backward()
         optimizer_update(opt, model.parameters(), scaler, cfg.train.clip_norm)

@@ -1,7 +1,7 @@
 import numpy as np
 
 from mtrain.config import DataConfig, DataSource
-from mtrain.data import Batches, collate, load_corpus, token_batches
+from mtrain.data import Batches, SubwordSampler, collate, load_corpus, token_batches
 from conftest import SAMPLE_DE, SAMPLE_EN
 
 
@@ -55,12 +55,12 @@ def test_batches_resume_mid_epoch(tmp_path, toks):
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
     corpus = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks, cfg, log=lambda *_: None)
     stream = Batches(corpus, 60, seed=7)
-    seen = [stream.next_indices() for _ in range(5)]
+    seen = [stream.next().indices for _ in range(5)]
     state = stream.state_dict()
-    rest = [stream.next_indices().tolist() for _ in range(12)]
+    rest = [stream.next().indices.tolist() for _ in range(12)]
     resumed = Batches(corpus, 60, seed=7)
     resumed.load_state_dict(state)
-    assert [resumed.next_indices().tolist() for _ in range(12)] == rest
+    assert [resumed.next().indices.tolist() for _ in range(12)] == rest
     assert stream.epoch > 1  # the stream crossed an epoch boundary
     assert len(seen) == 5
 
@@ -88,7 +88,7 @@ def test_a_changed_batch_order_is_not_resumed(tmp_path, toks):
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
     corpus = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks, cfg, log=lambda *_: None)
     stream = Batches(corpus, 60, seed=7)
-    stream.next_indices()
+    stream.next()
     state = stream.state_dict()
     assert Batches(corpus, 80, seed=7).load_state_dict(state) == "train.batch_tokens was 60, now 80"
     assert Batches(corpus, 60, seed=8).load_state_dict(state) == "train.seed was 7, now 8"
@@ -97,3 +97,56 @@ def test_a_changed_batch_order_is_not_resumed(tmp_path, toks):
     assert "training data or tokenizer changed" in Batches(smaller, 60, seed=7).load_state_dict(state)
     same = Batches(corpus, 60, seed=7)
     assert same.load_state_dict(state) is None and same.state_dict() == state
+
+
+def sampled_setup(tmp_path, toks, alpha=0.1, max_len=128, seed=5):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), max_len=max_len)
+    source = DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE))
+    best = load_corpus(source, toks, cfg, log=lambda *_: None)
+    return best, SubwordSampler(source, toks, cfg, best, alpha=alpha, nbest=-1, seed=seed)
+
+
+def pairs_of(corpus):
+    return [tuple(x.tolist() for x in corpus.pair(i)) for i in range(len(corpus))]
+
+
+def test_subword_sampling_is_reproducible_and_keeps_the_text(tmp_path, toks):
+    best, sampler = sampled_setup(tmp_path, toks)
+    epoch1, epoch2 = sampler(1), sampler(2)
+    assert len(epoch1) == len(best)
+    assert pairs_of(epoch1) == pairs_of(sampled_setup(tmp_path, toks)[1](1))  # same seed and epoch, same draw
+    assert pairs_of(epoch1) != pairs_of(epoch2)  # a new draw each epoch
+    assert pairs_of(epoch1) != pairs_of(best)
+    decode = toks.src.decode_batch
+    for side in (0, 1):  # other pieces, the same text
+        assert decode([p[side] for p in pairs_of(epoch1)]) == decode([p[side] for p in pairs_of(best)])
+    # alpha 0.1 is a flat distribution over segmentations: more, shorter pieces
+    assert epoch1.tgt_lengths.sum() > best.tgt_lengths.sum()
+
+
+def test_sampled_segmentations_obey_the_length_filter(tmp_path, toks):
+    best, sampler = sampled_setup(tmp_path, toks, max_len=18)
+    sampled = sampler(1)
+    assert len(sampled) == len(best)
+    assert (sampled.src_lengths <= 18).all() and (sampled.tgt_lengths <= 18).all()
+    fell_back = [a == b for a, b in zip(pairs_of(sampled), pairs_of(best))]
+    assert any(fell_back)  # the longest pairs keep their best segmentation
+
+
+def test_sampled_batches_resume_across_epochs(tmp_path, toks):
+    best, sampler = sampled_setup(tmp_path, toks)
+    stream = Batches(best, 60, seed=7, resample=sampler)
+    for _ in range(5):
+        stream.next()
+    state = stream.state_dict()
+    rest = [stream.next() for _ in range(12)]
+    assert stream.epoch > 1
+    resumed = Batches(best, 60, seed=7, resample=sampled_setup(tmp_path, toks)[1])
+    assert resumed.load_state_dict(state) is None
+    for a, b in zip(rest, [resumed.next() for _ in range(12)]):
+        x, y = a.collate(0, 2, 3), b.collate(0, 2, 3)
+        assert x.src.equal(y.src) and x.tgt_out.equal(y.tgt_out)
+        assert a.n_tgt_tokens == x.n_tgt_tokens
+    # batches are cut by the sampled lengths, which differ from the best ones
+    assert [s.indices.tolist() for s in rest] != [
+        s.indices.tolist() for s in (lambda b: [b.next() for _ in range(17)][5:])(Batches(best, 60, seed=7))]

@@ -57,6 +57,18 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_cfg):
     assert checkpoint.load(tmp_path / "part" / "last.pt")["step"] == 20
 
 
+def test_subword_sampling_trains_on_new_pieces_and_resumes_exactly(tmp_path, tiny_cfg):
+    quiet = lambda *_: None  # noqa: E731
+    fit(tiny_cfg(max_steps=12), tmp_path / "best", log=quiet)
+    fit(tiny_cfg(max_steps=12, subword_alpha=0.2), tmp_path / "full", log=quiet)
+    fit(tiny_cfg(max_steps=6, subword_alpha=0.2), tmp_path / "part", log=quiet)
+    fit(tiny_cfg(max_steps=12, subword_alpha=0.2), tmp_path / "part", resume=True, log=quiet)
+    best, a, b = losses(tmp_path / "best"), losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]  # the same draws after the resume
+    assert checkpoint.load(tmp_path / "part" / "last.pt")["data"]["epoch"] > 1  # it crossed an epoch
+    assert a[1] != best[1]  # other segmentations from the first batch on
+
+
 @pytest.mark.parametrize("clip, moved", [(1.0, [0.6, 0.8]), (0.0, [3.0, 4.0])])
 def test_update_returns_the_norm_before_clipping(clip, moved):
     from mtrain.train import optimizer_update
