@@ -265,6 +265,29 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
     return final
 
 
+def restore(ckpt: dict, model, opt, dev: Device, ema, batches: Batches, world, seed: int, log) -> str | None:
+    """Everything that decides the next update, back from a checkpoint; returns what makes its data
+    position unusable (see Batches.load_state_dict), if anything."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] and dev.scaler.is_enabled():  # empty when the run was not fp16 until now
+        dev.scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema"):
+        ema.module.load_state_dict(ckpt["ema"]["model"])
+        ema.n_averaged.fill_(ckpt["ema"]["updates"])
+    elif ema is not None:
+        log("the checkpoint holds no moving average (train.ema was off): it starts from the next update")
+    problem = batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
+    train_state = ckpt["train_state"]
+    if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):
+        raise ValueError("train_state holds no step")
+    if world.rank < len(ckpt["rng"]):
+        set_rng_state(ckpt["rng"][world.rank])
+    else:  # more processes than the run had: fresh, distinct dropout streams
+        seed_everything(seed + world.rank + 7919 * train_state["step"])
+    return problem
+
+
 def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world, trust: bool = False) -> Path:
     """The body of `fit`, for one process of `world`."""
     t0 = time.time()
@@ -321,27 +344,20 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     # 4. Resume: everything that decides the next update comes back.
     if resume:
         # On the CPU: RNG states must stay there, and the optimizer moves its state to the weights' device.
-        ckpt = checkpoint.load(run_dir / "last.pt", trust=trust)
-        if ckpt["config"]["model"] != config_to_dict(cfg)["model"]:
-            raise MtrainError(f"{run_dir / 'last.pt'}: model settings differ from the config; cannot resume")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and dev.scaler.is_enabled():  # empty when the run was not fp16 until now
-            dev.scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema"):
-            ema.module.load_state_dict(ckpt["ema"]["model"])
-            ema.n_averaged.fill_(ckpt["ema"]["updates"])
-        elif ema is not None:
-            log("the checkpoint holds no moving average (train.ema was off): it starts from the next update")
-        problem = batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
+        last = run_dir / "last.pt"
+        ckpt = checkpoint.load(last, trust=trust)
+        if not isinstance(ckpt.get("config"), dict) or ckpt["config"].get("model") != config_to_dict(cfg)["model"]:
+            raise MtrainError(f"{last}: model settings differ from the config; cannot resume")
+        try:  # a checkpoint that loads but lacks a part, or holds a part of the wrong shape or type
+            problem = restore(ckpt, model, opt, dev, ema, batches, world, tc.seed, log)
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MtrainError(f"{last}: damaged checkpoint, cannot resume ({type(e).__name__}: {detail[:200]}); "
+                              f"resume from an older checkpoint (copy it to last.pt) or start again") from None
         if problem:
-            raise MtrainError(f"{run_dir / 'last.pt'}: {problem}, so the saved position in the batch order would "
+            raise MtrainError(f"{last}: {problem}, so the saved position in the batch order would "
                               f"skip or repeat data; restore it, or start a new run")
         state = {"plan": tc.max_steps or tc.warmup * 10, **ckpt["train_state"]}
-        if world.rank < len(ckpt["rng"]):
-            set_rng_state(ckpt["rng"][world.rank])
-        else:  # more processes than the run had: fresh, distinct dropout streams
-            seed_everything(tc.seed + world.rank + 7919 * state["step"])
         log(f"resumed from step {state['step']} (epoch {batches.epoch})")
     # DDP broadcasts rank 0's weights, then averages gradients during backward.
     train_model = model if world.size == 1 else world.wrap(model, dev.device)

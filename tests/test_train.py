@@ -69,6 +69,25 @@ def test_subword_sampling_trains_on_new_pieces_and_resumes_exactly(tmp_path, tin
     assert a[1] != best[1]  # other segmentations from the first batch on
 
 
+@pytest.mark.parametrize("damage", [
+    lambda c: c.pop("optimizer"),
+    lambda c: c.update(model={k: v[:1] for k, v in c["model"].items()}),
+    lambda c: c.update(ema={"model": {}}),
+    lambda c: c["ema"].update(updates="many"),
+    lambda c: c.update(data={"batch_tokens": 200}),
+    lambda c: c.update(rng=["x"]),
+    lambda c: c.update(train_state=[]),
+])
+def test_a_damaged_checkpoint_is_one_line_on_resume(tmp_path, tiny_cfg, damage):
+    cfg = tiny_cfg(max_steps=4, save_every=2, ema=0.9)
+    fit(cfg, tmp_path / "run", log=lambda *_: None)
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    damage(state)
+    checkpoint.save(tmp_path / "run" / "last.pt", state)
+    with pytest.raises(MtrainError, match=r"last\.pt: damaged checkpoint, cannot resume \(\w+Error"):
+        fit(tiny_cfg(max_steps=6, save_every=2, ema=0.9), tmp_path / "run", resume=True, log=lambda *_: None)
+
+
 @pytest.mark.parametrize("clip, moved", [(1.0, [0.6, 0.8]), (0.0, [3.0, 4.0])])
 def test_update_returns_the_norm_before_clipping(clip, moved):
     from mtrain.train import optimizer_update
