@@ -174,7 +174,7 @@ class SubwordSampler:
     the model sees a word in many pieces, which helps most on small corpora. The draw depends on
     (seed, epoch) only, so a resumed run sees the same segmentations (on the same SentencePiece
     build: its generator is not promised stable across versions). It holds the training text in
-    memory and encodes it again each epoch, on one thread (about 2 s for Multi30k's 29k pairs)."""
+    memory and encodes it again each epoch, on one thread (about 1.4 s for Multi30k's 29k pairs)."""
 
     def __init__(self, source: DataSource, toks: Tokenizers, cfg: DataConfig, best: EncodedCorpus,
                  alpha: float, nbest: int, seed: int):
