@@ -182,7 +182,7 @@ class TrainConfig:
             raise ValueError("ema must be in [0, 1): the decay per update, 0 = off")
         if not 0 <= self.subword_alpha < 1:
             raise ValueError("subword_alpha must be in [0, 1): 0 = off")
-        if self.subword_nbest == 0 or self.subword_nbest == 1 or self.subword_nbest < -1:
+        if self.subword_nbest < 2 and self.subword_nbest != -1:
             raise ValueError("subword_nbest must be -1 (all segmentations) or >= 2")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must be two numbers in [0, 1)")
