@@ -152,6 +152,10 @@ class TrainConfig:
     # dropping a merge (BPE-dropout, 0.1). Decoding always uses the best segmentation.
     subword_alpha: float = 0.0
     subword_nbest: int = -1  # unigram: sample among the n best segmentations; -1 = all of them
+    # R-Drop (Liang et al. 2021): every batch runs twice under different dropout masks, and this weight
+    # (the paper's alpha) pulls the two output distributions together by their symmetric KL; 0 = off.
+    # Each update costs about twice as much.
+    rdrop: float = 0.0
     patience: int = 0  # validations without BLEU gain before stopping; 0 = off
     log_every: int = 50
     valid_beam: int = 1  # beam for validation BLEU (1 = greedy, fastest)
@@ -182,6 +186,8 @@ class TrainConfig:
             raise ValueError("ema must be in [0, 1): the decay per update, 0 = off")
         if not 0 <= self.subword_alpha < 1:
             raise ValueError("subword_alpha must be in [0, 1): 0 = off")
+        if self.rdrop < 0:
+            raise ValueError("rdrop must be >= 0: the weight of the consistency term, 0 = off")
         if self.subword_nbest < 2 and self.subword_nbest != -1:
             raise ValueError("subword_nbest must be -1 (all segmentations) or >= 2")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -77,10 +77,29 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) 
     return F.cross_entropy(logits.float(), target, label_smoothing=eps, reduction="sum")
 
 
-def batch_loss(model, batch, eps: float, pad: int) -> torch.Tensor:
-    """Summed label-smoothed loss of one batch; `model` may be wrapped in DistributedDataParallel."""
+def rdrop_loss(logits: torch.Tensor, target: torch.Tensor, eps: float, alpha: float) -> torch.Tensor:
+    """R-Drop (Liang et al. 2021, eq. 3): `logits` holds two passes of the same tokens, each under its own
+    dropout masks, stacked (2N, vocab). Per token: the mean of their label-smoothed cross-entropies plus
+    alpha/2 times their symmetric KL, KL(p1||p2)/2 + KL(p2||p1)/2 (the paper's loss halved, so that the
+    cross-entropy part sums over N tokens like `label_smoothed_loss`). Summed over the N tokens."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    # F.cross_entropy's label smoothing, from the log-probabilities already at hand
+    nll = -logp.gather(1, torch.cat([target, target])[:, None]).squeeze(1)
+    ce = ((1 - eps) * nll - eps * logp.mean(dim=-1)).sum() / 2
+    lp1, lp2 = logp.chunk(2)
+    sym_kl = ((lp1.exp() - lp2.exp()) * (lp1 - lp2)).sum()  # KL(p1||p2) + KL(p2||p1)
+    return ce + alpha / 4 * sym_kl
+
+
+def batch_loss(model, batch, eps: float, pad: int, rdrop: float = 0.0) -> torch.Tensor:
+    """Summed training loss of one batch; `model` may be wrapped in DistributedDataParallel."""
     real = batch.tgt_out != pad
-    return label_smoothed_loss(model(batch.src, batch.src_pad_mask, batch.tgt_in, real), batch.tgt_out[real], eps)
+    target = batch.tgt_out[real]
+    if not rdrop:
+        return label_smoothed_loss(model(batch.src, batch.src_pad_mask, batch.tgt_in, real), target, eps)
+    # R-Drop: the batch twice in one pass, so that the copies draw different dropout masks
+    two = lambda t: torch.cat([t, t])  # noqa: E731
+    return rdrop_loss(model(two(batch.src), two(batch.src_pad_mask), two(batch.tgt_in), two(real)), target, eps, rdrop)
 
 
 # fp16 loss scaling halves the scale after every overflow; ~165 halvings from 2^16 reach 0 and the next
@@ -451,7 +470,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                 sync = world.size == 1 or j == len(mine) - 1
                 with contextlib.nullcontext() if sync else train_model.no_sync():
                     with dev.autocast():
-                        summed = batch_loss(train_model, batch, tc.label_smoothing, pad)
+                        summed = batch_loss(train_model, batch, tc.label_smoothing, pad, tc.rdrop)
                     # DDP averages gradients over processes; * world.size makes that a sum.
                     dev.scaler.scale(summed * (world.size / n_tokens)).backward()
                 update_loss += summed.detach()

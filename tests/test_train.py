@@ -14,7 +14,7 @@ from mtrain import checkpoint
 from mtrain.config import DecodeConfig
 from mtrain.device import pick_device
 from mtrain.errors import MtrainError
-from mtrain.train import fit, label_smoothed_loss, lr_at
+from mtrain.train import fit, label_smoothed_loss, lr_at, rdrop_loss
 from mtrain.translate import translate_lines
 from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tiny_raw
 
@@ -44,6 +44,34 @@ def test_label_smoothed_loss_by_hand():
     assert label_smoothed_loss(logits, target, eps).item() == pytest.approx(expected, rel=1e-6)
     assert label_smoothed_loss(logits, target, 0.0).item() == pytest.approx(
         -sum(torch.log_softmax(logits, -1)[i, t].item() for i, t in enumerate(target.tolist())), rel=1e-6)
+
+
+def test_rdrop_loss_by_hand():
+    torch.manual_seed(0)
+    one, other, target = torch.randn(4, 7), torch.randn(4, 7), torch.tensor([0, 3, 6, 2])
+    eps, alpha = 0.1, 5.0
+    # Identical passes: no disagreement, so the plain label-smoothed loss
+    assert rdrop_loss(torch.cat([one, one]), target, eps, alpha).item() == pytest.approx(
+        label_smoothed_loss(one, target, eps).item(), rel=1e-5)
+    # Two passes: the mean of their cross-entropies + alpha/2 * (KL(p1||p2) + KL(p2||p1)) / 2, from F.kl_div
+    lp1, lp2 = torch.log_softmax(one, -1), torch.log_softmax(other, -1)
+    kl12 = torch.nn.functional.kl_div(lp2, lp1, log_target=True, reduction="sum")  # KL(p1 || p2)
+    kl21 = torch.nn.functional.kl_div(lp1, lp2, log_target=True, reduction="sum")
+    expected = (label_smoothed_loss(one, target, eps) + label_smoothed_loss(other, target, eps)) / 2 \
+        + alpha / 2 * (kl12 + kl21) / 2
+    assert rdrop_loss(torch.cat([one, other]), target, eps, alpha).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kl12 > 0 and kl21 > 0
+
+
+def test_rdrop_trains_twice_per_batch_and_resumes_exactly(tmp_path, tiny_cfg):
+    quiet = lambda *_: None  # noqa: E731
+    fit(tiny_cfg(max_steps=8), tmp_path / "plain", log=quiet)
+    fit(tiny_cfg(max_steps=8, rdrop=5.0), tmp_path / "full", log=quiet)
+    fit(tiny_cfg(max_steps=4, rdrop=5.0), tmp_path / "part", log=quiet)
+    fit(tiny_cfg(max_steps=8, rdrop=5.0), tmp_path / "part", resume=True, log=quiet)
+    plain, a, b = losses(tmp_path / "plain"), losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]
+    assert a[1] > plain[1]  # the same first batch, plus the two passes' disagreement
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_cfg):
