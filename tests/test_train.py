@@ -46,6 +46,20 @@ def test_label_smoothed_loss_by_hand():
         -sum(torch.log_softmax(logits, -1)[i, t].item() for i, t in enumerate(target.tolist())), rel=1e-6)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_label_smoothed_loss_gradient_equals_torch(eps):
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 11, requires_grad=True), torch.randint(0, 11, (6,))
+    (label_smoothed_loss(logits, target, eps) * 0.5).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    (torch.nn.functional.cross_entropy(logits, target, label_smoothing=eps, reduction="sum") * 0.5).backward()
+    assert torch.allclose(ours, logits.grad, atol=1e-6)
+    half = logits.detach().bfloat16().requires_grad_()
+    label_smoothed_loss(half, target, eps).backward()
+    assert half.grad.dtype == torch.bfloat16  # the gradient comes back in the logits' dtype
+
+
 def test_rdrop_loss_by_hand():
     torch.manual_seed(0)
     one, other, target = torch.randn(4, 7), torch.randn(4, 7), torch.tensor([0, 3, 6, 2])
