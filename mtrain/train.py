@@ -105,11 +105,8 @@ def rdrop_loss(logits: torch.Tensor, target: torch.Tensor, eps: float, alpha: fl
     dropout masks, stacked (2N, vocab). Per token: the mean of their label-smoothed cross-entropies plus
     alpha/2 times their symmetric KL, KL(p1||p2)/2 + KL(p2||p1)/2 (the paper's loss halved, so that the
     cross-entropy part sums over N tokens like `label_smoothed_loss`). Summed over the N tokens."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    # F.cross_entropy's label smoothing, from the log-probabilities already at hand
-    nll = -logp.gather(1, torch.cat([target, target])[:, None]).squeeze(1)
-    ce = ((1 - eps) * nll - eps * logp.mean(dim=-1)).sum() / 2
-    lp1, lp2 = logp.chunk(2)
+    ce = label_smoothed_loss(logits, torch.cat([target, target]), eps) / 2
+    lp1, lp2 = F.log_softmax(logits.float(), dim=-1).chunk(2)
     sym_kl = ((lp1.exp() - lp2.exp()) * (lp1 - lp2)).sum()  # KL(p1||p2) + KL(p2||p1)
     return ce + alpha / 4 * sym_kl
 

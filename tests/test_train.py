@@ -77,13 +77,18 @@ def test_rdrop_loss_by_hand():
     assert kl12 > 0 and kl21 > 0
 
 
-def test_rdrop_trains_twice_per_batch_and_resumes_exactly(tmp_path, tiny_cfg):
+def plain_full_and_resumed(tmp_path, tiny_cfg, steps: int, **train):
+    """Losses of a run without `train`, and of runs with it: uninterrupted, and stopped halfway then resumed."""
     quiet = lambda *_: None  # noqa: E731
-    fit(tiny_cfg(max_steps=8), tmp_path / "plain", log=quiet)
-    fit(tiny_cfg(max_steps=8, rdrop=5.0), tmp_path / "full", log=quiet)
-    fit(tiny_cfg(max_steps=4, rdrop=5.0), tmp_path / "part", log=quiet)
-    fit(tiny_cfg(max_steps=8, rdrop=5.0), tmp_path / "part", resume=True, log=quiet)
-    plain, a, b = losses(tmp_path / "plain"), losses(tmp_path / "full"), losses(tmp_path / "part")
+    fit(tiny_cfg(max_steps=steps), tmp_path / "plain", log=quiet)
+    fit(tiny_cfg(max_steps=steps, **train), tmp_path / "full", log=quiet)
+    fit(tiny_cfg(max_steps=steps // 2, **train), tmp_path / "part", log=quiet)
+    fit(tiny_cfg(max_steps=steps, **train), tmp_path / "part", resume=True, log=quiet)
+    return losses(tmp_path / "plain"), losses(tmp_path / "full"), losses(tmp_path / "part")
+
+
+def test_rdrop_trains_twice_per_batch_and_resumes_exactly(tmp_path, tiny_cfg):
+    plain, a, b = plain_full_and_resumed(tmp_path, tiny_cfg, 8, rdrop=5.0)
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]
     assert a[1] > plain[1]  # the same first batch, plus the two passes' disagreement
 
@@ -100,12 +105,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_cfg):
 
 
 def test_subword_sampling_trains_on_new_pieces_and_resumes_exactly(tmp_path, tiny_cfg):
-    quiet = lambda *_: None  # noqa: E731
-    fit(tiny_cfg(max_steps=12), tmp_path / "best", log=quiet)
-    fit(tiny_cfg(max_steps=12, subword_alpha=0.2), tmp_path / "full", log=quiet)
-    fit(tiny_cfg(max_steps=6, subword_alpha=0.2), tmp_path / "part", log=quiet)
-    fit(tiny_cfg(max_steps=12, subword_alpha=0.2), tmp_path / "part", resume=True, log=quiet)
-    best, a, b = losses(tmp_path / "best"), losses(tmp_path / "full"), losses(tmp_path / "part")
+    best, a, b = plain_full_and_resumed(tmp_path, tiny_cfg, 12, subword_alpha=0.2)
     assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]  # the same draws after the resume
     assert checkpoint.load(tmp_path / "part" / "last.pt")["data"]["epoch"] > 1  # it crossed an epoch
     assert a[1] != best[1]  # other segmentations from the first batch on
