@@ -19,7 +19,7 @@ from mtrain.corpus import ReadStats, read_pairs
 from mtrain.errors import MtrainError
 from mtrain.tokenizer import Tokenizers
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: kept.npy, which pairs survived the filters
 CHUNK = 50_000  # lines encoded at once: bounds RAM for corpora of millions of pairs
 
 
@@ -32,6 +32,7 @@ class EncodedCorpus:
     tgt: np.ndarray
     tgt_offsets: np.ndarray
     report: dict
+    kept: np.ndarray | None = None  # bool per non-empty pair read: True where the filters kept it
 
     def __len__(self) -> int:
         return len(self.src_offsets) - 1
@@ -106,7 +107,8 @@ def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered:
         return np.memmap(path, dtype=dtype, mode="r")
 
     corpus = EncodedCorpus(array("src.bin", np.int32), np.load(folder / "src_offsets.npy"),
-                           array("tgt.bin", np.int32), np.load(folder / "tgt_offsets.npy"), report)
+                           array("tgt.bin", np.int32), np.load(folder / "tgt_offsets.npy"), report,
+                           np.load(folder / "kept.npy"))
     log(f"data: {source.describe()}: {report['summary']}")
     return corpus
 
@@ -136,6 +138,7 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
     stats = ReadStats()
     too_long = bad_ratio = 0
     lengths = {"src": [], "tgt": []}  # one numpy array per chunk: no Python int per sentence is kept
+    kept_masks = []
     with open(tmp / "src.bin", "wb") as src_file, open(tmp / "tgt.bin", "wb") as tgt_file:
         files = {"src": src_file, "tgt": tgt_file}
         pairs = read_pairs(source, stats)
@@ -148,6 +151,7 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
                 long, ratio = length_filter(n["src"], n["tgt"], cfg.max_len, cfg.max_len_ratio)
                 too_long, bad_ratio = too_long + int(long.sum()), bad_ratio + int(ratio.sum())
                 keep = ~(long | ratio)
+            kept_masks.append(keep)
             for side in ("src", "tgt"):
                 kept_ids = [x for x, k in zip(ids[side], keep) if k]
                 flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int32,
@@ -157,6 +161,7 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
     for side in ("src", "tgt"):
         counts = np.concatenate(lengths[side]) if lengths[side] else np.zeros(0, dtype=np.int64)
         np.save(tmp / f"{side}_offsets.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+    np.save(tmp / "kept.npy", np.concatenate(kept_masks) if kept_masks else np.zeros(0, dtype=bool))
     kept = int(sum(len(x) for x in lengths["src"]))
     summary = (f"{stats.pairs + stats.empty} pairs read, {stats.empty} empty dropped, "
                f"{too_long} longer than {cfg.max_len} tokens dropped, "
@@ -180,19 +185,14 @@ class SubwordSampler:
                  alpha: float, nbest: int, seed: int):
         self.toks, self.best, self.alpha, self.nbest, self.seed = toks, best, alpha, nbest, seed
         self.max_len, self.max_ratio = cfg.max_len, cfg.max_len_ratio
-        self.src, self.tgt = [], []  # the text of the pairs `best` kept, in its order
-        pairs = read_pairs(source)
-        while chunk := list(itertools.islice(pairs, CHUNK)):
-            n = [np.fromiter(map(len, tok.encode_batch(side)), dtype=np.int64, count=len(chunk))
-                 for tok, side in ((toks.src, [s for s, _ in chunk]), (toks.tgt, [t for _, t in chunk]))]
-            long, ratio = length_filter(*n, cfg.max_len, cfg.max_len_ratio)
-            for (s, t), drop in zip(chunk, long | ratio):
-                if not drop:
-                    self.src.append(s)
-                    self.tgt.append(t)
-        if len(self.src) != len(best):
-            raise MtrainError(f"{source.describe()}: {len(self.src)} pairs now, {len(best)} in the encoded cache; "
+        # The text of the pairs `best` kept, in its order, picked by the cache's kept mask: no
+        # second encoding of the corpus to find them.
+        pairs = list(read_pairs(source))
+        if best.kept is None or len(best.kept) != len(pairs) or int(best.kept.sum()) != len(best):
+            raise MtrainError(f"{source.describe()}: {len(pairs)} pairs now, not what the encoded cache holds; "
                               f"delete {cfg.cache_dir} and start again")
+        self.src = [s for (s, _), k in zip(pairs, best.kept) if k]
+        self.tgt = [t for (_, t), k in zip(pairs, best.kept) if k]
 
     def __call__(self, epoch: int) -> EncodedCorpus:
         seeds = np.random.default_rng([self.seed, epoch]).integers(0, 2**32 - 1, size=2)  # 2**32-1: spm's "unset"

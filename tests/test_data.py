@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 
 from mtrain.config import DataConfig, DataSource
 from mtrain.data import Batches, SubwordSampler, collate, load_corpus, token_batches
+from mtrain.errors import MtrainError
 from conftest import SAMPLE_DE, SAMPLE_EN
 
 
@@ -131,6 +133,19 @@ def test_sampled_segmentations_obey_the_length_filter(tmp_path, toks):
     assert (sampled.src_lengths <= 18).all() and (sampled.tgt_lengths <= 18).all()
     fell_back = [a == b for a, b in zip(pairs_of(sampled), pairs_of(best))]
     assert any(fell_back)  # the longest pairs keep their best segmentation
+    # the filter dropped pairs, and the sampler's text (picked by the cache's kept mask) still lines
+    # up with the kept pairs, pair by pair
+    assert best.report["too_long"] > 0 and len(best.kept) == best.report["read"] - best.report["empty"]
+    decode = toks.src.decode_batch
+    for side in (0, 1):
+        assert decode([p[side] for p in pairs_of(sampled)]) == decode([p[side] for p in pairs_of(best)])
+
+
+def test_subword_sampler_refuses_a_corpus_that_is_not_the_cached_one(tmp_path, toks):
+    best, _ = sampled_setup(tmp_path, toks, max_len=18)
+    best.kept = best.kept[:-1]
+    with pytest.raises(MtrainError, match="delete .*cache and start again"):
+        SubwordSampler(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks, DataConfig(), best, 0.1, -1, 5)
 
 
 def test_sampled_batches_resume_across_epochs(tmp_path, toks):
