@@ -70,3 +70,21 @@ def test_dropout_keeps_expectation(p):
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)), rtol=1e-4)
     assert not torch.equal(drop(torch.ones(1000)), drop(torch.ones(1000)))  # a fresh mask each call
     assert torch.equal(drop.eval()(torch.ones(5)), torch.ones(5))
+
+
+def test_dropout_masks_any_shape_uniformly():
+    """Four 16-bit draws come from each 64-bit one: sizes that are not a multiple of 4 keep their
+    shape, and every position of a 4-group (the bits of one draw) is dropped at the same rate."""
+    torch.manual_seed(0)
+    drop = Dropout(0.25).train()
+    y = drop(torch.ones(3, 5, 7))
+    assert y.shape == (3, 5, 7)
+    assert torch.all((y == 0) | torch.isclose(y, torch.tensor(1 / 0.75)))
+    y = drop(torch.ones(100_000, 4))
+    rates = (y == 0).float().mean(0)
+    assert torch.allclose(rates, torch.full((4,), 0.25), atol=0.01)
+    grad_in = torch.ones(6, 9, requires_grad=True)
+    out = drop(grad_in)
+    out.sum().backward()
+    assert torch.equal(grad_in.grad, out.detach())  # the gradient goes through the same mask and scale
+    assert torch.equal(Dropout(0.0).train()(torch.ones(3)), torch.ones(3))

@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from mtrain import loss as loss_module
+from mtrain.loss import label_smoothed_loss, output_loss, rdrop_loss
+
+
+def test_label_smoothed_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    target = torch.tensor([0, 2])
+    eps, V = 0.1, 3
+    expected = 0.0
+    for row, t in zip(logits.tolist(), target.tolist()):
+        logz = math.log(sum(math.exp(x) for x in row))
+        logp = [x - logz for x in row]
+        q = [(1 - eps) * (c == t) + eps / V for c in range(V)]
+        expected -= sum(qc * lp for qc, lp in zip(q, logp))
+    assert label_smoothed_loss(logits, target, eps).item() == pytest.approx(expected, rel=1e-6)
+    assert label_smoothed_loss(logits, target, 0.0).item() == pytest.approx(
+        -sum(torch.log_softmax(logits, -1)[i, t].item() for i, t in enumerate(target.tolist())), rel=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_label_smoothed_loss_gradient_equals_torch(eps):
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 11, requires_grad=True), torch.randint(0, 11, (6,))
+    (label_smoothed_loss(logits, target, eps) * 0.5).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    (torch.nn.functional.cross_entropy(logits, target, label_smoothing=eps, reduction="sum") * 0.5).backward()
+    assert torch.allclose(ours, logits.grad, atol=1e-6)
+    half = logits.detach().bfloat16().requires_grad_()
+    label_smoothed_loss(half, target, eps).backward()
+    assert half.grad.dtype == torch.bfloat16  # the gradient comes back in the logits' dtype
+
+
+def test_rdrop_loss_by_hand():
+    torch.manual_seed(0)
+    one, other, target = torch.randn(4, 7), torch.randn(4, 7), torch.tensor([0, 3, 6, 2])
+    eps, alpha = 0.1, 5.0
+    # Identical passes: no disagreement, so the plain label-smoothed loss
+    assert rdrop_loss(torch.cat([one, one]), target, eps, alpha).item() == pytest.approx(
+        label_smoothed_loss(one, target, eps).item(), rel=1e-5)
+    # Two passes: the mean of their cross-entropies + alpha/2 * (KL(p1||p2) + KL(p2||p1)) / 2, from F.kl_div
+    lp1, lp2 = torch.log_softmax(one, -1), torch.log_softmax(other, -1)
+    kl12 = torch.nn.functional.kl_div(lp2, lp1, log_target=True, reduction="sum")  # KL(p1 || p2)
+    kl21 = torch.nn.functional.kl_div(lp1, lp2, log_target=True, reduction="sum")
+    expected = (label_smoothed_loss(one, target, eps) + label_smoothed_loss(other, target, eps)) / 2 \
+        + alpha / 2 * (kl12 + kl21) / 2
+    assert rdrop_loss(torch.cat([one, other]), target, eps, alpha).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kl12 > 0 and kl21 > 0
+
+
+def output_loss_and_grads(fn, hidden, weight, target, scale=0.5):
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    value = fn(hidden, weight, target)
+    (value * scale).backward()
+    return value.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 1000])
+def test_output_loss_equals_output_layer_then_loss(monkeypatch, eps, chunk_rows):
+    """The chunked, fused loss gives the loss and both gradients of logits = hidden @ W^T followed by
+    label_smoothed_loss, whatever the chunk size (one row, uneven chunks, one chunk for everything)."""
+    torch.manual_seed(0)
+    V, d = 13, 8
+    monkeypatch.setattr(loss_module, "CPU_CHUNK_BYTES", chunk_rows * 4 * V)
+    hidden, weight, target = torch.randn(10, d), torch.randn(V, d), torch.randint(0, V, (10,))
+    ref = output_loss_and_grads(lambda h, w, t: label_smoothed_loss(h @ w.t(), t, eps), hidden, weight, target)
+    ours = output_loss_and_grads(lambda h, w, t: output_loss(h, w, t, eps), hidden, weight, target)
+    assert ours[0].item() == pytest.approx(ref[0].item(), rel=1e-5)
+    assert torch.allclose(ours[1], ref[1], atol=1e-5) and torch.allclose(ours[2], ref[2], atol=1e-5)
+    assert ours[2].abs().sum() > 0  # the weight does get a gradient
+
+
+def test_output_loss_accumulates_into_a_tied_weight():
+    """The output weight is also the embedding table: both gradients must add up in .grad."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(9, 4)
+    tokens, target = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([0, 3, 8, 2, 2, 7])
+    grads = []
+    for fn in (lambda h: label_smoothed_loss(h @ emb.weight.t(), target, 0.1), lambda h: output_loss(h, emb.weight, target, 0.1)):
+        emb.weight.grad = None
+        fn(torch.tanh(emb(tokens)).flatten(0, 1)).backward()
+        grads.append(emb.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_output_loss_without_gradients():
+    torch.manual_seed(0)
+    hidden, weight, target = torch.randn(5, 4), torch.randn(7, 4), torch.randint(0, 7, (5,))
+    with torch.no_grad():
+        value = output_loss(hidden, weight, target, 0.1)
+    assert not value.requires_grad
+    assert value.item() == pytest.approx(label_smoothed_loss(hidden @ weight.t(), target, 0.1).item(), rel=1e-6)
+
+
+def test_output_loss_under_bf16_autocast():
+    """As with nn.Linear under autocast: matmuls in bf16, the loss in fp32, each gradient in its input's
+    dtype, and close to the fp32 figures."""
+    torch.manual_seed(0)
+    hidden, weight, target = torch.randn(12, 16), torch.randn(50, 16) * 0.25, torch.randint(0, 50, (12,))
+    ref = output_loss_and_grads(lambda h, w, t: output_loss(h, w, t, 0.1), hidden, weight, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = output_loss_and_grads(lambda h, w, t: output_loss(h, w, t, 0.1), hidden, weight, target)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == torch.float32
+    assert ours[0].item() == pytest.approx(ref[0].item(), rel=2e-2)
+    assert torch.allclose(ours[1], ref[1], atol=3e-2) and torch.allclose(ours[2], ref[2], atol=3e-2)
