@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from mtrain import loss as loss_module
+from mtrain.config import ModelConfig
+from mtrain.data import Batch
 from mtrain.loss import label_smoothed_loss, output_loss, rdrop_loss
+from mtrain.model import Transformer
+from mtrain.train import batch_loss
 
 
 def test_label_smoothed_loss_by_hand():
@@ -67,7 +71,7 @@ def test_output_loss_equals_output_layer_then_loss(monkeypatch, eps, chunk_rows)
     label_smoothed_loss, whatever the chunk size (one row, uneven chunks, one chunk for everything)."""
     torch.manual_seed(0)
     V, d = 13, 8
-    monkeypatch.setattr(loss_module, "CPU_CHUNK_BYTES", chunk_rows * 4 * V)
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", chunk_rows * 4 * V)
     hidden, weight, target = torch.randn(10, d), torch.randn(V, d), torch.randint(0, V, (10,))
     ref = output_loss_and_grads(lambda h, w, t: label_smoothed_loss(h @ w.t(), t, eps), hidden, weight, target)
     ours = output_loss_and_grads(lambda h, w, t: output_loss(h, w, t, eps), hidden, weight, target)
@@ -109,3 +113,24 @@ def test_output_loss_under_bf16_autocast():
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == torch.float32
     assert ours[0].item() == pytest.approx(ref[0].item(), rel=2e-2)
     assert torch.allclose(ours[1], ref[1], atol=3e-2) and torch.allclose(ours[2], ref[2], atol=3e-2)
+
+
+def test_batch_loss_on_cpu_is_the_models_logits_then_the_loss():
+    """batch_loss takes the fused path on a CPU: same loss, same gradients as the model's own logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder_layers=1, decoder_layers=1, d_model=16, heads=2, ffn_dim=32, dropout=0.0)
+    model = Transformer(cfg, 30, 30, pad=0)
+    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    tgt_in = torch.tensor([[1, 10, 11, 12], [1, 13, 14, 0]])
+    tgt_out = torch.tensor([[10, 11, 12, 2], [13, 14, 2, 0]])
+    batch = Batch(src=src, src_pad_mask=src == 0, tgt_in=tgt_in, tgt_out=tgt_out, n_tgt_tokens=7)
+    results = []
+    for fn in (lambda: batch_loss(model, batch, 0.1, 0),
+               lambda: label_smoothed_loss(model(src, src == 0, tgt_in, tgt_out != 0), tgt_out[tgt_out != 0], 0.1)):
+        model.zero_grad()
+        value = fn()
+        value.backward()
+        results.append((value.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for ours, ref in zip(results[0][1], results[1][1]):
+        assert torch.allclose(ours, ref, atol=1e-5)
