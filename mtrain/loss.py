@@ -53,8 +53,9 @@ class _OutputLoss(torch.autograd.Function):
     """The output layer (hidden @ weight^T) and `label_smoothed_loss` over chunks of rows, the gradients
     of hidden and weight accumulated chunk by chunk in the same pass (as Liger-Kernel's fused linear
     cross-entropy): the (tokens x V) logits never exist whole. Under autocast the matmuls run in its
-    dtype, like the nn.Linear they replace; the weight's gradient is summed in fp32. For CPUs (fp32 or
-    bf16): the gradients are made before the loss scale of fp16 training could be applied."""
+    dtype, like the nn.Linear they replace; the weight's gradient is summed in fp32. Meant for CPUs
+    (fp32 or bf16): the gradients are made here, before fp16 training's loss scale is applied to
+    them in backward, so under fp16 their small values could underflow."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, eps):
