@@ -21,11 +21,11 @@ def sinusoids(length: int, dim: int) -> torch.Tensor:
 
 
 class Dropout(nn.Module):
-    """Inverted dropout from random 16-bit integers, drawn four to a 64-bit draw: on CPU that is 2.2x
-    as fast as drawing int16 values one by one, which is itself cheaper than the float draw of
-    torch.rand, itself about 3x faster than the bernoulli_ behind nn.Dropout (dropout took 16% of a
-    training step with nn.Dropout). A value is dropped when its draw (uniform on -32768..32767) is
-    below -32768 + round(p * 65536): p to within 8e-6, and the scale is exactly 1 / P(keep), so the
+    """Inverted dropout from random 16-bit integers, four from each 64-bit draw. On a CPU the random
+    draw is most of dropout's cost (with nn.Dropout's bernoulli_, dropout took 16% of a training
+    step): one int16 draw per value is cheaper than torch.rand's floats, and four to a draw is 2.2x
+    faster again. A value is dropped when its draw (uniform on -32768..32767) is below
+    -32768 + round(p * 65536): p to within 8e-6, and the scale is exactly 1 / P(keep), so the
     expectation is unchanged."""
 
     LEVELS = 65536

@@ -76,18 +76,17 @@ def batch_loss(model, batch, eps: float, pad: int, rdrop: float = 0.0) -> torch.
     """Summed training loss of one batch; `model` may be wrapped in DistributedDataParallel."""
     real = batch.tgt_out != pad
     target = batch.tgt_out[real]
-    if not rdrop and batch.src.device.type == "cpu":
+    if rdrop:  # the batch twice in one pass, so that the copies draw different dropout masks
+        two = lambda t: torch.cat([t, t])  # noqa: E731
+        return rdrop_loss(model(two(batch.src), two(batch.src_pad_mask), two(batch.tgt_in), two(real)), target, eps, rdrop)
+    if batch.src.device.type == "cpu":
         # On a CPU the output layer and the loss go together in cache-sized chunks (0.55x the time).
         # A GPU keeps the whole logits: not measured there, and under fp16 autocast the gradients that
         # output_loss makes in its forward pass, before the loss scale is applied, could underflow.
         hidden = model(batch.src, batch.src_pad_mask, batch.tgt_in, real, project=False)
         output = getattr(model, "module", model).output  # the Transformer under DistributedDataParallel
         return output_loss(hidden, output.weight, target, eps)
-    if not rdrop:
-        return label_smoothed_loss(model(batch.src, batch.src_pad_mask, batch.tgt_in, real), target, eps)
-    # R-Drop: the batch twice in one pass, so that the copies draw different dropout masks
-    two = lambda t: torch.cat([t, t])  # noqa: E731
-    return rdrop_loss(model(two(batch.src), two(batch.src_pad_mask), two(batch.tgt_in), two(real)), target, eps, rdrop)
+    return label_smoothed_loss(model(batch.src, batch.src_pad_mask, batch.tgt_in, real), target, eps)
 
 
 # fp16 loss scaling halves the scale after every overflow; ~165 halvings from 2^16 reach 0 and the next
