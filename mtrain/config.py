@@ -152,6 +152,9 @@ class TrainConfig:
     # dropping a merge (BPE-dropout, 0.1). Decoding always uses the best segmentation.
     subword_alpha: float = 0.0
     subword_nbest: int = -1  # unigram: sample among the n best segmentations; -1 = all of them
+    # Which sides are sampled: both, src or tgt (the other keeps its best segmentation). Sampling the
+    # target spreads the model's probability over segmentations of one word, which beam search pays for.
+    subword_sides: str = "both"
     # R-Drop (Liang et al. 2021): every batch runs twice under different dropout masks, and this weight
     # (the paper's alpha) pulls the two output distributions together by their symmetric KL; 0 = off.
     # Each update costs about 2.6x as much on a CPU (the model twice, and the KL over the vocabulary).
@@ -188,6 +191,8 @@ class TrainConfig:
             raise ValueError("subword_alpha must be in [0, 1): 0 = off")
         if self.rdrop < 0:
             raise ValueError("rdrop must be >= 0: the weight of the consistency term, 0 = off")
+        if self.subword_sides not in ("both", "src", "tgt"):
+            raise ValueError(f"subword_sides must be both, src or tgt, got {self.subword_sides!r}")
         if self.subword_nbest < 2 and self.subword_nbest != -1:
             raise ValueError("subword_nbest must be -1 (all segmentations) or >= 2")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -173,17 +173,27 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
     os.replace(tmp, folder)  # the cache appears whole or not at all
 
 
+def split_ids(flat: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
+    """Pure: one id list per sentence from flat ids and their offsets (from_ids' inverse, one side)."""
+    ids = flat.tolist()
+    return [ids[a:b] for a, b in itertools.pairwise(offsets.tolist())]
+
+
 class SubwordSampler:
     """Subword regularization (Kudo 2018; BPE-dropout, Provilkov et al. 2020, for a BPE model): every
     epoch, each training pair gets a segmentation sampled by SentencePiece instead of its best one, so
     the model sees a word in many pieces, which helps most on small corpora. The draw depends on
     (seed, epoch) only, so a resumed run sees the same segmentations (on the same SentencePiece
     build: its generator is not promised stable across versions). It holds the training text in
-    memory and encodes it again each epoch, on one thread (about 1.4 s for Multi30k's 29k pairs)."""
+    memory and encodes it again each epoch, on one thread (about 1.4 s for Multi30k's 29k pairs).
+    `sides` ("both", "src" or "tgt") says which sides are sampled; the other keeps its best pieces.
+    Sampling the source alone varies what the encoder reads without splitting the decoder's
+    probability over several segmentations of one target word, which a beam over pieces pays for."""
 
     def __init__(self, source: DataSource, toks: Tokenizers, cfg: DataConfig, best: EncodedCorpus,
-                 alpha: float, nbest: int, seed: int):
+                 alpha: float, nbest: int, seed: int, sides: str = "both"):
         self.toks, self.best, self.alpha, self.nbest, self.seed = toks, best, alpha, nbest, seed
+        self.sides = sides
         self.max_len, self.max_ratio = cfg.max_len, cfg.max_len_ratio
         # The text of the pairs `best` kept, in its order, picked by the cache's kept mask: no
         # second encoding of the corpus to find them.
@@ -196,8 +206,10 @@ class SubwordSampler:
 
     def __call__(self, epoch: int) -> EncodedCorpus:
         seeds = np.random.default_rng([self.seed, epoch]).integers(0, 2**32 - 1, size=2)  # 2**32-1: spm's "unset"
-        src = self.toks.src.sample_batch(self.src, self.alpha, self.nbest, int(seeds[0]))
-        tgt = self.toks.tgt.sample_batch(self.tgt, self.alpha, self.nbest, int(seeds[1]))
+        src = (self.toks.src.sample_batch(self.src, self.alpha, self.nbest, int(seeds[0]))
+               if self.sides != "tgt" else split_ids(self.best.src, self.best.src_offsets))
+        tgt = (self.toks.tgt.sample_batch(self.tgt, self.alpha, self.nbest, int(seeds[1]))
+               if self.sides != "src" else split_ids(self.best.tgt, self.best.tgt_offsets))
         # A sampled segmentation is longer than the best one; where that breaks the length filter the
         # pair keeps its best segmentation, so every epoch has the same pairs.
         n = [np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) for ids in (src, tgt)]

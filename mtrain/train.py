@@ -329,8 +329,10 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     valid_refs = [t for _, t in read_pairs(cfg.data.valid)] if valid is not None else []
     sampler = None
     if tc.subword_alpha:
-        sampler = SubwordSampler(cfg.data.train, toks, cfg.data, train_data, tc.subword_alpha, tc.subword_nbest, tc.seed)
-        log(f"data: a sampled segmentation each epoch (subword_alpha {tc.subword_alpha}, nbest {tc.subword_nbest})")
+        sampler = SubwordSampler(cfg.data.train, toks, cfg.data, train_data, tc.subword_alpha, tc.subword_nbest,
+                                 tc.seed, tc.subword_sides)
+        log(f"data: a sampled segmentation each epoch (subword_alpha {tc.subword_alpha}, nbest {tc.subword_nbest}, "
+            f"sides {tc.subword_sides})")
     batches = Batches(train_data, tc.batch_tokens, tc.seed, resample=sampler)
 
     # 3. Model, optimizer, schedule.

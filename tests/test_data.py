@@ -101,11 +101,11 @@ def test_a_changed_batch_order_is_not_resumed(tmp_path, toks):
     assert same.load_state_dict(state) is None and same.state_dict() == state
 
 
-def sampled_setup(tmp_path, toks, alpha=0.1, max_len=128, seed=5):
+def sampled_setup(tmp_path, toks, alpha=0.1, max_len=128, seed=5, sides="both"):
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"), max_len=max_len)
     source = DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE))
     best = load_corpus(source, toks, cfg, log=lambda *_: None)
-    return best, SubwordSampler(source, toks, cfg, best, alpha=alpha, nbest=-1, seed=seed)
+    return best, SubwordSampler(source, toks, cfg, best, alpha=alpha, nbest=-1, seed=seed, sides=sides)
 
 
 def pairs_of(corpus):
@@ -124,6 +124,18 @@ def test_subword_sampling_is_reproducible_and_keeps_the_text(tmp_path, toks):
         assert decode([p[side] for p in pairs_of(epoch1)]) == decode([p[side] for p in pairs_of(best)])
     # alpha 0.1 is a flat distribution over segmentations: more, shorter pieces
     assert epoch1.tgt_lengths.sum() > best.tgt_lengths.sum()
+
+
+@pytest.mark.parametrize("sampled, kept", [(0, 1), (1, 0)])
+def test_sampling_one_side_keeps_the_other_sides_best_pieces(tmp_path, toks, sampled, kept):
+    best, sampler = sampled_setup(tmp_path, toks, sides=("src", "tgt")[sampled])
+    one_side = pairs_of(sampler(1))
+    assert [p[kept] for p in one_side] == [p[kept] for p in pairs_of(best)]  # untouched, id for id
+    assert [p[sampled] for p in one_side] != [p[sampled] for p in pairs_of(best)]
+    # the sampled side draws what sampling both sides draws for it (the same seed per side)
+    assert [p[sampled] for p in one_side] == [p[sampled] for p in pairs_of(sampled_setup(tmp_path, toks)[1](1))]
+    decode = toks.src.decode_batch
+    assert decode([p[sampled] for p in one_side]) == decode([p[sampled] for p in pairs_of(best)])
 
 
 def test_sampled_segmentations_obey_the_length_filter(tmp_path, toks):

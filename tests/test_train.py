@@ -58,8 +58,9 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_cfg):
     assert checkpoint.load(tmp_path / "part" / "last.pt")["step"] == 20
 
 
-def test_subword_sampling_trains_on_new_pieces_and_resumes_exactly(tmp_path, tiny_cfg):
-    best, a, b = plain_full_and_resumed(tmp_path, tiny_cfg, 12, subword_alpha=0.2)
+@pytest.mark.parametrize("sides", ["both", "src"])
+def test_subword_sampling_trains_on_new_pieces_and_resumes_exactly(tmp_path, tiny_cfg, sides):
+    best, a, b = plain_full_and_resumed(tmp_path, tiny_cfg, 12, subword_alpha=0.2, subword_sides=sides)
     assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]  # the same draws after the resume
     assert checkpoint.load(tmp_path / "part" / "last.pt")["data"]["epoch"] > 1  # it crossed an epoch
     assert a[1] != best[1]  # other segmentations from the first batch on
