@@ -208,7 +208,7 @@ def pick_device(device: str = "auto", precision: str = "auto", threads: int = 0,
         if dev.type == "cuda":
             raise MtrainError(f"{setting}precision: bf16 is not supported by this GPU; use fp16 or fp32")
         raise MtrainError(f"{setting}precision: this CPU has no native bf16 (AVX512-BF16 or AMX), and emulated "
-                          f"bf16 is hundreds of times slower than fp32; use fp32 (or auto)")
+                          f"bf16 is about 100 times slower than fp32; use fp32 (or auto)")
     if precision == "fp16" and dev.type == "cpu":
         raise MtrainError(f"{setting}precision: fp16 autocast is for GPUs; use bf16 or fp32 on a CPU")
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
