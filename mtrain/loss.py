@@ -49,6 +49,11 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) 
 CHUNK_BYTES = 3 << 20
 
 
+def chunk_rows(vocab: int) -> int:
+    """Rows of fp32 logits over `vocab` in one CHUNK_BYTES chunk of `output_loss`."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
 class _OutputLoss(torch.autograd.Function):
     """The output layer (hidden @ weight^T) and `label_smoothed_loss` over chunks of rows, the gradients
     of hidden and weight accumulated chunk by chunk in the same pass (as Liger-Kernel's fused linear
@@ -59,8 +64,7 @@ class _OutputLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, eps):
-        V = weight.shape[0]
-        rows = max(1, CHUNK_BYTES // (4 * V))
+        rows = chunk_rows(weight.shape[0])
         need_grad = any(ctx.needs_input_grad[:2])
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
