@@ -1,7 +1,8 @@
-"""Run config variants one after another under one time budget and print a table to compare them.
+"""Run config variants one after another under one budget and print a table to compare them.
 
     python scripts/sweep.py configs/multi30k_en_de.yaml docs/sweeps/short.yaml --budget 8m \
         [--table docs/sweeps/results.md]
+    python scripts/sweep.py configs/multi30k_en_de.yaml docs/sweeps/short.yaml --steps 17800
 
 The variants file is YAML: a name per variant and its overrides, as `mtrain fit --set` takes them:
 
@@ -9,7 +10,11 @@ The variants file is YAML: a name per variant and its overrides, as `mtrain fit 
     linear: [train.schedule=linear, train.lr=2e-3]
 
 Each variant trains with `mtrain fit CONFIG --set train.max_time=BUDGET --set ...` into
-runs/sweep/NAME (one at a time: on a small machine, parallel runs would measure each other). The
+runs/sweep/NAME (one at a time: on a small machine, parallel runs would measure each other). With
+`--steps N` the budget is N updates instead (`train.max_steps=N`, no time limit): the budget-aware
+schedule is then a function of the step alone, so the result does not depend on this machine's
+speed or load, and another machine's hour can be ranked here by giving the updates it makes in
+an hour (the AVX512 CPU of docs/sweeps: ~17,800 for the Multi30k recipe). The
 table has, per variant: updates, epochs, target tokens/s (median over log intervals), the best
 validation BLEU seen during training (greedy), and the validation BLEU of final.pt (the checkpoint
 `fit` picks). Choose on validation only: the test set is for the final recipe.
@@ -49,11 +54,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("variants", help="YAML file: name -> list of KEY=VALUE overrides")
-    p.add_argument("--budget", default="10m", help="train.max_time of every variant")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget", help="train.max_time of every variant [10m]")
+    budget.add_argument("--steps", type=int, help="a budget of this many updates instead (train.max_steps, no time limit)")
     p.add_argument("--only", action="append", default=[], help="run only these variants (repeatable)")
     p.add_argument("--table", help="append the table (markdown) to this file")
     p.add_argument("--output", default="runs/sweep", help="parent of the run directories")
     args = p.parse_args()
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
+    if args.steps:
+        limit, budget_flag = ["train.max_time=\"\"", f"train.max_steps={args.steps}"], f"--steps {args.steps}"
+    else:
+        budget = args.budget or "10m"
+        limit, budget_flag = [f"train.max_time={budget}"], f"--budget {budget}"
     variants = yaml.safe_load(Path(args.variants).read_text())
     out = ROOT / args.output
     out.mkdir(parents=True, exist_ok=True)
@@ -62,9 +76,8 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         run_dir = Path(args.output) / name
-        cmd = [sys.executable, "-m", "mtrain", "fit", args.config, "--output", str(run_dir), "--overwrite",
-               "--set", f"train.max_time={args.budget}"]
-        for item in overrides or []:
+        cmd = [sys.executable, "-m", "mtrain", "fit", args.config, "--output", str(run_dir), "--overwrite"]
+        for item in limit + (overrides or []):
             cmd += ["--set", item]
         start = time.time()
         with open(out / f"{name}.log", "w") as log:
@@ -88,7 +101,7 @@ def main() -> int:
     print(table)
     if args.table:
         with open(args.table, "a", encoding="utf-8") as f:
-            f.write(f"\n`python scripts/sweep.py {args.config} {args.variants} --budget {args.budget}`\n\n{table}\n")
+            f.write(f"\n`python scripts/sweep.py {args.config} {args.variants} {budget_flag}`\n\n{table}\n")
     return 0
 
 
