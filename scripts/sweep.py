@@ -54,17 +54,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("variants", help="YAML file: name -> list of KEY=VALUE overrides")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget", help="train.max_time of every variant [10m]")
-    budget.add_argument("--steps", type=int, help="a budget of this many updates instead (train.max_steps, no time limit)")
+    limits = p.add_mutually_exclusive_group()
+    limits.add_argument("--budget", help="train.max_time of every variant [10m]")
+    limits.add_argument("--steps", type=int, help="a budget of this many updates instead (train.max_steps, no time limit)")
     p.add_argument("--only", action="append", default=[], help="run only these variants (repeatable)")
     p.add_argument("--table", help="append the table (markdown) to this file")
     p.add_argument("--output", default="runs/sweep", help="parent of the run directories")
     args = p.parse_args()
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be at least 1")
-    if args.steps:
-        limit, budget_flag = ["train.max_time=\"\"", f"train.max_steps={args.steps}"], f"--steps {args.steps}"
+    if args.steps is not None:
+        if args.steps < 1:
+            p.error("--steps must be at least 1")
+        limit, budget_flag = ['train.max_time=""', f"train.max_steps={args.steps}"], f"--steps {args.steps}"
     else:
         budget = args.budget or "10m"
         limit, budget_flag = [f"train.max_time={budget}"], f"--budget {budget}"
