@@ -55,7 +55,7 @@ def main() -> int:
     p.add_argument("config")
     p.add_argument("variants", help="YAML file: name -> list of KEY=VALUE overrides")
     limits = p.add_mutually_exclusive_group()
-    limits.add_argument("--budget", help="train.max_time of every variant [10m]")
+    limits.add_argument("--budget", default="10m", help="train.max_time of every variant [10m]")
     limits.add_argument("--steps", type=int, help="a budget of this many updates instead (train.max_steps, no time limit)")
     p.add_argument("--only", action="append", default=[], help="run only these variants (repeatable)")
     p.add_argument("--table", help="append the table (markdown) to this file")
@@ -66,8 +66,7 @@ def main() -> int:
             p.error("--steps must be at least 1")
         limit, budget_flag = ['train.max_time=""', f"train.max_steps={args.steps}"], f"--steps {args.steps}"
     else:
-        budget = args.budget or "10m"
-        limit, budget_flag = [f"train.max_time={budget}"], f"--budget {budget}"
+        limit, budget_flag = [f"train.max_time={args.budget}"], f"--budget {args.budget}"
     variants = yaml.safe_load(Path(args.variants).read_text())
     out = ROOT / args.output
     out.mkdir(parents=True, exist_ok=True)
