@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -35,8 +36,13 @@ def load(path: Path | str, map_location="cpu", trust: bool = False, mmap: bool =
     older mtrain checkpoint needs. `mmap` maps tensors instead of reading them: parts never touched
     (the optimizer's moments, when averaging) cost no memory."""
     path = Path(path)
+    if path.is_dir():  # most often a run's output folder; its final.pt is what the user meant
+        final = " (its final.pt?)" if (path / "final.pt").is_file() else ""
+        raise MtrainError(f"{path}: is a folder, expected a checkpoint file{final}")
     if not path.is_file():
         raise MtrainError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch's own error here (about mmap or a load key) misleads
+        raise MtrainError(f"{path}: not a readable checkpoint (not a torch zip archive: cut short, or another kind of file)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as e:

@@ -19,6 +19,12 @@ def test_truncated_foreign_and_missing_files_are_refused(tmp_path):
         checkpoint.load(tmp_path / "text.pt")
     with pytest.raises(MtrainError, match="none.pt: checkpoint not found"):
         checkpoint.load(tmp_path / "none.pt")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(MtrainError, match=r"run: is a folder, expected a checkpoint file$"):
+        checkpoint.load(tmp_path / "run")
+    checkpoint.save(tmp_path / "run" / "final.pt", {"model": {}})
+    with pytest.raises(MtrainError, match=r"run: is a folder, expected a checkpoint file \(its final.pt\?\)"):
+        checkpoint.load(tmp_path / "run")
     assert torch.equal(checkpoint.load(tmp_path / "ok.pt")["model"]["w"], torch.ones(3))
 
 
