@@ -133,7 +133,7 @@ class TrainConfig:
     schedule: str = "inverse_sqrt"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # §5.3
     eps: float = 1e-9  # §5.3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay, of weight matrices and embeddings only
     clip_norm: float = 1.0  # 0 = no clipping
     label_smoothing: float = 0.1  # §5.4
     max_steps: int = 0  # 0 = no limit; steps are optimizer updates
@@ -189,6 +189,8 @@ class TrainConfig:
             raise ValueError("ema must be in [0, 1): the decay per update, 0 = off")
         if not 0 <= self.subword_alpha < 1:
             raise ValueError("subword_alpha must be in [0, 1): 0 = off")
+        if self.weight_decay < 0:
+            raise ValueError("weight_decay must be >= 0: the decay per unit of learning rate, 0 = off")
         if self.rdrop < 0:
             raise ValueError("rdrop must be >= 0: the weight of the consistency term, 0 = off")
         if self.subword_sides not in ("both", "src", "tgt"):

@@ -38,6 +38,7 @@ def test_overrides_with_dotted_keys(tmp_path):
     ("train:\n  ema: 1.0\n", "cfg.yaml: train: ema must be in [0, 1)"),
     ("train:\n  subword_alpha: 1.5\n", "cfg.yaml: train: subword_alpha must be in [0, 1)"),
     ("train:\n  rdrop: -1\n", "cfg.yaml: train: rdrop must be >= 0"),
+    ("train:\n  weight_decay: -0.1\n", "cfg.yaml: train: weight_decay must be >= 0"),
     ("train:\n  subword_nbest: 1\n", "cfg.yaml: train: subword_nbest must be -1"),
     ("train:\n  subword_sides: source\n", "cfg.yaml: train: subword_sides must be both, src or tgt"),
     ("train:\n  schedule: step\n", "cfg.yaml: train: schedule must be inverse_sqrt, linear or cosine"),

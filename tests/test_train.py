@@ -58,6 +58,38 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_cfg):
     assert checkpoint.load(tmp_path / "part" / "last.pt")["step"] == 20
 
 
+def test_weight_decay_shrinks_matrices_and_embeddings_only():
+    from mtrain.config import ModelConfig
+    from mtrain.model import Transformer
+    from mtrain.train import param_groups
+    model = Transformer(ModelConfig(encoder_layers=1, decoder_layers=1, d_model=16, heads=2, ffn_dim=32), 50, 50, 0)
+    assert len(param_groups(model, 0.0)) == 1  # as checkpoints from before the option hold
+    groups = param_groups(model, 0.1)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(groups, lr=0.5, fused=True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own step is 0: what moves is the decay alone
+    opt.step()
+    names = dict(model.named_parameters())
+    shrunk = [n for n, p in names.items() if not torch.equal(p, before[n])]
+    assert "tgt_embed.weight" in shrunk and any("norm" in n for n in names) and any(n.endswith("bias") for n in names)
+    for n, p in names.items():
+        if p.dim() >= 2:  # decoupled: w <- w (1 - lr * wd)
+            torch.testing.assert_close(p.detach(), before[n] * (1 - 0.5 * 0.1), rtol=1e-6, atol=1e-7)
+        else:
+            assert n not in shrunk, n
+
+
+def test_weight_decay_changes_training_and_resumes_exactly(tmp_path, tiny_cfg):
+    plain, a, b = plain_full_and_resumed(tmp_path, tiny_cfg, 8, weight_decay=0.5)
+    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]
+    assert a[1] == plain[1] and a[8] != plain[8]  # the first loss precedes any update
+    # Turned on for the second half of a run, the optimizer state no longer fits: one line, no traceback.
+    with pytest.raises(MtrainError, match=r"plain[/\\]last\.pt: this run trained with train.weight_decay off"):
+        fit(tiny_cfg(max_steps=12, weight_decay=0.5), tmp_path / "plain", resume=True, log=lambda *_: None)
+
+
 @pytest.mark.parametrize("sides", ["both", "src"])
 def test_subword_sampling_trains_on_new_pieces_and_resumes_exactly(tmp_path, tiny_cfg, sides):
     best, a, b = plain_full_and_resumed(tmp_path, tiny_cfg, 12, subword_alpha=0.2, subword_sides=sides)
