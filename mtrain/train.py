@@ -273,9 +273,9 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW's parameter groups. Weight decay (decoupled, Loshchilov & Hutter 2019) shrinks the weight
-    matrices and embeddings only: pulling biases and LayerNorm gains towards 0 fights the
-    normalisation and regularises nothing (the no-decay lists of fairseq, nanoGPT and HF). Without
-    decay one group, as checkpoints from before this option hold."""
+    matrices and embeddings only: pulling biases and LayerNorm gains towards 0 works against the
+    normalisation rather than regularising (as nanoGPT and Hugging Face's Trainer leave them out).
+    Without decay one group, as checkpoints from before this option hold."""
     params = list(model.parameters())  # shared embeddings once
     if not weight_decay:
         return [{"params": params, "weight_decay": 0.0}]
