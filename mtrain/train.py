@@ -287,10 +287,7 @@ def restore(ckpt: dict, model, opt, dev: Device, ema, batches: Batches, world, s
     """Everything that decides the next update, back from a checkpoint; returns what makes its data
     position unusable (see Batches.load_state_dict), if anything."""
     model.load_state_dict(ckpt["model"])
-    decay = [g["weight_decay"] for g in opt.param_groups]
     opt.load_state_dict(ckpt["optimizer"])
-    for g, wd in zip(opt.param_groups, decay):  # the config's weight decay, not the checkpoint's
-        g["weight_decay"] = wd
     if ckpt["scaler"] and dev.scaler.is_enabled():  # empty when the run was not fp16 until now
         dev.scaler.load_state_dict(ckpt["scaler"])
     if ema is not None and ckpt.get("ema"):
