@@ -98,6 +98,9 @@ def fit(
     from mtrain.train import fit as fit_fn
     with user_errors():
         cfg = load_config(config, set_)
+        if cfg.data.train.empty:  # before any work: the device, the run directory
+            raise MtrainError(f"{config}: data.train: no training corpus given; write e.g. "
+                              "data: {train: {src: train.en, tgt: train.de}}")
         fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust)
 
 
