@@ -131,8 +131,11 @@ def translate(
     attention: Optional[Path] = typer.Option(None, "--attention", help="Write cross-attention heatmaps "
                                                                         "DIR/lineN.png (needs matplotlib)."),
     attention_limit: int = typer.Option(20, help="Heatmaps for the first N input lines."),
+    buffer_lines: Optional[int] = typer.Option(
+        None, help="Lines read, translated (sorted by length) and written at a time [2000; 1 when stdin is "
+                   "a terminal]. 1 answers each line before reading the next (a program feeding a pipe)."),
 ):
-    """Translate a file or stdin with beam search; one output line per input line, flushed per block."""
+    """Translate a file or stdin with beam search; one output line per input line, flushed per block of lines."""
     from mtrain.translate import Inspect, Sampling, run_translate
     with user_errors():
         sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
@@ -140,7 +143,7 @@ def translate(
         run_translate(checkpoint, input, output, device, precision,
                       dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,
                            max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram),
-                      sampling, trust, inspect)
+                      sampling, trust, inspect, buffer_lines)
 
 
 @app.command()

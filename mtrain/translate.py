@@ -103,16 +103,18 @@ class Inspect:
 
 
 def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, cfg: DecodeConfig,
-                    dev: Device, sampling: Sampling | None = None, inspect: Inspect | None = None) -> Iterator[str]:
+                    dev: Device, sampling: Sampling | None = None, inspect: Inspect | None = None,
+                    block: int = BLOCK) -> Iterator[str]:
     """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1;
-    `TEXT ||| ALIGNMENT` with inspect.alignment)."""
+    `TEXT ||| ALIGNMENT` with inspect.alignment). Reads `block` lines at a time and yields all their
+    outputs before reading more, so that block=1 answers each line before the next is read."""
     if inspect and inspect.alignment and cfg.nbest > 1:
         raise MtrainError("--alignment works with one translation per line, not --nbest")
     model.eval()
     index = 0
     lines = iter(lines)
-    while block := list(itertools.islice(lines, BLOCK)):
-        text = [line.rstrip("\r\n").strip() for line in block]
+    while chunk := list(itertools.islice(lines, block)):
+        text = [line.rstrip("\r\n").strip() for line in chunk]
         todo = [i for i, t in enumerate(text) if t]  # empty lines stay empty, and cost nothing
         ids = toks.src.encode_batch([text[i] for i in todo])
         long = sum(len(x) >= model.cfg.max_positions - 1 for x in ids)
@@ -151,8 +153,10 @@ def with_overrides(cfg: DecodeConfig, **changes) -> DecodeConfig:
 
 def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path | None, device: str,
                   precision: str, decode_flags: dict, sampling: Sampling | None, trust: bool = False,
-                  inspect: Inspect | None = None) -> None:
+                  inspect: Inspect | None = None, buffer_lines: int | None = None) -> None:
     """`mtrain translate`: load (and average) checkpoints, stream lines from a file or stdin.
+    `buffer_lines` lines are read, translated and written at a time (None: one at a time when stdin
+    is a terminal, so that each typed line is answered at once, else BLOCK).
     A file output appears whole when every line is translated, or not at all: an error on line 2000
     leaves no half-written file (and an older file of that name untouched)."""
     from mtrain.checkpoint import load_for_inference
@@ -161,6 +165,10 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
 
     if not checkpoints:
         raise MtrainError("--checkpoint: give at least one checkpoint")
+    if buffer_lines is None:
+        buffer_lines = 1 if input is None and sys.stdin.isatty() else BLOCK
+    if buffer_lines < 1:
+        raise MtrainError(f"--buffer-lines: must be >= 1, got {buffer_lines}")
     if output is not None:
         check_parent(output, "output")
     if input is not None and (not input.exists() or input.is_dir()):
@@ -171,7 +179,7 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
     decode = with_overrides(cfg.decode, **decode_flags)
     lines = open_text(input if input is not None else "-")
     with atomic_write(output, "w", "output") if output is not None else contextlib.nullcontext(sys.stdout) as out:
-        for line in translate_lines(lines, model, toks, decode, dev, sampling, inspect):
+        for line in translate_lines(lines, model, toks, decode, dev, sampling, inspect, buffer_lines):
             out.write(line + "\n")
             if out is sys.stdout:
                 out.flush()  # each block reaches the next command of the pipe at once

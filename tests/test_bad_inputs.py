@@ -146,6 +146,7 @@ CASES = [
     ("tr-input-utf8", "translate -c {d}/run/last.pt -i {d}/bad.txt -o {out}", b"", "bad.txt:3: invalid UTF-8"),
     ("tr-stdin-utf8", "translate -c {d}/run/last.pt -o {out}", b"ok\n\xff\n", "stdin:2: invalid UTF-8"),
     ("tr-output-dir", "translate -c {d}/run/last.pt -o {d}/no/such/dir/out.de", b"a\n", "does not exist"),
+    ("tr-buffer-zero", "translate -c {d}/run/last.pt --buffer-lines 0 -o {out}", b"a\n", "--buffer-lines: must be >= 1"),
     ("tr-beam-zero", "translate -c {d}/run/last.pt --beam 0 -o {out}", b"a\n", "beam and nbest must be >= 1"),
     ("tr-nbest", "translate -c {d}/run/last.pt --beam 2 --nbest 3 -o {out}", b"a\n", "nbest (3) cannot exceed"),
     ("tr-temperature", "translate -c {d}/run/last.pt --sample --temperature 0 -o {out}", b"a\n", "--temperature"),

@@ -62,17 +62,59 @@ def test_pipe_average_and_score(trained):
         assert torch.allclose(value, (first[name] + second[name]) / 2, atol=1e-6), name
 
 
-def test_sampling_continues_its_stream_across_blocks(trained, monkeypatch):
-    import mtrain.translate as translate_module
+def test_sampling_continues_its_stream_across_blocks(trained):
     from mtrain.translate import Sampling
     model, toks, cfg = checkpoint.load_for_inference([trained / "final.pt"])
-    monkeypatch.setattr(translate_module, "BLOCK", 4)
     lines = ["a man is walking ."] * 4
     dev = pick_device("cpu", "fp32")
     sampling = dict(temperature=3.0, seed=5)
-    twice = list(translate_lines(lines * 2, model, toks, DecodeConfig(max_len_b=8), dev, Sampling(**sampling)))
-    assert twice[:4] == list(translate_lines(lines, model, toks, DecodeConfig(max_len_b=8), dev, Sampling(**sampling)))
+    twice = list(translate_lines(lines * 2, model, toks, DecodeConfig(max_len_b=8), dev, Sampling(**sampling),
+                                 block=4))
+    assert twice[:4] == list(translate_lines(lines, model, toks, DecodeConfig(max_len_b=8), dev, Sampling(**sampling),
+                                             block=4))
     assert twice[4:] != twice[:4]  # the second block draws new samples, not the first block's again
+
+
+def test_blocks_of_one_answer_each_line_before_reading_the_next(trained):
+    model, toks, cfg = checkpoint.load_for_inference([trained / "final.pt"])
+    read = []
+
+    def lines():
+        for i, line in enumerate(["a man .", "", "a dog .", "a boy ."]):
+            read.append(i)
+            yield line
+
+    out = translate_lines(lines(), model, toks, DecodeConfig(beam=2, max_len_b=5), pick_device("cpu", "fp32"), block=1)
+    seen = []
+    for line in out:
+        seen.append((line, len(read)))
+    assert [n for _, n in seen] == [1, 2, 3, 4]  # line i's output came before line i+1 was read
+    assert seen[1][0] == "" and all(text for i, (text, _) in enumerate(seen) if i != 1)
+    read.clear()
+    assert len(list(translate_lines(lines(), model, toks, DecodeConfig(beam=2, max_len_b=5),
+                                    pick_device("cpu", "fp32")))) == 4 and read == [0, 1, 2, 3]
+
+
+def test_a_terminal_gets_each_line_translated_as_it_is_typed(trained):
+    """With stdin a terminal, a typed line is answered while stdin is still open (no 2,000-line wait)."""
+    import os
+    import pty
+    import select
+    primary, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "mtrain", "translate", "-c", str(trained / "final.pt"),
+                             "--beam", "2", "--max-len-b", "5"], stdin=terminal, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(terminal)
+    try:
+        os.write(primary, b"a man .\n")
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "no translation while stdin stayed open"
+        assert proc.stdout.readline().strip()
+        os.write(primary, b"\x04")  # end of input: Ctrl-D
+        assert proc.wait(120) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        os.close(primary)
 
 
 @pytest.mark.parametrize("kwargs, message", [
