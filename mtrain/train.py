@@ -72,6 +72,11 @@ def planned_updates(step: int, elapsed_s: float, budget_s: float, max_steps: int
 PLAN_EVERY = 25  # updates between re-estimates of a time budget's plan
 
 
+def progress(elapsed_s: float, budget_s: float) -> str:
+    """Training time so far, against train.max_time when there is one: '12.5 of 60.0 min'."""
+    return f"{elapsed_s / 60:.1f}" + (f" of {budget_s / 60:.1f}" if math.isfinite(budget_s) else "") + " min"
+
+
 def batch_loss(model, batch, eps: float, pad: int, rdrop: float = 0.0) -> torch.Tensor:
     """Summed training loss of one batch; `model` may be wrapped in DistributedDataParallel."""
     real = batch.tgt_out != pad
@@ -466,6 +471,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                 # Every process must apply the same learning rate: they agree on one plan.
                 state["plan"] = world.max(planned_updates(state["step"], elapsed_start + time.time(),
                                                           tc.max_seconds, tc.max_steps))
+                bar.total = state["plan"]  # the progress bar's end and time left follow the plan
             # The schedule counts applied updates only.
             lr = lr_at(state["step"] + 1, tc.warmup, tc.lr, tc.schedule, state["plan"])
             for group in opt.param_groups:
@@ -507,9 +513,10 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                           "clipped": sum(n > tc.clip_norm for n in norms) / len(norms) if tc.clip_norm else 0.0}
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 gnorm=f"{record['grad_norm']:.2f}")
-                if bar.disable and world.main:
+                if bar.disable and world.main:  # a log file instead of a terminal: how far, in the line
                     print(f"step {step}: loss {loss:.3f}, lr {lr:.2e}, {record['tokens_per_s']:.0f} tok/s, "
-                          f"grad norm {record['grad_norm']:.2f}, epoch {batches.epoch}", flush=True)
+                          f"grad norm {record['grad_norm']:.2f}, epoch {batches.epoch}, "
+                          f"{progress(elapsed_start + now, tc.max_seconds)}", flush=True)
                 loss_sum.zero_()
                 norms.clear()
                 tok_count, interval_start = 0, now

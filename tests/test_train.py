@@ -413,6 +413,17 @@ def test_budget_schedules_decay_to_zero_at_the_plan():
     assert lr_at(400, w, peak, "inverse_sqrt", total) == pytest.approx(peak * 0.5)  # total is ignored
 
 
+def test_log_lines_say_how_much_of_the_time_budget_is_spent(tmp_path, tiny_cfg, capsys):
+    from mtrain.train import progress
+    assert progress(750.0, 3600.0) == "12.5 of 60.0 min"
+    assert progress(90.0, float("inf")) == "1.5 min"
+    fit(tiny_cfg(max_steps=4, log_every=2, max_time="10m"), tmp_path / "run", log=lambda *_: None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tok/s" in line]  # no terminal: no bar
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"]
+    spent = [float(line.rsplit(", ", 1)[1].split()[0]) for line in lines]
+    assert all(line.endswith(" of 10.0 min") for line in lines) and 0 <= spent[0] <= spent[1] < 10
+
+
 def test_time_budget_plan_is_re_estimated_from_the_measured_speed():
     from mtrain.train import planned_updates
     assert planned_updates(0, 0.0, 600.0, 0) == 0  # nothing measured yet
