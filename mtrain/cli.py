@@ -150,7 +150,9 @@ def translate(
 def score(
     hyp: Optional[Path] = typer.Argument(None, help="Hypotheses [stdin]."),
     ref: List[Path] = typer.Option(..., "--ref", "-r", help="Reference file; repeat for several references."),
-    metrics: str = typer.Option("bleu,chrf,ter", help="Comma-separated: bleu, chrf, ter."),
+    metrics: str = typer.Option("bleu,chrf,ter", help="Comma-separated: bleu, chrf, chrf++, ter."),
+    lowercase: bool = typer.Option(False, "--lowercase", "-lc", help="Case-insensitive BLEU and chrF (TER is by default)."),
+    tokenize: str = typer.Option("13a", help="BLEU's tokenizer: 13a, intl, char, zh, none, ... (sacreBLEU's -tok)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     compare: Optional[Path] = typer.Option(None, help="A second system: paired bootstrap test against HYP."),
 ):
@@ -162,9 +164,9 @@ def score(
         refs = [_read_lines(r) for r in ref]
         scoring.check_lengths(hyps, refs, str(hyp or "stdin"), [str(r) for r in ref])
         if compare is not None:
-            typer.echo(scoring.compare(hyps, _read_lines(compare), refs, names))
+            typer.echo(scoring.compare(hyps, _read_lines(compare), refs, names, lowercase, tokenize))
             return
-        results = scoring.score(hyps, refs, names)
+        results = scoring.score(hyps, refs, names, lowercase, tokenize)
         if as_json:
             typer.echo(json.dumps({s.name: {"score": round(s.value, 4), "signature": s.signature} for s in results}))
         else:

@@ -9,7 +9,8 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 
 from mtrain.errors import MtrainError
 
-METRICS = {"bleu": BLEU, "chrf": CHRF, "ter": TER}
+METRICS = ("bleu", "chrf", "chrf++", "ter")
+TOKENIZERS = tuple(BLEU.TOKENIZERS)  # BLEU's tokenizers: 13a (sacreBLEU's default), intl, char, zh, ...
 
 
 @dataclass
@@ -20,10 +21,23 @@ class Score:
     signature: str
 
 
-def _metric(name: str):
+def _metric(name: str, lowercase: bool = False, tokenize: str = "13a"):
+    """sacreBLEU's metric object with sacreBLEU's defaults. lowercase applies to BLEU and chrF; TER is
+    case-insensitive already by sacreBLEU's default. tokenize applies to BLEU (chrF and TER have their
+    own fixed tokenization). chrF++ is chrF with word bigrams (Popović 2017)."""
     if name not in METRICS:
         raise MtrainError(f"--metrics: unknown metric '{name}' (known: {', '.join(METRICS)})")
-    return METRICS[name]()
+    if tokenize not in TOKENIZERS:  # checked whichever metrics are asked for: a typo is never ignored
+        raise MtrainError(f"--tokenize: unknown tokenizer '{tokenize}' (known: {', '.join(TOKENIZERS)})")
+    if name == "ter":
+        return TER()
+    if name != "bleu":
+        return CHRF(word_order=2 if name == "chrf++" else 0, lowercase=lowercase)
+    try:
+        return BLEU(lowercase=lowercase, tokenize=tokenize)
+    except Exception as e:  # ja-mecab / ko-mecab need extra packages, flores* download a model
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise MtrainError(f"--tokenize {tokenize}: {reason or type(e).__name__}") from None
 
 
 def check_lengths(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], hyp_name: str = "hypotheses",
@@ -34,11 +48,11 @@ def check_lengths(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], hyp_n
             raise MtrainError(f"line counts differ: {hyp_name} has {len(hyps)} lines, {name} has {len(refs)}")
 
 
-def score(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], metrics: Sequence[str] = ("bleu", "chrf", "ter")) -> list[Score]:
+def score(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], metrics: Sequence[str] = ("bleu", "chrf", "ter"),
+          lowercase: bool = False, tokenize: str = "13a") -> list[Score]:
     check_lengths(hyps, refs_list)
     out = []
-    for name in metrics:
-        metric = _metric(name)
+    for metric, name in [(_metric(name, lowercase, tokenize), name) for name in metrics]:
         result = metric.corpus_score(list(hyps), [list(r) for r in refs_list])
         out.append(Score(name, float(result.score), str(result), str(metric.get_signature())))
     return out
@@ -49,13 +63,13 @@ def bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def compare(baseline: Sequence[str], other: Sequence[str], refs_list: Sequence[Sequence[str]],
-            metrics: Sequence[str] = ("bleu", "chrf", "ter")) -> str:
+            metrics: Sequence[str] = ("bleu", "chrf", "ter"), lowercase: bool = False, tokenize: str = "13a") -> str:
     """sacreBLEU's paired bootstrap resampling test (Koehn 2004) between two systems, as text."""
     from sacrebleu.significance import PairedTest
 
     check_lengths(baseline, refs_list, "baseline")
     check_lengths(other, refs_list, "--compare")
-    named = {name: _metric(name) for name in metrics}
+    named = {name: _metric(name, lowercase, tokenize) for name in metrics}
     test = PairedTest([("baseline", list(baseline)), ("other", list(other))], named,
                       references=[list(r) for r in refs_list], test_type="bs", n_samples=1000)
     signatures, results = test()

@@ -161,6 +161,7 @@ CASES = [
     ("score-ref-missing", "score --ref {d}/none.de {d}/hyp3.txt", b"", "none.de: file not found"),
     ("score-lines", "score --ref " + str(SAMPLE_DE) + " {d}/hyp3.txt", b"", "has 3 lines"),
     ("score-metric", "score --ref {d}/hyp3.txt --metrics bleurt {d}/hyp3.txt", b"", "unknown metric"),
+    ("score-tokenizer", "score --ref {d}/hyp3.txt --tokenize moses {d}/hyp3.txt", b"", "--tokenize: unknown tokenizer"),
     ("score-utf8", "score --ref {d}/hyp3.txt {d}/bad.txt", b"", "bad.txt:3: invalid UTF-8"),
     ("score-compare-missing", "score --ref {d}/hyp3.txt {d}/hyp3.txt --compare {d}/none.txt", b"", "none.txt"),
     # average
