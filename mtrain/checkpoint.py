@@ -86,6 +86,23 @@ def average(paths: Sequence[Path | str], trust: bool = False) -> dict:
     return {**first, "model": averaged, "averaged_from": [str(p) for p in paths]}
 
 
+def check_average_output(output: Path | str, inputs: Sequence[Path | str], trust: bool = False) -> None:
+    """Refuse to write an average (model weights only) over a file that training needs: one of the
+    inputs, or any checkpoint holding the optimizer state and data position that `fit --resume` reads."""
+    output = Path(output)
+    if not output.is_file():
+        return
+    if any(Path(p).is_file() and output.samefile(p) for p in inputs):
+        raise MtrainError(f"-o {output}: is one of the checkpoints being averaged; write the average to another file")
+    try:
+        state = load(output, trust=trust, mmap=True)
+    except MtrainError:  # not a checkpoint (or an unreadable one): an ordinary output file to replace
+        return
+    if "optimizer" in state:
+        raise MtrainError(f"-o {output}: is a training checkpoint that fit --resume needs (step {state.get('step')}); "
+                          f"write the average to another file")
+
+
 def build_model(state: dict, toks: Tokenizers) -> Transformer:
     cfg = config_from_dict(state["config"], "checkpoint config")
     model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad)

@@ -185,8 +185,9 @@ def average(
     from mtrain.files import check_parent
     with user_errors():
         check_parent(output, "averaged checkpoint")
+        ckpt.check_average_output(output, checkpoints, trust)
         ckpt.save(output, ckpt.average(checkpoints, trust))
-        typer.echo(f"averaged {len(checkpoints)} checkpoints into {output}")
+        typer.echo(f"averaged {len(checkpoints)} checkpoint{'s' * (len(checkpoints) > 1)} into {output}")
 
 
 @app.command()

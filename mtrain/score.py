@@ -42,6 +42,8 @@ def _metric(name: str, lowercase: bool = False, tokenize: str = "13a"):
 
 def check_lengths(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], hyp_name: str = "hypotheses",
                   ref_names: Sequence[str] = ()) -> None:
+    if not hyps:  # sacreBLEU fails on an empty corpus with an IndexError
+        raise MtrainError(f"{hyp_name}: no lines to score")
     for i, refs in enumerate(refs_list):
         if len(refs) != len(hyps):
             name = ref_names[i] if i < len(ref_names) else f"reference {i + 1}"

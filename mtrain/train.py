@@ -338,6 +338,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
     if len(train_data) == 0:
         raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
+    if valid is not None and len(valid) == 0:  # found now, not at the first validation, hours in
+        raise MtrainError(f"{cfg.data.valid.describe()}: no validation pairs (every line empty)")
     if world.main:  # only now, with the data read, does the run directory fill
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")

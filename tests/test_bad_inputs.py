@@ -67,10 +67,12 @@ def world(tmp_path_factory, spm_model):
 
     torch.save({"format": "mtrain", "version": 2, "x": Evil()}, d / "evil.pt")
 
-    def config(name, data_train=None, **changes):
+    def config(name, data_train=None, data_valid=None, **changes):
         raw = tiny_raw(d, spm_model, max_steps=2)
         if data_train is not None:
             raw["data"]["train"] = data_train
+        if data_valid is not None:
+            raw["data"]["valid"] = data_valid
         for dotted, value in changes.items():
             section, key = dotted.split("__")
             raw[section][key] = value
@@ -81,6 +83,7 @@ def world(tmp_path_factory, spm_model):
     config("bad_utf8.yaml", {"src": str(SAMPLE_EN), "tgt": str(d / "bad20.de")})
     config("tsv3.yaml", {"tsv": str(d / "three.tsv")})
     config("all_empty.yaml", {"src": str(d / "blank.txt"), "tgt": str(d / "blank.txt")})
+    config("valid_empty.yaml", data_valid={"src": str(d / "blank.txt"), "tgt": str(d / "blank.txt")})
     config("bad_spm.yaml", tokenizer__model=str(d / "notspm.model"))
     (d / "foreign_dir").mkdir()
     (d / "foreign_dir" / "model.pt").write_bytes(b"theirs")
@@ -131,6 +134,7 @@ CASES = [
     ("fit-data-utf8", "fit {d}/bad_utf8.yaml -o {out}", b"", "bad20.de:3: invalid UTF-8"),
     ("fit-tsv-fields", "fit {d}/tsv3.yaml -o {out}", b"", "three.tsv:1: expected 2 tab-separated fields"),
     ("fit-all-empty", "fit {d}/all_empty.yaml -o {out}", b"", "no training pairs"),
+    ("fit-valid-empty", "fit {d}/valid_empty.yaml -o {out}", b"", "blank.txt: no validation pairs"),
     ("fit-not-spm", "fit {d}/bad_spm.yaml -o {out}", b"", "notspm.model: not a SentencePiece model"),
     ("fit-resume-nothing", "fit {d}/good.yaml -o {out} --resume", b"", "nothing to resume"),
     ("fit-run-exists", "fit {d}/good.yaml -o {d}/run", b"", "already holds a run"),
@@ -162,12 +166,17 @@ CASES = [
     ("score-lines", "score --ref " + str(SAMPLE_DE) + " {d}/hyp3.txt", b"", "has 3 lines"),
     ("score-metric", "score --ref {d}/hyp3.txt --metrics bleurt {d}/hyp3.txt", b"", "unknown metric"),
     ("score-tokenizer", "score --ref {d}/hyp3.txt --tokenize moses {d}/hyp3.txt", b"", "--tokenize: unknown tokenizer"),
+    ("score-empty", "score --ref {d}/empty.txt {d}/empty.txt", b"", "empty.txt: no lines to score"),
+    ("score-empty-stdin", "score --ref {d}/empty.txt", b"", "stdin: no lines to score"),
     ("score-utf8", "score --ref {d}/hyp3.txt {d}/bad.txt", b"", "bad.txt:3: invalid UTF-8"),
     ("score-compare-missing", "score --ref {d}/hyp3.txt {d}/hyp3.txt --compare {d}/none.txt", b"", "none.txt"),
     # average
     ("avg-missing", "average {d}/run/ckpt_2.pt {d}/none.pt -o {out}", b"", "none.pt: checkpoint not found"),
     ("avg-mismatch", "average {d}/run/ckpt_2.pt {d}/other/ckpt_2.pt -o {out}", b"", "does not match"),
     ("avg-output-dir", "average {d}/run/ckpt_2.pt {d}/run/ckpt_4.pt -o {d}/no/dir/avg.pt", b"", "does not exist"),
+    ("avg-onto-input", "average {d}/run/ckpt_2.pt {d}/run/ckpt_4.pt -o {d}/run/ckpt_4.pt", b"",
+     "is one of the checkpoints being averaged"),
+    ("avg-onto-last", "average {d}/run/ckpt_2.pt -o {d}/run/last.pt", b"", "a training checkpoint that fit --resume needs"),
     ("avg-evil", "average {d}/evil.pt -o {out}", b"", "--trust-checkpoint"),
 ]
 
@@ -194,6 +203,24 @@ def test_malformed_input_is_one_line(world, tmp_path, monkeypatch, capfd, name, 
 def test_there_are_at_least_forty_cases():
     assert len(CASES) >= 40
     assert {c[1].split()[0] for c in CASES} == {"tokenize", "fit", "translate", "score", "average"}
+
+
+def test_average_replaces_an_ordinary_file_but_never_a_training_checkpoint(world, tmp_path, monkeypatch, capfd):
+    last = (world / "run" / "last.pt").read_bytes()
+    for target in (world / "run" / "last.pt", world / "run" / "ckpt_4.pt"):
+        before = target.read_bytes()
+        code, _, err = run_main(["average", world / "run" / "ckpt_2.pt", world / "run" / "ckpt_4.pt", "-o", target],
+                                monkeypatch, capfd)
+        assert code == 1 and "another file" in err and target.read_bytes() == before
+    assert (world / "run" / "last.pt").read_bytes() == last
+    out = tmp_path / "avg.pt"
+    out.write_text("an old file that is not a checkpoint")
+    code, stdout, _ = run_main(["average", world / "run" / "ckpt_2.pt", "-o", out], monkeypatch, capfd)
+    assert code in (0, None) and "averaged 1 checkpoint into" in stdout
+    assert set(checkpoint.load(out)) >= {"model", "config"} and "optimizer" not in checkpoint.load(out)
+    code, stdout, _ = run_main(["average", world / "run" / "ckpt_2.pt", world / "run" / "ckpt_4.pt", "-o", out],
+                               monkeypatch, capfd)  # an earlier average is not a training checkpoint
+    assert code in (0, None) and "averaged 2 checkpoints" in stdout
 
 
 def translate(world, monkeypatch, capfd, data: bytes, *extra) -> tuple[int, list[str], str]:
