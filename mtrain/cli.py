@@ -60,6 +60,11 @@ def _read_lines(path: Optional[Path]) -> list[str]:
     return list(open_text(path if path is not None else "-"))
 
 
+def _symbols(text: Optional[str]) -> Optional[list[str]]:
+    """--user-symbols a,b, -> [a, b]: a trailing or doubled comma is not a symbol."""
+    return [x for x in text.split(",") if x] if text else None
+
+
 @app.command()
 def tokenize(
     input: List[Path] = typer.Option(None, "--input", "-i", help="Text file (plain or .gz); repeat for several."),
@@ -80,7 +85,7 @@ def tokenize(
         for line in run_tokenize(input or [], output, config, set_, per_language, vocab_size=vocab_size,
                                  model_type=model_type, character_coverage=character_coverage,
                                  input_sentence_size=input_sentence_size, shuffle_input_sentence=False if no_shuffle else None,
-                                 user_defined_symbols=user_symbols.split(",") if user_symbols else None):
+                                 user_defined_symbols=_symbols(user_symbols)):
             typer.echo(line)
 
 
@@ -224,7 +229,7 @@ def info(
 @app.command()
 def plot(
     runs: List[Path] = typer.Argument(..., help="Run directories (with metrics.jsonl); in progress is fine."),
-    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="PNG to write."),
+    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="Picture to write: .png, .svg, .pdf ..."),
 ):
     """Training curves: loss, validation loss and BLEU, learning rate, against updates and wall time."""
     from mtrain.plot import plot_runs

@@ -85,6 +85,9 @@ class TokenizerConfig:
             raise ValueError("vocab_size must be >= 8")
         if not 0 < self.character_coverage <= 1:
             raise ValueError("character_coverage must be in (0, 1]")
+        symbols = [str(x) for x in self.user_defined_symbols]
+        if any(not x.strip() for x in symbols) or len(set(symbols)) < len(symbols):
+            raise ValueError(f"user_defined_symbols must be distinct and not blank, got {symbols}")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,23 @@ def build_spec(model, toks):
     return spec
 
 
+# What spec.save and export_ctranslate2 write: only a folder holding nothing else is replaced.
+EXPORT_FILES = {"model.bin", "config.json", "shared_vocabulary.json", "source_vocabulary.json",
+                "target_vocabulary.json", "shared_vocabulary.txt", "source_vocabulary.txt",
+                "target_vocabulary.txt", "source.spm", "target.spm"}
+
+
+def check_export_dir(out_dir: Path) -> None:
+    """The output folder is replaced whole; refuse one that holds anything else (a run directory)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MtrainError(f"--ctranslate2 {out_dir}: is a file; give a folder for the CTranslate2 model")
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES) if out_dir.is_dir() else []
+    if others:
+        raise MtrainError(f"--ctranslate2 {out_dir}: holds files export did not write ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); give a new or an earlier export's folder")
+
+
 def export_ctranslate2(checkpoint: Path, out_dir: Path, quantization: str | None = None, trust: bool = False) -> str:
     """Write a CTranslate2 model directory (model.bin, vocabularies, config.json) plus the
     SentencePiece model(s) as source.spm / target.spm; returns a summary line."""
@@ -102,6 +119,7 @@ def export_ctranslate2(checkpoint: Path, out_dir: Path, quantization: str | None
 
     require_ctranslate2()
     check_parent(out_dir, "export")
+    check_export_dir(out_dir)
     model, toks, cfg = load_for_inference([checkpoint], trust)
     with torch.no_grad():
         spec = build_spec(model.float(), toks)

@@ -28,6 +28,11 @@ def plot_runs(run_dirs: Sequence[Path], output: Path) -> str:
             raise MtrainError(f"{run}: no metrics.jsonl (not an mtrain run directory, or not started yet)")
         runs[Path(run).name or str(run)] = read_metrics(path)
     plt = require_matplotlib()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if output.suffix.lstrip(".").lower() not in formats:  # before the work, not as savefig's traceback
+        raise MtrainError(f"-o {output}: give a picture file ending in .png, .svg or .pdf "
+                          f"(matplotlib writes {', '.join(sorted(formats))})")
     fig, axes = plt.subplots(2, len(PANELS), figsize=(4 * len(PANELS), 6.5), squeeze=False)
     for name, records in runs.items():
         for col, (key, title) in enumerate(PANELS):

@@ -99,6 +99,8 @@ class Inspect:
             require_matplotlib()
             if not self.attention_dir.parent.is_dir():
                 raise MtrainError(f"{self.attention_dir.parent}: directory for --attention does not exist")
+            if self.attention_dir.exists() and not self.attention_dir.is_dir():
+                raise MtrainError(f"--attention {self.attention_dir}: is a file; give a folder for the heatmaps")
             self.attention_dir.mkdir(exist_ok=True)
 
 

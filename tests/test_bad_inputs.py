@@ -110,6 +110,8 @@ CASES = [
     ("tok-model-type", "tokenize -i " + str(SAMPLE_EN) + " --model-type word -o {out}", b"", "model_type"),
     ("tok-coverage", "tokenize -i " + str(SAMPLE_EN) + " --character-coverage 1.5 -o {out}", b"",
      "character_coverage"),
+    ("tok-symbols-twice", "tokenize -i " + str(SAMPLE_EN) + " --user-symbols a,a -o {out}", b"",
+     "user_defined_symbols must be distinct"),
     ("tok-empty", "tokenize -i {d}/empty.txt -o {out}", b"", "no text to train a tokenizer on"),
     ("tok-no-input", "tokenize -o {out}", b"", "--input: give at least one"),
     ("tok-no-output", "tokenize -i " + str(SAMPLE_EN), b"", "--output: give the output prefix"),
@@ -160,6 +162,8 @@ CASES = [
     ("tr-device", "translate -c {d}/run/last.pt --device tpu -o {out}", b"a\n", "--device: must be auto"),
     ("tr-fp16-cpu", "translate -c {d}/run/last.pt --device cpu --precision fp16 -o {out}", b"a\n", "fp16"),
     ("tr-precision", "translate -c {d}/run/last.pt --precision fp8 -o {out}", b"a\n", "--precision: must be"),
+    ("tr-attention-file", "translate -c {d}/run/last.pt --attention {d}/hyp3.txt -o {out}", b"a\n",
+     "hyp3.txt: is a file; give a folder"),
     ("tr-bad-flag", "translate -c {d}/run/last.pt --bogus", b"a\n", "No such option"),
     # score
     ("score-ref-missing", "score --ref {d}/none.de {d}/hyp3.txt", b"", "none.de: file not found"),

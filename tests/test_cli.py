@@ -32,6 +32,13 @@ def test_tokenize_reports_and_writes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "spm.model").is_file() and (tmp_path / "spm.vocab").is_file()
     assert "pieces/sentence" in r.stdout and "unknown rate" in r.stdout
+    r = mtrain("tokenize", "--input", SAMPLE_EN, "--vocab-size", 60, "--user-symbols", ",<x>,,<y>,",
+               "--output", tmp_path / "sym")  # empty fields of a stray comma are not symbols
+    assert r.returncode == 0, r.stderr
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sym.model"))
+    assert {"<x>", "<y>"} <= set(sp.encode("a<x>b<y>", out_type=str))  # each kept as one piece
+    assert [sp.id_to_piece(i) for i in (4, 5)] == ["<x>", "<y>"]  # the two symbols, no empty one
     r = mtrain("tokenize", "--input", SAMPLE_EN, "--input", SAMPLE_DE, "--vocab-size", 60, "--per-language",
                "--output", tmp_path / "lang")
     assert r.returncode == 0, r.stderr
@@ -106,3 +113,8 @@ def test_info_and_plot_of_a_run(tmp_path, spm_model):
     assert "run (4 updates)" in r.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line_error(mtrain("plot", tmp_path, "-o", tmp_path / "c.png"), "no metrics.jsonl")
+    for name in ("curves.txt", "curves"):  # matplotlib would fail after the work, with a traceback
+        assert_one_line_error(mtrain("plot", tmp_path / "run", "-o", tmp_path / name), "give a picture file")
+        assert not (tmp_path / name).exists()
+    r = mtrain("plot", tmp_path / "run", "-o", tmp_path / "curves.svg")
+    assert r.returncode == 0 and (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")

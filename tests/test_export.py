@@ -44,6 +44,28 @@ def test_ctranslate2_gives_mtrains_tokens(trained, tmp_path):
         assert theirs == ours, beam
 
 
+def test_export_replaces_only_an_earlier_export(trained, tmp_path):
+    """The folder is replaced whole, so one holding anything else (a run directory) is refused, intact."""
+    from mtrain.export import export_ctranslate2
+    run = trained.parent
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(MtrainError, match=r"holds files export did not write \(best\.pt, ckpt_"):
+        export_ctranslate2(trained, run)
+    assert sorted(p.name for p in run.iterdir()) == before
+    with pytest.raises(MtrainError, match="is a file; give a folder"):
+        export_ctranslate2(trained, trained)
+    assert checkpoint.load(trained)["model"]
+    out = tmp_path / "ct2"
+    export_ctranslate2(trained, out)
+    first = (out / "model.bin").stat().st_mtime_ns
+    export_ctranslate2(trained, out, quantization="int8")  # an earlier export is replaced
+    assert (out / "model.bin").stat().st_mtime_ns >= first and not list(tmp_path.glob(".ct2*"))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MtrainError, match=r"\(notes\.txt\)"):
+        export_ctranslate2(trained, out)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_export_without_ctranslate2_says_how_to_install(trained, tmp_path, monkeypatch):
     from mtrain.export import export_ctranslate2
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
