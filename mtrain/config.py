@@ -316,7 +316,7 @@ def _build(cls: type, mapping: Any, where: str):
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise MtrainError(f"{where}: {e}") from None
+        raise MtrainError(f"{where.removesuffix(':')}: {e}") from None
 
 
 def config_from_dict(raw: Any, source: str = "config") -> Config:
@@ -366,7 +366,12 @@ def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Confi
             raise MtrainError(f"{path}: expected a mapping with sections data, tokenizer, model, train, decode")
     for assignment in overrides:
         apply_override(raw, assignment)
-    return config_from_dict(raw, name)
+    cfg = config_from_dict(raw, name)
+    # Here, not in Config: a checkpoint's config that trained without meeting it must still load.
+    if cfg.data.max_len > cfg.model.max_positions:  # a kept training pair would overflow the positions
+        raise MtrainError(f"{name}: data.max_len ({cfg.data.max_len}) exceeds model.max_positions "
+                          f"({cfg.model.max_positions})")
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -83,6 +83,9 @@ def world(tmp_path_factory, spm_model):
     config("bad_utf8.yaml", {"src": str(SAMPLE_EN), "tgt": str(d / "bad20.de")})
     config("tsv3.yaml", {"tsv": str(d / "three.tsv")})
     config("all_empty.yaml", {"src": str(d / "blank.txt"), "tgt": str(d / "blank.txt")})
+    (d / "long.en").write_text("a dog runs " * 40 + "\n")
+    config("valid_long.yaml", data_valid={"src": str(d / "long.en"), "tgt": str(d / "long.en")},
+           model__max_positions=64, data__max_len=64)
     config("valid_empty.yaml", data_valid={"src": str(d / "blank.txt"), "tgt": str(d / "blank.txt")})
     config("bad_spm.yaml", tokenizer__model=str(d / "notspm.model"))
     (d / "foreign_dir").mkdir()
@@ -137,6 +140,7 @@ CASES = [
     ("fit-tsv-fields", "fit {d}/tsv3.yaml -o {out}", b"", "three.tsv:1: expected 2 tab-separated fields"),
     ("fit-all-empty", "fit {d}/all_empty.yaml -o {out}", b"", "no training pairs"),
     ("fit-valid-empty", "fit {d}/valid_empty.yaml -o {out}", b"", "blank.txt: no validation pairs"),
+    ("fit-valid-long", "fit {d}/valid_long.yaml -o {out}", b"", "long.en: a validation pair has"),
     ("fit-not-spm", "fit {d}/bad_spm.yaml -o {out}", b"", "notspm.model: not a SentencePiece model"),
     ("fit-resume-nothing", "fit {d}/good.yaml -o {out} --resume", b"", "nothing to resume"),
     ("fit-run-exists", "fit {d}/good.yaml -o {d}/run", b"", "already holds a run"),

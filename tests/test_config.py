@@ -78,3 +78,10 @@ def test_shared_embeddings_need_a_joint_tokenizer(tmp_path):
         load_config(write(tmp_path, "tokenizer:\n  joint: false\n"))
     cfg = load_config(write(tmp_path, "tokenizer:\n  joint: false\nmodel:\n  share_embeddings: false\n"))
     assert not cfg.tokenizer.joint
+
+
+def test_training_pairs_must_fit_the_positions(tmp_path):
+    path = write(tmp_path, "model:\n  max_positions: 64\n")
+    with pytest.raises(MtrainError, match=r"cfg\.yaml: data\.max_len \(128\) exceeds model\.max_positions \(64\)$"):
+        load_config(path)
+    assert load_config(path, ["data.max_len=64"]).data.max_len == 64
