@@ -54,7 +54,8 @@ def score(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], metrics: Sequ
           lowercase: bool = False, tokenize: str = "13a") -> list[Score]:
     check_lengths(hyps, refs_list)
     out = []
-    for metric, name in [(_metric(name, lowercase, tokenize), name) for name in metrics]:
+    built = {name: _metric(name, lowercase, tokenize) for name in metrics}  # all checked before any runs
+    for name, metric in built.items():
         result = metric.corpus_score(list(hyps), [list(r) for r in refs_list])
         out.append(Score(name, float(result.score), str(result), str(metric.get_signature())))
     return out

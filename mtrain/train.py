@@ -338,14 +338,14 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
     if len(train_data) == 0:
         raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
-    if valid is not None and len(valid) == 0:  # found now, not at the first validation, hours in
-        raise MtrainError(f"{cfg.data.valid.describe()}: no validation pairs (every line empty)")
-    if valid is not None and max(valid.src_lengths.max(), valid.tgt_lengths.max()) > cfg.model.max_positions:
-        # The validation set is not filtered by length; the first validation would fail, hours in.
+    if valid is not None:  # found now, not at the first validation, hours in (it is not filtered)
+        if len(valid) == 0:
+            raise MtrainError(f"{cfg.data.valid.describe()}: no validation pairs (every line empty)")
         longest = int(max(valid.src_lengths.max(), valid.tgt_lengths.max()))
-        raise MtrainError(f"{cfg.data.valid.describe()}: a validation pair has {longest} pieces (EOS included), "
-                          f"more than model.max_positions ({cfg.model.max_positions}); shorten it or raise "
-                          f"model.max_positions")
+        if longest > cfg.model.max_positions:
+            raise MtrainError(f"{cfg.data.valid.describe()}: a validation pair has {longest} pieces (EOS "
+                              f"included), more than model.max_positions ({cfg.model.max_positions}); shorten "
+                              f"it or raise model.max_positions")
     if world.main:  # only now, with the data read, does the run directory fill
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
