@@ -209,6 +209,16 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def model_difference(saved: dict | None, cfg: Config) -> str:
+    """The model keys a resumed run would change, as 'model.KEY: SAVED in the checkpoint, NEW in the config'."""
+    if not isinstance(saved, dict):
+        return "the checkpoint has no model settings"
+    now = config_to_dict(cfg)["model"]
+    keys = [k for k in now if saved.get(k, "missing") != now[k]] + [k for k in saved if k not in now]
+    return "; ".join(f"model.{k}: {saved.get(k, 'missing')} in the checkpoint, {now.get(k, 'missing')} in the config"
+                     for k in keys)
+
+
 @torch.no_grad()
 def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Config, toks: Tokenizers,
              dev: Device) -> dict:
@@ -380,8 +390,10 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
         # On the CPU: RNG states must stay there, and the optimizer moves its state to the weights' device.
         last = run_dir / "last.pt"
         ckpt = checkpoint.load(last, trust=trust)
-        if not isinstance(ckpt.get("config"), dict) or ckpt["config"].get("model") != config_to_dict(cfg)["model"]:
-            raise MtrainError(f"{last}: model settings differ from the config; cannot resume")
+        saved_model = ckpt["config"].get("model") if isinstance(ckpt.get("config"), dict) else None
+        if saved_model != config_to_dict(cfg)["model"]:
+            raise MtrainError(f"{last}: model settings differ from the config ({model_difference(saved_model, cfg)}); "
+                              f"cannot resume")
         groups = ckpt["optimizer"].get("param_groups") if isinstance(ckpt.get("optimizer"), dict) else None
         if isinstance(groups, list) and groups and len(groups) != len(opt.param_groups):
             was = "off" if len(groups) == 1 else "on"  # one parameter group without weight decay, two with it

@@ -340,6 +340,19 @@ def test_resume_with_another_batch_order_is_refused(tmp_path, tiny_cfg):
     assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == 5
 
 
+def test_resume_with_another_model_shape_names_the_keys(tmp_path, spm_model):
+    from mtrain.config import config_from_dict
+    from conftest import tiny_raw
+    fit(config_from_dict(tiny_raw(tmp_path, spm_model, max_steps=2)), tmp_path / "run", log=lambda *_: None)
+    raw = tiny_raw(tmp_path, spm_model, max_steps=4)
+    raw["model"].update(d_model=64, heads=4)
+    with pytest.raises(MtrainError, match=r"last\.pt: model settings differ from the config \(model\.d_model: 32 in "
+                                          r"the checkpoint, 64 in the config; model\.heads: 2 in the checkpoint, 4 "
+                                          r"in the config\); cannot resume"):
+        fit(config_from_dict(raw), tmp_path / "run", resume=True, log=lambda *_: None)
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == 2
+
+
 def test_overwrite_touches_only_what_mtrain_wrote(tmp_path, tiny_cfg):
     theirs = tmp_path / "shared"
     theirs.mkdir()
