@@ -17,6 +17,7 @@ import torch
 from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import ReadStats, read_pairs
 from mtrain.errors import MtrainError
+from mtrain.files import make_folder
 from mtrain.tokenizer import Tokenizers
 
 CACHE_VERSION = 3  # 3: kept.npy, which pairs survived the filters
@@ -91,6 +92,7 @@ def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered:
     key = cache_key(source, toks, cfg.max_len, cfg.max_len_ratio, filtered)
     folder = Path(cfg.cache_dir) / key
     if not (folder / "report.json").is_file():
+        make_folder(cfg.cache_dir, "data.cache_dir")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         try:
             _encode_to(folder, tmp, source, toks, cfg, filtered)

@@ -25,6 +25,30 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_folder(path: Path | str, what: str) -> None:
+    """One line, before any work, when folder `path` (which need not exist yet) cannot be one: a file
+    is in the way, here or above, or the nearest existing folder above is not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MtrainError(f"{path}: is a file, not a folder (for the {what})")
+    above = path
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise MtrainError(f"{path}: cannot be created (for the {what}): {above} is a file")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise MtrainError(f"{path}: cannot be created (for the {what}): {above} is not writable")
+
+
+def make_folder(path: Path | str, what: str) -> None:
+    """mkdir -p, with the system's reason in one line where it fails (a read-only or special file system)."""
+    check_folder(path, what)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MtrainError(f"{path}: cannot be created (for the {what}): {e.strerror or type(e).__name__}") from None
+
+
 def check_parent(path: Path, what: str = "output") -> None:
     """One line naming the directory, before any work, when `path` cannot be created there."""
     parent = Path(path).parent

@@ -16,7 +16,7 @@ import sentencepiece as spm
 from mtrain.config import Config, DataSource, TokenizerConfig
 from mtrain.corpus import open_text, read_pairs
 from mtrain.errors import MtrainError
-from mtrain.files import atomic_write
+from mtrain.files import atomic_write, make_folder
 
 # Fixed ids so that every model built by mtrain agrees on them.
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -77,7 +77,7 @@ class Tokenizers:
 def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_prefix: Path | str) -> Path:
     """Train one SentencePiece model on the lines of `inputs` (plain or .gz); returns PREFIX.model."""
     output_prefix = Path(output_prefix)
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(output_prefix.parent, "tokenizer model")
     with tempfile.TemporaryDirectory() as tmp:
         # SentencePiece reads plain text only, so .gz inputs are streamed into one plain file.
         joined = Path(tmp) / "input.txt"

@@ -37,7 +37,7 @@ from mtrain.device import (
     set_rng_state,
 )
 from mtrain.errors import MtrainError
-from mtrain.files import link_or_copy
+from mtrain.files import check_folder, link_or_copy, make_folder
 from mtrain.loss import label_smoothed_loss, output_loss, rdrop_loss
 from mtrain.model import Transformer
 from mtrain.score import bleu
@@ -190,6 +190,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """A new run needs a new or empty directory, or (with --overwrite) an old mtrain run, of which only
     the files mtrain wrote are deleted; anything else there is never touched. Creates nothing: the
     directory appears once the data has been read without error."""
+    check_folder(run_dir, "run directory")
     present = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     foreign = [name for name in present if not RUN_FILES.fullmatch(name)]
     started = any(RUN_OUTPUTS.fullmatch(name) for name in present)
@@ -357,7 +358,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                               f"included), more than model.max_positions ({cfg.model.max_positions}); shorten "
                               f"it or raise model.max_positions")
     if world.main:  # only now, with the data read, does the run directory fill
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir, "run directory")
         dump_config(cfg, run_dir / "config.yaml")
         save_to_run(toks, run_dir)
         world.wait_for_preparation()

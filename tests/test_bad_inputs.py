@@ -86,6 +86,7 @@ def world(tmp_path_factory, spm_model):
     (d / "long.en").write_text("a dog runs " * 40 + "\n")
     config("valid_long.yaml", data_valid={"src": str(d / "long.en"), "tgt": str(d / "long.en")},
            model__max_positions=64, data__max_len=64)
+    config("cache_file.yaml", data__cache_dir=str(d / "hyp3.txt" / "cache"))
     config("valid_empty.yaml", data_valid={"src": str(d / "blank.txt"), "tgt": str(d / "blank.txt")})
     config("bad_spm.yaml", tokenizer__model=str(d / "notspm.model"))
     (d / "foreign_dir").mkdir()
@@ -115,6 +116,8 @@ CASES = [
      "character_coverage"),
     ("tok-symbols-twice", "tokenize -i " + str(SAMPLE_EN) + " --user-symbols a,a -o {out}", b"",
      "user_defined_symbols must be distinct"),
+    ("tok-output-below-file", "tokenize -i " + str(SAMPLE_EN) + " --vocab-size 50 -o {d}/hyp3.txt/spm", b"",
+     "hyp3.txt: is a file, not a folder (for the tokenizer model)"),
     ("tok-empty", "tokenize -i {d}/empty.txt -o {out}", b"", "no text to train a tokenizer on"),
     ("tok-no-input", "tokenize -o {out}", b"", "--input: give at least one"),
     ("tok-no-output", "tokenize -i " + str(SAMPLE_EN), b"", "--output: give the output prefix"),
@@ -141,6 +144,10 @@ CASES = [
     ("fit-all-empty", "fit {d}/all_empty.yaml -o {out}", b"", "no training pairs"),
     ("fit-valid-empty", "fit {d}/valid_empty.yaml -o {out}", b"", "blank.txt: no validation pairs"),
     ("fit-valid-long", "fit {d}/valid_long.yaml -o {out}", b"", "long.en: a validation pair has"),
+    ("fit-run-dir-file", "fit {d}/good.yaml -o {d}/hyp3.txt", b"", "hyp3.txt: is a file, not a folder (for the run"),
+    ("fit-run-dir-below-file", "fit {d}/good.yaml -o {d}/hyp3.txt/run", b"", "run: cannot be created (for the run "
+     "directory): "),
+    ("fit-cache-below-file", "fit {d}/cache_file.yaml -o {out}", b"", "(for the data.cache_dir): "),
     ("fit-not-spm", "fit {d}/bad_spm.yaml -o {out}", b"", "notspm.model: not a SentencePiece model"),
     ("fit-resume-nothing", "fit {d}/good.yaml -o {out} --resume", b"", "nothing to resume"),
     ("fit-run-exists", "fit {d}/good.yaml -o {d}/run", b"", "already holds a run"),
@@ -211,6 +218,16 @@ def test_malformed_input_is_one_line(world, tmp_path, monkeypatch, capfd, name, 
 def test_there_are_at_least_forty_cases():
     assert len(CASES) >= 40
     assert {c[1].split()[0] for c in CASES} == {"tokenize", "fit", "translate", "score", "average"}
+
+
+def test_a_read_only_folder_is_named_before_any_work(world, tmp_path, monkeypatch, capfd):
+    import os
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: real(path, mode) and Path(path) != tmp_path)
+    code, _, err = run_main(["fit", world / "good.yaml", "-o", tmp_path / "runs" / "a"], monkeypatch, capfd)
+    assert code == 1 and err.strip() == (f"mtrain: {tmp_path / 'runs' / 'a'}: cannot be created (for the run "
+                                         f"directory): {tmp_path} is not writable")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_average_replaces_an_ordinary_file_but_never_a_training_checkpoint(world, tmp_path, monkeypatch, capfd):
