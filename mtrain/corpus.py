@@ -14,8 +14,10 @@ from mtrain.errors import MtrainError
 
 
 def _open_binary(path: Path):
-    if not path.exists() or path.is_dir():  # exists(), not is_file(): /dev/stdin and <(...) pipes are fine
+    if not path.exists():  # exists(), not is_file(): /dev/stdin and <(...) pipes are fine
         raise MtrainError(f"{path}: file not found")
+    if path.is_dir():
+        raise MtrainError(f"{path}: is a folder, not a file")
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
@@ -94,8 +96,10 @@ def _raw_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
 def _file_pairs(src: Path, tgt: Path) -> Iterator[tuple[str, str]]:
     # Check both files exist before yielding anything, so a typo fails at once.
     for path in (src, tgt):
-        if not path.exists() or path.is_dir():
+        if not path.exists():
             raise MtrainError(f"{path}: file not found")
+        if path.is_dir():
+            raise MtrainError(f"{path}: is a folder, not a file")
     sentinel = object()
     for s, t in itertools.zip_longest(open_text(src), open_text(tgt), fillvalue=sentinel):
         if s is sentinel or t is sentinel:

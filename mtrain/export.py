@@ -118,7 +118,7 @@ def export_ctranslate2(checkpoint: Path, out_dir: Path, quantization: str | None
     from mtrain.files import check_parent
 
     require_ctranslate2()
-    check_parent(out_dir, "export")
+    check_parent(out_dir, "export", folder=True)
     check_export_dir(out_dir)
     model, toks, cfg = load_for_inference([checkpoint], trust)
     with torch.no_grad():

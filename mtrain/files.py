@@ -49,11 +49,14 @@ def make_folder(path: Path | str, what: str) -> None:
         raise MtrainError(f"{path}: cannot be created (for the {what}): {e.strerror or type(e).__name__}") from None
 
 
-def check_parent(path: Path, what: str = "output") -> None:
-    """One line naming the directory, before any work, when `path` cannot be created there."""
+def check_parent(path: Path, what: str = "output", folder: bool = False) -> None:
+    """One line naming the directory, before any work, when `path` cannot be created there, or (for
+    a file output, `folder` False) when a folder of that name is in the way."""
     parent = Path(path).parent
     if not parent.is_dir():
         raise MtrainError(f"{parent}: directory for the {what} {Path(path).name} does not exist")
+    if not folder and Path(path).is_dir():
+        raise MtrainError(f"{path}: is a folder; the {what} is a file, give its name")
 
 
 @contextlib.contextmanager

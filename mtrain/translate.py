@@ -173,8 +173,10 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
         raise MtrainError(f"--buffer-lines: must be >= 1, got {buffer_lines}")
     if output is not None:
         check_parent(output, "output")
-    if input is not None and (not input.exists() or input.is_dir()):
+    if input is not None and not input.exists():
         raise MtrainError(f"{input}: file not found")
+    if input is not None and input.is_dir():
+        raise MtrainError(f"{input}: is a folder, not a file")
     model, toks, cfg = load_for_inference(checkpoints, trust)
     dev = pick_device(device, precision, setting="--")
     model.to(dev.device)

@@ -107,7 +107,7 @@ def run_main(args, monkeypatch, capfd, stdin: bytes = b""):
 CASES = [
     # tokenize
     ("tok-missing", "tokenize -i {d}/none.txt -o {out}", b"", "none.txt: file not found"),
-    ("tok-dir", "tokenize -i {d} -o {out}", b"", "file not found"),
+    ("tok-dir", "tokenize -i {d} -o {out}", b"", "is a folder, not a file"),
     ("tok-utf8", "tokenize -i {d}/bad.txt -o {out}", b"", "bad.txt:3: invalid UTF-8"),
     ("tok-vocab-high", "tokenize -i " + str(SAMPLE_EN) + " --vocab-size 50000 -o {out}", b"", "is too large"),
     ("tok-vocab-low", "tokenize -i " + str(SAMPLE_EN) + " --vocab-size 4 -o {out}", b"", "vocab_size must be >= 8"),
@@ -175,6 +175,8 @@ CASES = [
     ("tr-precision", "translate -c {d}/run/last.pt --precision fp8 -o {out}", b"a\n", "--precision: must be"),
     ("tr-attention-file", "translate -c {d}/run/last.pt --attention {d}/hyp3.txt -o {out}", b"a\n",
      "hyp3.txt: is a file; give a folder"),
+    ("tr-input-folder", "translate -c {d}/run/last.pt -i {d}/run -o {out}", b"", "run: is a folder, not a file"),
+    ("tr-output-folder", "translate -c {d}/run/last.pt -o {d}/run", b"a\n", "run: is a folder; the output is a file"),
     ("tr-bad-flag", "translate -c {d}/run/last.pt --bogus", b"a\n", "No such option"),
     # score
     ("score-ref-missing", "score --ref {d}/none.de {d}/hyp3.txt", b"", "none.de: file not found"),
@@ -192,6 +194,7 @@ CASES = [
     ("avg-onto-input", "average {d}/run/ckpt_2.pt {d}/run/ckpt_4.pt -o {d}/run/ckpt_4.pt", b"",
      "is one of the checkpoints being averaged"),
     ("avg-onto-last", "average {d}/run/ckpt_2.pt -o {d}/run/last.pt", b"", "a training checkpoint that fit --resume needs"),
+    ("avg-output-folder", "average {d}/run/ckpt_2.pt -o {d}/run", b"", "run: is a folder; the averaged checkpoint"),
     ("avg-evil", "average {d}/evil.pt -o {out}", b"", "--trust-checkpoint"),
 ]
 
