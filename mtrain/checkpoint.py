@@ -77,6 +77,10 @@ def average(paths: Sequence[Path | str], trust: bool = False) -> dict:
             dtypes = {k: v.dtype for k, v in weights.items()}
         elif weights.keys() != total.keys() or any(weights[k].shape != v.shape for k, v in total.items()):
             raise MtrainError(f"{p}: its model does not match {paths[0]}; only checkpoints of one model can be averaged")
+        elif any(state.get(k) != first.get(k) for k in ("tokenizer_src", "tokenizer_tgt")):
+            # Same shapes, other vocabularies: row i of the embeddings is another piece in each.
+            raise MtrainError(f"{p}: its tokenizer differs from that of {paths[0]}; only checkpoints of one run "
+                              f"can be averaged")
         else:
             for k, v in total.items():
                 if v.is_floating_point():

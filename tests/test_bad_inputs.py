@@ -60,6 +60,12 @@ def world(tmp_path_factory, spm_model):
     data = (d / "run" / "last.pt").read_bytes()
     (d / "cut.pt").write_bytes(data[: len(data) // 3])
     torch.save({"state_dict": {}}, d / "foreign.pt")
+    from mtrain.config import TokenizerConfig
+    from mtrain.tokenizer import train_tokenizer
+    other_spm = train_tokenizer([SAMPLE_DE], TokenizerConfig(vocab_size=60), d / "other_spm")
+    state = checkpoint.load(d / "run" / "ckpt_2.pt")  # the same model, said to use another vocabulary
+    state["tokenizer_src"] = state["tokenizer_tgt"] = other_spm.read_bytes()
+    checkpoint.save(d / "other_tok.pt", state)
 
     class Evil:
         def __reduce__(self):
@@ -194,6 +200,8 @@ CASES = [
     ("avg-onto-input", "average {d}/run/ckpt_2.pt {d}/run/ckpt_4.pt -o {d}/run/ckpt_4.pt", b"",
      "is one of the checkpoints being averaged"),
     ("avg-onto-last", "average {d}/run/ckpt_2.pt -o {d}/run/last.pt", b"", "a training checkpoint that fit --resume needs"),
+    ("avg-other-tokenizer", "average {d}/run/ckpt_2.pt {d}/other_tok.pt -o {out}", b"", "other_tok.pt: its tokenizer "
+     "differs from that of"),
     ("avg-output-folder", "average {d}/run/ckpt_2.pt -o {d}/run", b"", "run: is a folder; the averaged checkpoint"),
     ("avg-evil", "average {d}/evil.pt -o {out}", b"", "--trust-checkpoint"),
 ]
