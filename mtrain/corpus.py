@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +133,19 @@ def _hf_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
     import datasets  # imported here: it is slow to import and only this path needs it
 
     where = f"datasets:{source.hf}"
+    # The hub client logs a warning per failed request (no network) before the error we report:
+    # the user gets that error alone, in one line.
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         ds = datasets.load_dataset(source.hf, source.hf_config or None, split=source.hf_split,
                                    data_files=list(source.hf_data_files) or None)
     except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
         raise MtrainError(f"{where}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     for i, record in enumerate(ds):
         yield _lookup(record, source.src_key, f"{where} record {i}"), _lookup(record, source.tgt_key, f"{where} record {i}")

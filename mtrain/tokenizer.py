@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -168,14 +170,25 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
                    f"unknown rate {100 * s['unk_rate']:.3f}% (first {s['sentences']} lines)")
 
 
-def _dump_source(source: DataSource, folder: Path) -> tuple[Path, Path]:
-    """Plain text copies of both sides, for SentencePiece training on TSV or datasets sources."""
-    paths = folder / "train.src.txt", folder / "train.tgt.txt"
-    with open(paths[0], "w", encoding="utf-8") as fs, open(paths[1], "w", encoding="utf-8") as ft:
-        for s, t in read_pairs(source):
-            fs.write(s + "\n")
-            ft.write(t + "\n")
-    return paths
+@contextlib.contextmanager
+def _plain_text(source: DataSource, beside: Path) -> Iterator[tuple[Path, Path]]:
+    """Both sides as plain files, for SentencePiece: a file pair as it is; TSV or a dataset copied into
+    a hidden folder in `beside` (not /tmp, which may be too small for a large corpus), removed after.
+    Its name matches what `--overwrite` may clean, should a crash leave it behind."""
+    if source.src:
+        yield Path(source.src), Path(source.tgt)
+        return
+    folder = beside / f".train-text.tmp{os.getpid()}"
+    make_folder(folder, "tokenizer model")
+    try:
+        paths = folder / "train.src.txt", folder / "train.tgt.txt"
+        with open(paths[0], "w", encoding="utf-8") as fs, open(paths[1], "w", encoding="utf-8") as ft:
+            for s, t in read_pairs(source):
+                fs.write(s + "\n")
+                ft.write(t + "\n")
+        yield paths
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) -> Tokenizers:
@@ -190,12 +203,12 @@ def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) ->
         if source.empty:
             raise MtrainError("data.train: no training corpus given")
         log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on {source.describe()}")
-        sides = (Path(source.src), Path(source.tgt)) if source.src else _dump_source(source, run_dir)
-        if tc.joint:
-            train_tokenizer(sides, tc, main.with_suffix(""))
-        else:
-            train_tokenizer(sides[:1], tc, main.with_suffix(""))
-            train_tokenizer(sides[1:], tc, tgt_path.with_suffix(""))
+        with _plain_text(source, main.parent) as sides:
+            if tc.joint:
+                train_tokenizer(sides, tc, main.with_suffix(""))
+            else:
+                train_tokenizer(sides[:1], tc, main.with_suffix(""))
+                train_tokenizer(sides[1:], tc, tgt_path.with_suffix(""))
     src_tok = Tokenizer.load(main)
     return Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
 

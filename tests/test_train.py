@@ -353,6 +353,26 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path, spm_model):
     assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == 2
 
 
+def test_a_tsv_corpus_trains_its_tokenizer_into_a_new_run_that_overwrite_can_clean(tmp_path, spm_model):
+    """SentencePiece reads plain files: the TSV's sides are copied for it and removed after, so the run
+    directory (created for the tokenizer) holds only what a run writes."""
+    from mtrain.config import config_from_dict
+    from mtrain.train import RUN_FILES
+    from conftest import SAMPLE_DE, SAMPLE_EN, tiny_raw
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("".join(f"{s}\t{t}\n" for s, t in zip(SAMPLE_EN.read_text().splitlines(),
+                                                           SAMPLE_DE.read_text().splitlines())))
+    raw = tiny_raw(tmp_path, spm_model, max_steps=2)
+    raw["data"]["train"] = {"tsv": str(tsv)}
+    raw["tokenizer"] = {"model": "", "vocab_size": 60}
+    run = tmp_path / "runs" / "tsv"  # neither folder exists yet
+    fit(config_from_dict(raw), run, log=lambda *_: None)
+    names = sorted(p.name for p in run.iterdir())
+    assert "spm.model" in names and all(RUN_FILES.fullmatch(n) for n in names), names
+    fit(config_from_dict(raw), run, overwrite=True, log=lambda *_: None)
+    assert checkpoint.load(run / "last.pt")["step"] == 2
+
+
 def test_overwrite_touches_only_what_mtrain_wrote(tmp_path, tiny_cfg):
     theirs = tmp_path / "shared"
     theirs.mkdir()
