@@ -143,6 +143,10 @@ def translate(
     """Translate a file or stdin with beam search; one output line per input line, flushed per block of lines."""
     from mtrain.translate import Inspect, Sampling, run_translate
     with user_errors():
+        beam_flags = {"--beam": beam, "--nbest": nbest, "--lenpen": lenpen, "--no-repeat-ngram": no_repeat_ngram}
+        if sample and any(v is not None for v in beam_flags.values()):  # else silently ignored
+            given = ", ".join(k for k, v in beam_flags.items() if v is not None)
+            raise MtrainError(f"--sample draws one translation per line; {given} set beam search, which it replaces")
         sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
         inspect = Inspect(alignment, attention, attention_limit) if alignment or attention else None
         run_translate(checkpoint, input, output, device, precision,

@@ -94,6 +94,8 @@ class Inspect:
     def __post_init__(self):
         if self.alignment not in (None, "pieces", "words"):
             raise MtrainError(f"--alignment: pieces or words, got {self.alignment!r}")
+        if self.attention_limit < 0:
+            raise MtrainError(f"--attention-limit: must be >= 0, got {self.attention_limit}")
         if self.attention_dir is not None:
             from mtrain.attention import require_matplotlib
             require_matplotlib()
