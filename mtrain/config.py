@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class DataConfig:
             raise ValueError("max_len must be >= 1")
         if self.max_len_ratio < 1:
             raise ValueError("max_len_ratio must be >= 1")
+        if self.valid_max_sentences < 0:
+            raise ValueError("valid_max_sentences must be >= 0 (0 = all)")
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,11 @@ class TrainConfig:
                      "keep_last", "valid_beam", "max_nonfinite", "dist_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("max_steps", "max_epochs", "warmup", "patience", "average_last", "threads"):
+        for name in ("max_steps", "max_epochs", "warmup", "patience", "average_last", "threads", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.clip_norm < 0:
+            raise ValueError("clip_norm must be >= 0: the largest gradient norm, 0 = no clipping")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
         if not 0 <= self.label_smoothing < 1:
@@ -279,14 +284,17 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             return int(value)
         raise MtrainError(f"{where}: expected an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise MtrainError(f"{where}: expected a number, got {value!r}")
+        if number is None or not math.isfinite(number):  # nan passes every `< 0` check
+            raise MtrainError(f"{where}: expected a number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

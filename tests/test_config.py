@@ -43,6 +43,11 @@ def test_overrides_with_dotted_keys(tmp_path):
     ("train:\n  subword_sides: source\n", "cfg.yaml: train: subword_sides must be both, src or tgt"),
     ("train:\n  schedule: step\n", "cfg.yaml: train: schedule must be inverse_sqrt, linear or cosine"),
     ("train:\n  schedule: linear\n", "cfg.yaml: train: schedule linear decays to 0 at the end of the budget"),
+    ("train:\n  lr: .nan\n", "cfg.yaml: train.lr: expected a number, got nan"),  # nan passed `lr <= 0`
+    ("decode:\n  lenpen: inf\n", "cfg.yaml: decode.lenpen: expected a number, got 'inf'"),
+    ("train:\n  clip_norm: -1\n", "cfg.yaml: train: clip_norm must be >= 0"),
+    ("train:\n  seed: -1\n", "cfg.yaml: train: seed must be >= 0"),  # numpy refused it with a traceback
+    ("data:\n  valid_max_sentences: -1\n", "cfg.yaml: data: valid_max_sentences must be >= 0"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, text, expected):
     with pytest.raises(MtrainError) as e:
