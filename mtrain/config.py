@@ -237,6 +237,8 @@ class DecodeConfig:
             raise ValueError("max_len_a, max_len_b, min_len and no_repeat_ngram must be >= 0")
         if self.batch_tokens < 1:
             raise ValueError("batch_tokens must be >= 1")
+        if not (math.isfinite(self.lenpen) and math.isfinite(self.max_len_a)):  # from translate's flags
+            raise ValueError(f"lenpen and max_len_a must be finite, got {self.lenpen} and {self.max_len_a}")
 
 
 @dataclass(frozen=True)
