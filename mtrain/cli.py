@@ -222,7 +222,7 @@ def info(
             f"dropout {m['dropout']}",
             f"parameters:   {d['parameters']:,}",
             f"step:         {d['step']}",
-            f"vocabulary:   " + (f"joint, {vocab['source_size']} pieces" if vocab["joint"] else
+            "vocabulary:   " + (f"joint, {vocab['source_size']} pieces" if vocab["joint"] else
                                  f"source {vocab['source_size']}, target {vocab['target_size']} pieces"),
             "valid BLEU:   " + (f"{d['valid_bleu']:.2f}" if d["valid_bleu"] is not None else "-")
             + (f" ({d['chosen']})" if d["chosen"] else ""),

@@ -137,7 +137,7 @@ def export_ctranslate2(checkpoint: Path, out_dir: Path, quantization: str | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     note = ("" if cfg.decode.lenpen_type == "plain" else
-            f"; note: CTranslate2's length penalty is len^alpha (mtrain's lenpen_type plain), not GNMT's")
+            "; note: CTranslate2's length penalty is len^alpha (mtrain's lenpen_type plain), not GNMT's")
     return f"wrote {out_dir} (CTranslate2 {quantization or 'float32'} model, {model.num_parameters():,} parameters){note}"
 
 
