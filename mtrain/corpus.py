@@ -14,11 +14,16 @@ from mtrain.config import DataSource
 from mtrain.errors import MtrainError
 
 
-def _open_binary(path: Path):
+def check_input(path: Path) -> None:
+    """One line for an input that cannot be read as a file."""
     if not path.exists():  # exists(), not is_file(): /dev/stdin and <(...) pipes are fine
         raise MtrainError(f"{path}: file not found")
     if path.is_dir():
         raise MtrainError(f"{path}: is a folder, not a file")
+
+
+def _open_binary(path: Path):
+    check_input(path)
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
@@ -97,10 +102,7 @@ def _raw_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
 def _file_pairs(src: Path, tgt: Path) -> Iterator[tuple[str, str]]:
     # Check both files exist before yielding anything, so a typo fails at once.
     for path in (src, tgt):
-        if not path.exists():
-            raise MtrainError(f"{path}: file not found")
-        if path.is_dir():
-            raise MtrainError(f"{path}: is a folder, not a file")
+        check_input(path)
     sentinel = object()
     for s, t in itertools.zip_longest(open_text(src), open_text(tgt), fillvalue=sentinel):
         if s is sentinel or t is sentinel:

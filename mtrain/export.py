@@ -17,6 +17,7 @@ import torch
 
 from mtrain.config import DecodeConfig
 from mtrain.errors import MtrainError
+from mtrain.files import check_parent, first_names
 
 
 def require_ctranslate2():
@@ -107,15 +108,14 @@ def check_export_dir(out_dir: Path) -> None:
         raise MtrainError(f"--ctranslate2 {out_dir}: is a file; give a folder for the CTranslate2 model")
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES) if out_dir.is_dir() else []
     if others:
-        raise MtrainError(f"--ctranslate2 {out_dir}: holds files export did not write ({', '.join(others[:3])}"
-                          f"{', ...' if len(others) > 3 else ''}); give a new or an earlier export's folder")
+        raise MtrainError(f"--ctranslate2 {out_dir}: holds files export did not write ({first_names(others)}); "
+                          f"give a new or an earlier export's folder")
 
 
 def export_ctranslate2(checkpoint: Path, out_dir: Path, quantization: str | None = None, trust: bool = False) -> str:
     """Write a CTranslate2 model directory (model.bin, vocabularies, config.json) plus the
     SentencePiece model(s) as source.spm / target.spm; returns a summary line."""
     from mtrain.checkpoint import load_for_inference
-    from mtrain.files import check_parent
 
     require_ctranslate2()
     check_parent(out_dir, "export", folder=True)

@@ -25,6 +25,11 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def first_names(names: list[str], n: int = 3) -> str:
+    """'a, b, c, ...': the first `n` of a list of file names, for a one-line error."""
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
 def check_folder(path: Path | str, what: str) -> None:
     """One line, before any work, when folder `path` (which need not exist yet) cannot be one: a file
     is in the way, here or above, or the nearest existing folder above is not writable."""

@@ -37,7 +37,7 @@ from mtrain.device import (
     set_rng_state,
 )
 from mtrain.errors import MtrainError
-from mtrain.files import check_folder, link_or_copy, make_folder
+from mtrain.files import check_folder, first_names, link_or_copy, make_folder
 from mtrain.loss import label_smoothed_loss, output_loss, rdrop_loss
 from mtrain.model import Transformer
 from mtrain.score import bleu
@@ -198,8 +198,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not (run_dir / "last.pt").is_file():
             raise MtrainError(f"{run_dir}: nothing to resume (no last.pt); start without --resume")
     elif foreign:
-        raise MtrainError(f"{run_dir}: holds files mtrain did not write ({', '.join(foreign[:3])}"
-                          f"{', ...' if len(foreign) > 3 else ''}); give a new or empty directory with --output")
+        raise MtrainError(f"{run_dir}: holds files mtrain did not write ({first_names(foreign)}); give a new or "
+                          f"empty directory with --output")
     elif started:
         if not overwrite:
             raise MtrainError(f"{run_dir}: run directory already holds a run; use --resume to continue it "

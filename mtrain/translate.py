@@ -164,7 +164,7 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
     A file output appears whole when every line is translated, or not at all: an error on line 2000
     leaves no half-written file (and an older file of that name untouched)."""
     from mtrain.checkpoint import load_for_inference
-    from mtrain.corpus import open_text
+    from mtrain.corpus import check_input, open_text
     from mtrain.device import pick_device
 
     if not checkpoints:
@@ -175,10 +175,8 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
         raise MtrainError(f"--buffer-lines: must be >= 1, got {buffer_lines}")
     if output is not None:
         check_parent(output, "output")
-    if input is not None and not input.exists():
-        raise MtrainError(f"{input}: file not found")
-    if input is not None and input.is_dir():
-        raise MtrainError(f"{input}: is a folder, not a file")
+    if input is not None:
+        check_input(input)
     model, toks, cfg = load_for_inference(checkpoints, trust)
     dev = pick_device(device, precision, setting="--")
     model.to(dev.device)
