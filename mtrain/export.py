@@ -17,7 +17,7 @@ import torch
 
 from mtrain.config import DecodeConfig
 from mtrain.errors import MtrainError
-from mtrain.files import check_parent, first_names
+from mtrain.files import check_folder, check_parent, first_names
 
 
 def require_ctranslate2():
@@ -104,8 +104,7 @@ EXPORT_FILES = {"model.bin", "config.json", "shared_vocabulary.json", "source_vo
 def check_export_dir(out_dir: Path) -> None:
     """The output folder is replaced whole; refuse one that holds anything else (a run directory)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MtrainError(f"--ctranslate2 {out_dir}: is a file; give a folder for the CTranslate2 model")
+    check_folder(out_dir, "CTranslate2 model")
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES) if out_dir.is_dir() else []
     if others:
         raise MtrainError(f"--ctranslate2 {out_dir}: holds files export did not write ({first_names(others)}); "

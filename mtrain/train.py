@@ -210,11 +210,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def model_difference(saved: dict | None, cfg: Config) -> str:
+def model_difference(saved: dict | None, now: dict) -> str:
     """The model keys a resumed run would change, as 'model.KEY: SAVED in the checkpoint, NEW in the config'."""
     if not isinstance(saved, dict):
         return "the checkpoint has no model settings"
-    now = config_to_dict(cfg)["model"]
     keys = [k for k in now if saved.get(k, "missing") != now[k]] + [k for k in saved if k not in now]
     return "; ".join(f"model.{k}: {saved.get(k, 'missing')} in the checkpoint, {now.get(k, 'missing')} in the config"
                      for k in keys)
@@ -392,9 +391,10 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
         last = run_dir / "last.pt"
         ckpt = checkpoint.load(last, trust=trust)
         saved_model = ckpt["config"].get("model") if isinstance(ckpt.get("config"), dict) else None
-        if saved_model != config_to_dict(cfg)["model"]:
-            raise MtrainError(f"{last}: model settings differ from the config ({model_difference(saved_model, cfg)}); "
-                              f"cannot resume")
+        model_now = config_to_dict(cfg)["model"]
+        if saved_model != model_now:
+            raise MtrainError(f"{last}: model settings differ from the config "
+                              f"({model_difference(saved_model, model_now)}); cannot resume")
         groups = ckpt["optimizer"].get("param_groups") if isinstance(ckpt.get("optimizer"), dict) else None
         if isinstance(groups, list) and groups and len(groups) != len(opt.param_groups):
             was = "off" if len(groups) == 1 else "on"  # one parameter group without weight decay, two with it

@@ -17,7 +17,7 @@ from mtrain.config import DecodeConfig
 from mtrain.data import cut_sorted, pad_batch
 from mtrain.device import Device
 from mtrain.errors import MtrainError
-from mtrain.files import atomic_write, check_parent
+from mtrain.files import atomic_write, check_folder, check_parent
 from mtrain.model import Transformer
 from mtrain.search import Hypothesis, beam_search, sample
 from mtrain.tokenizer import Tokenizers
@@ -101,8 +101,7 @@ class Inspect:
             require_matplotlib()
             if not self.attention_dir.parent.is_dir():
                 raise MtrainError(f"{self.attention_dir.parent}: directory for --attention does not exist")
-            if self.attention_dir.exists() and not self.attention_dir.is_dir():
-                raise MtrainError(f"--attention {self.attention_dir}: is a file; give a folder for the heatmaps")
+            check_folder(self.attention_dir, "--attention heatmaps")
             self.attention_dir.mkdir(exist_ok=True)
 
 

@@ -180,7 +180,7 @@ CASES = [
     ("tr-fp16-cpu", "translate -c {d}/run/last.pt --device cpu --precision fp16 -o {out}", b"a\n", "fp16"),
     ("tr-precision", "translate -c {d}/run/last.pt --precision fp8 -o {out}", b"a\n", "--precision: must be"),
     ("tr-attention-file", "translate -c {d}/run/last.pt --attention {d}/hyp3.txt -o {out}", b"a\n",
-     "hyp3.txt: is a file; give a folder"),
+     "hyp3.txt: is a file, not a folder (for the --attention heatmaps)"),
     ("tr-lenpen-nan", "translate -c {d}/run/last.pt --lenpen nan -o {out}", b"a\n", "lenpen and max_len_a must be finite"),
     ("tr-sample-beam", "translate -c {d}/run/last.pt --sample --nbest 3 -o {out}", b"a\n",
      "--sample draws one translation per line; --nbest set beam search"),

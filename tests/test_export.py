@@ -52,7 +52,7 @@ def test_export_replaces_only_an_earlier_export(trained, tmp_path):
     with pytest.raises(MtrainError, match=r"holds files export did not write \(best\.pt, ckpt_"):
         export_ctranslate2(trained, run)
     assert sorted(p.name for p in run.iterdir()) == before
-    with pytest.raises(MtrainError, match="is a file; give a folder"):
+    with pytest.raises(MtrainError, match=r"final\.pt: is a file, not a folder \(for the CTranslate2 model\)"):
         export_ctranslate2(trained, trained)
     assert checkpoint.load(trained)["model"]
     out = tmp_path / "ct2"
