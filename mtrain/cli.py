@@ -102,6 +102,8 @@ def fit(
     from mtrain.config import load_config
     from mtrain.train import fit as fit_fn
     with user_errors():
+        if resume and overwrite:  # one keeps the run, the other deletes it: neither can be guessed
+            raise MtrainError("--resume continues the run and --overwrite deletes it: give one of them")
         cfg = load_config(config, set_)
         if cfg.data.train.empty:  # before any work: the device, the run directory
             raise MtrainError(f"{config}: data.train: no training corpus given; write e.g. "
@@ -169,6 +171,7 @@ def score(
     from mtrain import score as scoring
     with user_errors():
         names = [m.strip().lower() for m in metrics.split(",") if m.strip()]
+        scoring.build_metrics(names, lowercase, tokenize)  # before reading stdin: a typo fails at once
         hyps = _read_lines(hyp)
         refs = [_read_lines(r) for r in ref]
         scoring.check_lengths(hyps, refs, str(hyp or "stdin"), [str(r) for r in ref])

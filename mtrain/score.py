@@ -40,6 +40,13 @@ def _metric(name: str, lowercase: bool = False, tokenize: str = "13a"):
         raise MtrainError(f"--tokenize {tokenize}: {reason or type(e).__name__}") from None
 
 
+def build_metrics(names: Sequence[str], lowercase: bool = False, tokenize: str = "13a") -> dict:
+    """sacreBLEU's metric objects by name, all checked before any is run: a typo is never ignored."""
+    if not names:
+        raise MtrainError(f"--metrics: no metric given (known: {', '.join(METRICS)})")
+    return {name: _metric(name, lowercase, tokenize) for name in names}
+
+
 def check_lengths(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], hyp_name: str = "hypotheses",
                   ref_names: Sequence[str] = ()) -> None:
     if not hyps:  # sacreBLEU fails on an empty corpus with an IndexError
@@ -54,8 +61,7 @@ def score(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], metrics: Sequ
           lowercase: bool = False, tokenize: str = "13a") -> list[Score]:
     check_lengths(hyps, refs_list)
     out = []
-    built = {name: _metric(name, lowercase, tokenize) for name in metrics}  # all checked before any runs
-    for name, metric in built.items():
+    for name, metric in build_metrics(metrics, lowercase, tokenize).items():
         result = metric.corpus_score(list(hyps), [list(r) for r in refs_list])
         out.append(Score(name, float(result.score), str(result), str(metric.get_signature())))
     return out
@@ -72,7 +78,7 @@ def compare(baseline: Sequence[str], other: Sequence[str], refs_list: Sequence[S
 
     check_lengths(baseline, refs_list, "baseline")
     check_lengths(other, refs_list, "--compare")
-    named = {name: _metric(name, lowercase, tokenize) for name in metrics}
+    named = build_metrics(metrics, lowercase, tokenize)
     test = PairedTest([("baseline", list(baseline)), ("other", list(other))], named,
                       references=[list(r) for r in refs_list], test_type="bs", n_samples=1000)
     signatures, results = test()

@@ -157,6 +157,7 @@ CASES = [
     ("fit-not-spm", "fit {d}/bad_spm.yaml -o {out}", b"", "notspm.model: not a SentencePiece model"),
     ("fit-resume-nothing", "fit {d}/good.yaml -o {out} --resume", b"", "nothing to resume"),
     ("fit-run-exists", "fit {d}/good.yaml -o {d}/run", b"", "already holds a run"),
+    ("fit-resume-overwrite", "fit {d}/good.yaml -o {d}/run --resume --overwrite", b"", "give one of them"),
     ("fit-foreign-dir", "fit {d}/good.yaml -o {d}/foreign_dir --overwrite", b"", "holds files mtrain did not write"),
     ("fit-bad-flag", "fit {d}/good.yaml --bogus", b"", "No such option"),
     # translate
@@ -193,6 +194,7 @@ CASES = [
     ("score-ref-missing", "score --ref {d}/none.de {d}/hyp3.txt", b"", "none.de: file not found"),
     ("score-lines", "score --ref " + str(SAMPLE_DE) + " {d}/hyp3.txt", b"", "has 3 lines"),
     ("score-metric", "score --ref {d}/hyp3.txt --metrics bleurt {d}/hyp3.txt", b"", "unknown metric"),
+    ("score-no-metric", "score --ref {d}/hyp3.txt --metrics , {d}/hyp3.txt", b"", "--metrics: no metric given"),
     ("score-tokenizer", "score --ref {d}/hyp3.txt --tokenize moses {d}/hyp3.txt", b"", "--tokenize: unknown tokenizer"),
     ("score-empty", "score --ref {d}/empty.txt {d}/empty.txt", b"", "empty.txt: no lines to score"),
     ("score-empty-stdin", "score --ref {d}/empty.txt", b"", "stdin: no lines to score"),
@@ -204,6 +206,7 @@ CASES = [
     ("avg-output-dir", "average {d}/run/ckpt_2.pt {d}/run/ckpt_4.pt -o {d}/no/dir/avg.pt", b"", "does not exist"),
     ("avg-onto-input", "average {d}/run/ckpt_2.pt {d}/run/ckpt_4.pt -o {d}/run/ckpt_4.pt", b"",
      "is one of the checkpoints being averaged"),
+    ("avg-twice", "average {d}/run/ckpt_2.pt {d}/run/../run/ckpt_2.pt -o {out}", b"", "ckpt_2.pt: given twice"),
     ("avg-onto-last", "average {d}/run/ckpt_2.pt -o {d}/run/last.pt", b"", "a training checkpoint that fit --resume needs"),
     ("avg-other-tokenizer", "average {d}/run/ckpt_2.pt {d}/other_tok.pt -o {out}", b"", "other_tok.pt: its tokenizer "
      "differs from that of"),
