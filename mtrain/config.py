@@ -356,6 +356,27 @@ def apply_override(raw: dict, assignment: str) -> None:
         node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last one silently, so a second `train:` section would drop every key of the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, whose keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    line = first_line.setdefault(key, key_node.start_mark.line)
+                except TypeError:  # an unhashable key: PyYAML's own check below names it
+                    continue
+                if line != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' given twice, first on line {line + 1}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (or start from defaults when path is None), apply --set overrides, validate."""
     raw: dict = {}
@@ -366,7 +387,7 @@ def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Confi
         if not path.is_file():
             raise MtrainError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             mark = getattr(e, "problem_mark", None)

@@ -48,6 +48,7 @@ def world(tmp_path_factory, spm_model):
         "prec.yaml": "train:\n  precision: fp8\n",
         "dev.yaml": "train:\n  device: tpu\n",
         "time.yaml": "train:\n  max_time: ten minutes\n",
+        "twice.yaml": "train:\n  lr: 1.0e-3\nmodel:\n  d_model: 32\ntrain:\n  seed: 3\n",  # the 2nd drops lr
         "junk.pt": "not a checkpoint",
         "notspm.model": "not a sentencepiece model",
     }
@@ -132,6 +133,8 @@ CASES = [
     # fit
     ("fit-config-missing", "fit {d}/none.yaml -o {out}", b"", "none.yaml: config file not found"),
     ("fit-yaml-syntax", "fit {d}/broken.yaml -o {out}", b"", "broken.yaml"),
+    ("fit-yaml-key-twice", "fit {d}/twice.yaml -o {out}", b"", "twice.yaml: line 5 not valid YAML (key 'train' given "
+     "twice, first on line 1)"),
     ("fit-yaml-list", "fit {d}/list.yaml -o {out}", b"", "list.yaml"),
     ("fit-no-data", "fit {d}/nodata.yaml -o {out}", b"", "nodata.yaml: data.train: no training corpus given"),
     ("fit-unknown-key", "fit {d}/typo.yaml -o {out}", b"", "modle"),
