@@ -138,6 +138,8 @@ def translate(
     attention: Optional[Path] = typer.Option(None, "--attention", help="Write cross-attention heatmaps "
                                                                         "DIR/lineN.png (needs matplotlib)."),
     attention_limit: int = typer.Option(20, help="Heatmaps for the first N input lines."),
+    keep_unknown: bool = typer.Option(False, "--keep-unknown", help="Keep source characters the tokenizer does "
+                                      "not know, as <unk>, instead of translating without them."),
     buffer_lines: Optional[int] = typer.Option(
         None, help="Lines read, translated (sorted by length) and written at a time [2000; 1 when stdin is "
                    "a terminal]. 1 answers each line before reading the next (a program feeding a pipe)."),
@@ -154,7 +156,7 @@ def translate(
         run_translate(checkpoint, input, output, device, precision,
                       dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,
                            max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram),
-                      sampling, trust, inspect, buffer_lines)
+                      sampling, trust, inspect, buffer_lines, keep_unknown)
 
 
 @app.command()

@@ -47,6 +47,10 @@ class Tokenizer:
     def encode_batch(self, lines: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(lines), out_type=int, num_threads=os.cpu_count() or 1)
 
+    def unknown_chars(self, line: str) -> str:
+        """The characters of `line` that this model can only encode as <unk>, each once."""
+        return "".join(c for c in dict.fromkeys(line) if not c.isspace() and self.unk in self.sp.encode(c))
+
     def sample_batch(self, lines: Sequence[str], alpha: float, nbest: int, seed: int) -> list[list[int]]:
         """One sampled segmentation per line (subword regularization; BPE-dropout for a BPE model), the
         same ones for the same seed: SentencePiece draws from a per-thread generator, which the seed

@@ -148,3 +148,31 @@ def test_output_file_appears_only_when_complete(trained, tmp_path):
     r = subprocess.run(args + ["-i", str(SAMPLE_EN), "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert len(out.read_text().splitlines()) == len(SAMPLE_EN.read_text().splitlines())
+
+
+def test_unknown_source_characters_are_left_out(trained, capsys):
+    """A character the tokenizer never saw becomes <unk>, which the model never saw either (the
+    tokenizer covers all of its training text): it is left out of the source, and said so."""
+    from mtrain.translate import Inspect, drop_unknown
+    model, toks, _ = checkpoint.load_for_inference([trained / "final.pt"])
+    dev, dec = pick_device("cpu", "fp32"), DecodeConfig(beam=2, max_len_b=6)
+    clean, unknown = "a dog is running .", "a dog\U0001F415 is running ."
+    ids = toks.src.encode_batch([clean, unknown])
+    assert toks.src.unk not in ids[0] and toks.src.unk in ids[1]
+    unk_at = ids[1].index(toks.src.unk)
+    dropped, kept = drop_unknown(ids, toks.src.unk)
+    assert dropped == [ids[0], ids[0]] and kept[1] == [p for p in range(len(ids[1])) if p != unk_at]
+
+    out = list(translate_lines(["", clean, unknown], model, toks, dec, dev))
+    assert out[2] == out[1]
+    assert "1 input line held characters the source tokenizer does not know (line 3: '\U0001F415'); " \
+           "translated without them" in capsys.readouterr().err
+
+    # --alignment on pieces: positions in the source as SentencePiece encodes it, <unk> included
+    aligned = [line.split(" ||| ")[1].split() for line in
+               translate_lines([clean, unknown], model, toks, dec, dev, inspect=Inspect(alignment="pieces"))]
+    shifted = [f"{int(a) + (int(a) >= unk_at)}-{b}" for a, b in (pair.split("-") for pair in aligned[0])]
+    assert aligned[0] and aligned[1] == shifted
+
+    list(translate_lines([unknown], model, toks, dec, dev, keep_unknown=True))
+    assert "kept as <unk>" in capsys.readouterr().err
