@@ -62,12 +62,20 @@ def cpu_bf16_speedup(n: int = 1024, reps: int = 4) -> float:
     return timings[0] / timings[1]
 
 
-def default_threads() -> int:
-    """The CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
+def default_threads(processes: int = 1) -> int:
+    """Threads for one of `processes` processes: OMP_NUM_THREADS when one process runs and it is set
+    (someone running several jobs side by side; overriding it made them fight over the cores), else the
+    CPUs this process may run on (a container or taskset may allow fewer than the machine has) split
+    among the processes. torchrun sets OMP_NUM_THREADS=1 for each of several processes; the split
+    serves them better."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if processes == 1 and omp.isdigit() and int(omp) > 0:
+        return int(omp)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // processes)
 
 
 # Rank 0 may train SentencePiece and encode a corpus of tens of millions of pairs while the other
@@ -194,7 +202,7 @@ def pick_device(device: str = "auto", precision: str = "auto", threads: int = 0,
         # Without emulation: emulated bf16 (V100, T4) is slower than fp16 there.
         bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
-        torch.set_num_threads(threads or max(1, default_threads() // world.size))
+        torch.set_num_threads(threads or default_threads(world.size))
         bf16_ok = cpu_has_bf16()
     if precision == "auto" and dev.type == "cuda":
         precision = "bf16" if bf16_ok else "fp16"

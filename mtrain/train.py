@@ -42,7 +42,7 @@ from mtrain.loss import label_smoothed_loss, output_loss, rdrop_loss
 from mtrain.model import Transformer
 from mtrain.score import bleu
 from mtrain.tokenizer import Tokenizers, get_tokenizers, save_to_run
-from mtrain.translate import decode_ids
+from mtrain.translate import decode_ids, drop_unknown
 
 
 def lr_at(step: int, warmup: int, peak: float, schedule: str = "inverse_sqrt", total: int = 0) -> float:
@@ -234,7 +234,8 @@ def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Co
         nll += float(F.cross_entropy(logits, batch.tgt_out[real], reduction="sum"))
         tokens += batch.n_tgt_tokens
     n = cfg.data.valid_max_sentences or len(corpus)
-    src_ids = [corpus.pair(i)[0] for i in range(min(n, len(corpus)))]
+    # Without <unk> pieces, as `mtrain translate` reads the source: validation BLEU is what it will give.
+    src_ids, _ = drop_unknown([list(corpus.pair(i)[0]) for i in range(min(n, len(corpus)))], toks.src.unk)
     decode = dataclasses.replace(cfg.decode, beam=cfg.train.valid_beam, nbest=1)
     hyps = toks.tgt.decode_batch([h[0].tokens for h in decode_ids(model, src_ids, decode, toks, dev)])
     model.train()

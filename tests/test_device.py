@@ -112,3 +112,22 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     loaded = checkpoint.load(tmp_path / "rng.pt")["rng"][0]  # weights_only: no pickled numpy objects
     set_rng_state(loaded)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_threads_follow_omp_num_threads_for_one_process(monkeypatch):
+    """OMP_NUM_THREADS, when set, is the thread count of a lone process (jobs side by side); several
+    torchrun processes split the CPUs instead, and train.threads overrides both."""
+    monkeypatch.setattr(device_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert device_module.default_threads(1) == 3 and device_module.default_threads(2) == 4
+        pick_device("cpu", "fp32")
+        assert torch.get_num_threads() == 3
+        pick_device("cpu", "fp32", threads=2)
+        assert torch.get_num_threads() == 2
+        for unset in ("", "0", "many"):
+            monkeypatch.setenv("OMP_NUM_THREADS", unset)
+            assert device_module.default_threads(1) == 8 and device_module.default_threads(3) == 2
+    finally:
+        torch.set_num_threads(before)
