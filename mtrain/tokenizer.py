@@ -162,7 +162,16 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
         raise MtrainError("--input: give at least one text file (or --config with data.train.src/tgt)")
     if output is None:
         raise MtrainError("--output: give the output prefix, e.g. --output data/spm8k")
-    groups = [([p], Path(f"{output}.{_language(p)}")) for p in inputs] if per_language else [(inputs, Path(output))]
+    output = Path(output)
+    if output.suffix == ".model":  # `-o spm.model` means the file spm.model, not spm.model.model
+        output = output.with_suffix("")
+    groups = [([p], Path(f"{output}.{_language(p)}")) for p in inputs] if per_language else [(inputs, output)]
+    prefixes = [prefix for _, prefix in groups]
+    for n, (files, prefix) in enumerate(groups):
+        if prefix in prefixes[:n]:  # the second model would replace the first
+            first = groups[prefixes.index(prefix)][0][0]
+            raise MtrainError(f"--per-language: {first} and {files[0]} would both write {prefix}.model; "
+                              f"give one file per language")
     for files, prefix in groups:
         start = time.time()
         model = train_tokenizer(files, tc, prefix)

@@ -126,6 +126,8 @@ CASES = [
     ("tok-output-below-file", "tokenize -i " + str(SAMPLE_EN) + " --vocab-size 50 -o {d}/hyp3.txt/spm", b"",
      "hyp3.txt: is a file, not a folder (for the tokenizer model)"),
     ("tok-empty", "tokenize -i {d}/empty.txt -o {out}", b"", "no text to train a tokenizer on"),
+    ("tok-language-twice", "tokenize -i " + str(SAMPLE_EN) + " -i " + str(SAMPLE_EN) + " --per-language -o {out}", b"",
+     "would both write"),
     ("tok-no-input", "tokenize -o {out}", b"", "--input: give at least one"),
     ("tok-no-output", "tokenize -i " + str(SAMPLE_EN), b"", "--output: give the output prefix"),
     ("tok-corrupt-gz", "tokenize -i {d}/corrupt.gz -o {out}", b"", "corrupt.gz: cannot read"),

@@ -43,6 +43,10 @@ def test_tokenize_reports_and_writes(tmp_path):
                "--output", tmp_path / "lang")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "lang.en.model").is_file() and (tmp_path / "lang.de.model").is_file()
+    r = mtrain("tokenize", "--input", SAMPLE_EN, "--vocab-size", 60, "--output", tmp_path / "named.model")
+    assert r.returncode == 0, r.stderr  # the model's file name given, not a prefix: no named.model.model
+    assert (tmp_path / "named.model").is_file() and (tmp_path / "named.vocab").is_file()
+    assert not list(tmp_path.glob("named.model.*"))
 
 
 def test_user_errors_are_one_line(tmp_path):
