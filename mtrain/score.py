@@ -78,6 +78,8 @@ def compare(baseline: Sequence[str], other: Sequence[str], refs_list: Sequence[S
 
     check_lengths(baseline, refs_list, "baseline")
     check_lengths(other, refs_list, "--compare")
+    if list(baseline) == list(other):  # sacreBLEU would call them different at p = 1/1001
+        raise MtrainError("--compare: the two systems' translations are identical line for line; nothing to test")
     named = build_metrics(metrics, lowercase, tokenize)
     test = PairedTest([("baseline", list(baseline)), ("other", list(other))], named,
                       references=[list(r) for r in refs_list], test_type="bs", n_samples=1000)

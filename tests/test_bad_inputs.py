@@ -204,6 +204,7 @@ CASES = [
     ("score-empty", "score --ref {d}/empty.txt {d}/empty.txt", b"", "empty.txt: no lines to score"),
     ("score-empty-stdin", "score --ref {d}/empty.txt", b"", "stdin: no lines to score"),
     ("score-utf8", "score --ref {d}/hyp3.txt {d}/bad.txt", b"", "bad.txt:3: invalid UTF-8"),
+    ("score-compare-same", "score --ref {d}/hyp3.txt {d}/hyp3.txt --compare {d}/hyp3.txt", b"", "identical line for line"),
     ("score-compare-missing", "score --ref {d}/hyp3.txt {d}/hyp3.txt --compare {d}/none.txt", b"", "none.txt"),
     # average
     ("avg-missing", "average {d}/run/ckpt_2.pt {d}/none.pt -o {out}", b"", "none.pt: checkpoint not found"),
