@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import os
 import shutil
 from pathlib import Path
@@ -85,6 +87,18 @@ def atomic_write(path: Path | str, mode: str = "wb", what: str = "file") -> Iter
                               f"({e.strerror or e}); the previous {path.name}, if any, is intact") from None
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_text(path: Path | str, what: str = "output") -> Iterator[IO[str]]:
+    """atomic_write of UTF-8 text, gzip-compressed when the name ends in .gz, as such inputs are read."""
+    if Path(path).suffix != ".gz":
+        with atomic_write(path, "w", what) as f:
+            yield f
+        return
+    with atomic_write(path, "wb", what) as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", filename="", mtime=0) as z, io.TextIOWrapper(z, "utf-8") as f:
+            yield f
 
 
 def link_or_copy(source: Path, target: Path) -> None:

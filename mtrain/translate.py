@@ -17,7 +17,7 @@ from mtrain.config import DecodeConfig
 from mtrain.data import cut_sorted, pad_batch
 from mtrain.device import Device
 from mtrain.errors import MtrainError
-from mtrain.files import atomic_write, check_folder, check_parent
+from mtrain.files import atomic_text, check_folder, check_parent
 from mtrain.model import Transformer
 from mtrain.search import Hypothesis, beam_search, sample
 from mtrain.tokenizer import Tokenizers
@@ -204,7 +204,7 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
     model.to(dev.device)
     decode = with_overrides(cfg.decode, **decode_flags)
     lines = open_text(input if input is not None else "-")
-    with atomic_write(output, "w", "output") if output is not None else contextlib.nullcontext(sys.stdout) as out:
+    with atomic_text(output) if output is not None else contextlib.nullcontext(sys.stdout) as out:
         for line in translate_lines(lines, model, toks, decode, dev, sampling, inspect, buffer_lines, keep_unknown):
             out.write(line + "\n")
             if out is sys.stdout:

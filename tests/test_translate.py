@@ -1,3 +1,4 @@
+import gzip
 import subprocess
 import sys
 
@@ -148,6 +149,10 @@ def test_output_file_appears_only_when_complete(trained, tmp_path):
     r = subprocess.run(args + ["-i", str(SAMPLE_EN), "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert len(out.read_text().splitlines()) == len(SAMPLE_EN.read_text().splitlines())
+    # a .gz name gets gzip, as a .gz input is read: the same lines
+    r = subprocess.run(args + ["-i", str(SAMPLE_EN), "-o", str(out) + ".gz"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert gzip.decompress((tmp_path / "out.de.gz").read_bytes()).decode() == out.read_text()
 
 
 def test_unknown_source_characters_are_left_out(trained, capsys):
