@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,8 @@ from mtrain import checkpoint
 from mtrain.config import DecodeConfig
 from mtrain.device import pick_device
 from mtrain.errors import MtrainError
-from mtrain.train import fit, lr_at
+from mtrain.score import bleu
+from mtrain.train import fit, lr_at, read_metrics
 from mtrain.translate import translate_lines
 from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tiny_raw
 
@@ -530,3 +532,30 @@ def test_moving_average_is_a_final_candidate_and_translates(tmp_path, tiny_cfg, 
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, last["ema"]["model"][k], rtol=0, atol=0)
     assert any(not torch.equal(last["ema"]["model"][k], v) for k, v in last["model"].items())
+
+
+def test_validation_reads_unknown_characters_as_translate_does(tmp_path, spm_model, monkeypatch):
+    """A validation source character the tokenizer does not know is left out, as `mtrain translate`
+    leaves it out: validation BLEU is the BLEU that translating the file gives."""
+    import mtrain.train as train_module
+    from mtrain import translate as translate_module
+    from mtrain.config import config_from_dict
+    src, tgt = SAMPLE_EN.read_text().splitlines(), SAMPLE_DE.read_text().splitlines()
+    src[1] = src[1].replace(" ", " \U0001F415", 1)
+    (tmp_path / "valid.en").write_text("\n".join(src) + "\n")
+    raw = tiny_raw(tmp_path, spm_model, max_steps=6, valid_every=6, save_every=6)
+    raw["data"]["valid"] = {"src": str(tmp_path / "valid.en"), "tgt": str(SAMPLE_DE)}
+    decoded = []  # the source ids that validation decodes
+    monkeypatch.setattr(train_module, "decode_ids",
+                        lambda model, ids, *args: decoded.extend(ids) or translate_module.decode_ids(model, ids, *args))
+    logged = []
+    fit(config_from_dict(raw), tmp_path / "run", log=logged.append)
+    assert any(line.startswith("data: 1 validation source line held characters the tokenizer does not know")
+               for line in logged)
+    model, toks, cfg = checkpoint.load_for_inference([tmp_path / "run" / "last.pt"])
+    encoded = toks.src.encode_batch(src)
+    assert toks.src.unk in encoded[1]
+    assert decoded[:len(src)] == [[x for x in ids if x != toks.src.unk] for ids in encoded]
+    valid_bleu = [r["valid_bleu"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "valid_bleu" in r]
+    out = list(translate_lines(src, model, toks, dataclasses.replace(cfg.decode, beam=1), pick_device("cpu", "fp32")))
+    assert valid_bleu == [pytest.approx(bleu(out, tgt), abs=1e-6)]
