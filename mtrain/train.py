@@ -359,8 +359,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                               f"it or raise model.max_positions")
         unknown = sum(toks.src.unk in valid.pair(i)[0] for i in range(len(valid)))
         if unknown:
-            log(f"data: {unknown} validation source line{'s' * (unknown > 1)} held characters the tokenizer does not know; "
-                f"validation translates them without those characters, as `mtrain translate` does")
+            log(f"data: {unknown} validation source line{'s' * (unknown > 1)} held characters the tokenizer "
+                f"does not know; validation translates them without those characters, as `mtrain translate` does")
     if world.main:  # only now, with the data read, does the run directory fill
         make_folder(run_dir, "run directory")
         dump_config(cfg, run_dir / "config.yaml")
