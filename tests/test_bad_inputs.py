@@ -146,6 +146,8 @@ CASES = [
     ("fit-precision", "fit {d}/prec.yaml -o {out}", b"", "precision"),
     ("fit-device", "fit {d}/dev.yaml -o {out}", b"", "device"),
     ("fit-max-time", "fit {d}/time.yaml -o {out}", b"", "cannot read duration 'ten minutes'"),
+    ("fit-patience-no-valid", "fit {d}/good.yaml -o {out} --set train.patience=2 --set data.valid={{}}", b"",
+     "train.patience stops on validation BLEU, but data.valid gives no validation set"),
     ("fit-set-no-equals", "fit {d}/good.yaml --set train.lr -o {out}", b"", "train.lr"),
     ("fit-set-unknown", "fit {d}/good.yaml --set train.learning_rate=1 -o {out}", b"", "learning_rate"),
     ("fit-data-missing", "fit {d}/missing_data.yaml -o {out}", b"", "nowhere.en: file not found"),
