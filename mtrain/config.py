@@ -402,6 +402,9 @@ def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Confi
     if cfg.data.max_len > cfg.model.max_positions:  # a kept training pair would overflow the positions
         raise MtrainError(f"{name}: data.max_len ({cfg.data.max_len}) exceeds model.max_positions "
                           f"({cfg.model.max_positions})")
+    if cfg.train.average_last > cfg.train.keep_last:  # it would average fewer, without a word
+        raise MtrainError(f"{name}: train.average_last ({cfg.train.average_last}) exceeds train.keep_last "
+                          f"({cfg.train.keep_last}); only kept checkpoints can be averaged: raise keep_last")
     if cfg.train.patience and cfg.data.valid.empty:  # it counts validations, and none would run
         raise MtrainError(f"{name}: train.patience stops on validation BLEU, but data.valid gives no validation set")
     return cfg

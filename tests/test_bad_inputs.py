@@ -148,6 +148,8 @@ CASES = [
     ("fit-max-time", "fit {d}/time.yaml -o {out}", b"", "cannot read duration 'ten minutes'"),
     ("fit-patience-no-valid", "fit {d}/good.yaml -o {out} --set train.patience=2 --set data.valid={{}}", b"",
      "train.patience stops on validation BLEU, but data.valid gives no validation set"),
+    ("fit-average-more-than-kept", "fit {d}/good.yaml -o {out} --set train.average_last=6 --set train.keep_last=5", b"",
+     "train.average_last (6) exceeds train.keep_last (5)"),
     ("fit-set-no-equals", "fit {d}/good.yaml --set train.lr -o {out}", b"", "train.lr"),
     ("fit-set-unknown", "fit {d}/good.yaml --set train.learning_rate=1 -o {out}", b"", "learning_rate"),
     ("fit-data-missing", "fit {d}/missing_data.yaml -o {out}", b"", "nowhere.en: file not found"),
