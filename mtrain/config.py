@@ -127,7 +127,7 @@ class ModelConfig:
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    threads: int = 0  # CPU threads; 0 = one per physical core
+    threads: int = 0  # CPU threads; 0 = OMP_NUM_THREADS when set, else every core this process may use
     seed: int = 1
     batch_tokens: int = 4096  # padded tokens of the longer side per batch (fairseq --max-tokens)
     update_freq: int = 1  # batches accumulated per update
@@ -405,6 +405,9 @@ def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Confi
     if cfg.train.average_last > cfg.train.keep_last:  # it would average fewer, without a word
         raise MtrainError(f"{name}: train.average_last ({cfg.train.average_last}) exceeds train.keep_last "
                           f"({cfg.train.keep_last}); only kept checkpoints can be averaged: raise keep_last")
+    if cfg.tokenizer.tgt_model and cfg.tokenizer.joint:  # it would be ignored
+        raise MtrainError(f"{name}: tokenizer.tgt_model is the target side's model when tokenizer.joint is "
+                          f"false; with one joint model, give only tokenizer.model")
     if cfg.train.patience and cfg.data.valid.empty:  # it counts validations, and none would run
         raise MtrainError(f"{name}: train.patience stops on validation BLEU, but data.valid gives no validation set")
     return cfg

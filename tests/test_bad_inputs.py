@@ -150,6 +150,8 @@ CASES = [
      "train.patience stops on validation BLEU, but data.valid gives no validation set"),
     ("fit-average-more-than-kept", "fit {d}/good.yaml -o {out} --set train.average_last=6 --set train.keep_last=5", b"",
      "train.average_last (6) exceeds train.keep_last (5)"),
+    ("fit-tgt-model-joint", "fit {d}/good.yaml -o {out} --set tokenizer.tgt_model=x.model", b"",
+     "tokenizer.tgt_model is the target side's model when tokenizer.joint is false"),
     ("fit-set-no-equals", "fit {d}/good.yaml --set train.lr -o {out}", b"", "train.lr"),
     ("fit-set-unknown", "fit {d}/good.yaml --set train.learning_rate=1 -o {out}", b"", "learning_rate"),
     ("fit-data-missing", "fit {d}/missing_data.yaml -o {out}", b"", "nowhere.en: file not found"),
