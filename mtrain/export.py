@@ -117,6 +117,10 @@ def export_ctranslate2(checkpoint: Path, out_dir: Path, quantization: str | None
     from mtrain.checkpoint import load_for_inference
 
     require_ctranslate2()
+    from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
+    if quantization is not None and quantization not in ACCEPTED_MODEL_TYPES:  # before loading anything
+        raise MtrainError(f"--quantization: unknown weight type {quantization!r} (CTranslate2 takes "
+                          f"{', '.join(ACCEPTED_MODEL_TYPES)})")
     check_parent(out_dir, "export", folder=True)
     check_export_dir(out_dir)
     model, toks, cfg = load_for_inference([checkpoint], trust)

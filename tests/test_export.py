@@ -64,6 +64,9 @@ def test_export_replaces_only_an_earlier_export(trained, tmp_path):
     with pytest.raises(MtrainError, match=r"\(notes\.txt\)"):
         export_ctranslate2(trained, out)
     assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(MtrainError, match=r"--quantization: unknown weight type 'int3' \(CTranslate2 takes int8, "):
+        export_ctranslate2(trained, tmp_path / "ct2_int3", quantization="int3")
+    assert not (tmp_path / "ct2_int3").exists()
 
 
 def test_export_without_ctranslate2_says_how_to_install(trained, tmp_path, monkeypatch):
