@@ -21,12 +21,16 @@ def plot_runs(run_dirs: Sequence[Path], output: Path) -> str:
     if not run_dirs:
         raise MtrainError("plot: give at least one run directory")
     check_parent(output, "plot")
+    # Each line is labelled with its run's folder name, or with the path as given where two runs share
+    # a name (runs/avx2/multi30k and runs/avx512/multi30k): the second would have replaced the first.
+    run_dirs = list({Path(run).resolve(): Path(run) for run in run_dirs}.values())  # each run once
+    names = [run.name or str(run) for run in run_dirs]
     runs = {}
-    for run in run_dirs:
-        path = Path(run) / "metrics.jsonl"
+    for run, name in zip(run_dirs, names):
+        path = run / "metrics.jsonl"
         if not path.is_file():
             raise MtrainError(f"{run}: no metrics.jsonl (not an mtrain run directory, or not started yet)")
-        runs[Path(run).name or str(run)] = read_metrics(path)
+        runs[name if names.count(name) == 1 else str(run)] = read_metrics(path)
     plt = require_matplotlib()
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")

@@ -2,6 +2,7 @@
 
 import gzip
 import re
+import shutil
 import subprocess
 import sys
 
@@ -115,6 +116,11 @@ def test_info_and_plot_of_a_run(tmp_path, spm_model):
     r = mtrain("plot", tmp_path / "run", tmp_path / "run", "-o", tmp_path / "curves.png")
     assert r.returncode == 0, r.stderr
     assert "run (4 updates)" in r.stdout
+    (tmp_path / "other").mkdir()  # another run of the same folder name: two lines, told apart by path
+    shutil.copytree(tmp_path / "run", tmp_path / "other" / "run")
+    r = mtrain("plot", tmp_path / "run", tmp_path / "other" / "run", "-o", tmp_path / "curves.png")
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / 'run'} (4 updates)" in r.stdout and f"{tmp_path / 'other' / 'run'} (4 updates)" in r.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line_error(mtrain("plot", tmp_path, "-o", tmp_path / "c.png"), "no metrics.jsonl")
     for name in ("curves.txt", "curves"):  # matplotlib would fail after the work, with a traceback
