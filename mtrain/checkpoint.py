@@ -66,11 +66,11 @@ def average(paths: Sequence[Path | str], trust: bool = False) -> dict:
     One checkpoint at a time, model weights only: the running sum (float64) is the only model-sized
     memory besides the checkpoint being read, so averaging 20 transformer-big checkpoints needs
     about as much as one."""
-    seen: dict[Path, Path | str] = {}
-    for p in paths:  # a shell glob and a name typed again give one checkpoint twice its weight
-        if Path(p).resolve() in seen:
-            raise MtrainError(f"{p}: given twice (also as {seen[Path(p).resolve()]}); each checkpoint counts once")
-        seen[Path(p).resolve()] = p
+    resolved = [Path(p).resolve() for p in paths]
+    for n, r in enumerate(resolved):  # a shell glob and a name typed again give one checkpoint twice its weight
+        if r in resolved[:n]:
+            raise MtrainError(f"{paths[n]}: given twice (also as {paths[resolved.index(r)]}); each checkpoint "
+                              f"counts once")
     total: dict[str, torch.Tensor] = {}
     first: dict = {}
     for p in paths:

@@ -235,7 +235,7 @@ def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Co
         tokens += batch.n_tgt_tokens
     n = cfg.data.valid_max_sentences or len(corpus)
     # Without <unk> pieces, as `mtrain translate` reads the source: validation BLEU is what it will give.
-    src_ids, _ = drop_unknown([list(corpus.pair(i)[0]) for i in range(min(n, len(corpus)))], toks.src.unk)
+    src_ids, _ = drop_unknown([corpus.pair(i)[0] for i in range(min(n, len(corpus)))], toks.src.unk)
     decode = dataclasses.replace(cfg.decode, beam=cfg.train.valid_beam, nbest=1)
     hyps = toks.tgt.decode_batch([h[0].tokens for h in decode_ids(model, src_ids, decode, toks, dev)])
     model.train()
