@@ -124,6 +124,8 @@ def translate(
     max_len_b: Optional[int] = typer.Option(None),
     min_len: Optional[int] = typer.Option(None, help="Minimum output length in pieces."),
     no_repeat_ngram: Optional[int] = typer.Option(None, help="Block repeated n-grams of this size."),
+    allow_unk: bool = typer.Option(False, "--allow-unk", help="Let the output hold <unk> (printed ' ⁇ ') "
+                                   "[decode.allow_unk]."),
     sample: bool = typer.Option(False, "--sample", help="Sample one translation instead of beam search."),
     top_k: int = typer.Option(0, help="Sampling: keep the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, help="Sampling: nucleus probability mass."),
@@ -155,7 +157,8 @@ def translate(
         inspect = Inspect(alignment, attention, attention_limit) if alignment or attention else None
         run_translate(checkpoint, input, output, device, precision,
                       dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,
-                           max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram),
+                           max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram,
+                           allow_unk=allow_unk or None),
                       sampling, trust, inspect, buffer_lines, keep_unknown)
 
 

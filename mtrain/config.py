@@ -225,6 +225,10 @@ class DecodeConfig:
     nbest: int = 1
     batch_tokens: int = 6000  # source tokens per decoding batch
     no_repeat_ngram: int = 0  # block repeated n-grams of this size (0 = off)
+    # <unk> in the output (printed ' ⁇ '): off by default, as Marian's --allow-unk. A tokenizer with
+    # character_coverage below 1 maps rare training characters to <unk>, and the model learns to emit it
+    # where a real piece would do.
+    allow_unk: bool = False
 
     def __post_init__(self):
         if self.beam < 1 or self.nbest < 1:

@@ -149,9 +149,9 @@ def ctranslate2_options(decode: DecodeConfig, src_len: int) -> dict:
     `src_len` pieces (EOS not counted). CTranslate2 normalises scores by length^alpha, as mtrain's
     lenpen_type plain; its decoding lengths count pieces without the EOS, and at the maximum it stops
     without one where mtrain scores a forced EOS (the two agree unless the limit is reached). mtrain
-    never emits BOS or padding; CTranslate2 is told not to either."""
+    never emits BOS or padding, nor <unk> unless allow_unk; CTranslate2 is told the same."""
     return dict(beam_size=decode.beam, num_hypotheses=decode.nbest, length_penalty=decode.lenpen,
                 suppress_sequences=[["<s>"], ["<pad>"]],
                 max_decoding_length=int(decode.max_len_a * src_len + decode.max_len_b),
                 min_decoding_length=decode.min_len, no_repeat_ngram_size=decode.no_repeat_ngram,
-                return_scores=True)
+                disable_unk=not decode.allow_unk, return_scores=True)

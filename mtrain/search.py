@@ -44,8 +44,8 @@ def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
 def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, *, beam: int = 5,
                 lenpen: float = 0.6, lenpen_type: str = "gnmt", max_len_a: float = 1.5, max_len_b: int = 10,
                 min_len: int = 1, nbest: int = 1, no_repeat_ngram: int = 0,
-                bos: int, eos: int, pad: int) -> list[list[Hypothesis]]:
-    """Best `nbest` hypotheses per sentence, best first.
+                bos: int, eos: int, pad: int, unk: int | None = None) -> list[list[Hypothesis]]:
+    """Best `nbest` hypotheses per sentence, best first; `unk`, when given, is never emitted.
 
     Each row group of `beam` rows belongs to one live sentence; a sentence stops when it has `nbest`
     finished hypotheses that no live one can beat, and its rows are then dropped from the batch.
@@ -70,6 +70,8 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
         V = logp.shape[1]
         eos_logp = logp[:, eos].clone()
         logp[:, pad] = logp[:, bos] = float("-inf")
+        if unk is not None:
+            logp[:, unk] = float("-inf")
         if t < min_len:
             logp[:, eos] = float("-inf")
         if no_repeat_ngram:
@@ -126,8 +128,10 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
 @torch.no_grad()
 def sample(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, *, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 1,
-           bos: int, eos: int, pad: int, generator: torch.Generator | None = None) -> list[Hypothesis]:
-    """One sampled translation per sentence (for back-translation), with top-k / nucleus filtering.
+           bos: int, eos: int, pad: int, unk: int | None = None,
+           generator: torch.Generator | None = None) -> list[Hypothesis]:
+    """One sampled translation per sentence (for back-translation), with top-k / nucleus filtering;
+    `unk`, when given, is never drawn.
     temperature > 0, top_k >= 0 (0 = all) and 0 < top_p <= 1 are the caller's to check."""
     B, device = src.shape[0], src.device
     max_len = max_lengths(src_pad_mask, max_len_a, max_len_b, model.cfg.max_positions - 1)
@@ -139,6 +143,8 @@ def sample(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, *,
     for t in range(int(max_len.max())):
         logits = model.decode_step(last, cache).float()
         logits[:, pad] = logits[:, bos] = float("-inf")
+        if unk is not None:
+            logits[:, unk] = float("-inf")
         if t < min_len:
             logits[:, eos] = float("-inf")
         logits[t + 1 >= max_len, :] = float("-inf")

@@ -60,7 +60,9 @@ class Tokenizer:
                               num_threads=1)
 
     def decode_batch(self, ids: Iterable[Sequence[int]]) -> list[str]:
-        return self.sp.decode([[i for i in seq if i > EOS] for seq in ids])
+        """Text of each id sequence without padding, BOS and EOS; <unk> prints as SentencePiece's ' ⁇ '
+        (decoding emits it only with decode.allow_unk)."""
+        return self.sp.decode([[i for i in seq if i > EOS or i == self.unk] for seq in ids])
 
     def save(self, path: Path) -> None:
         """Atomically: another process reading the file meanwhile sees the old model or the new one."""

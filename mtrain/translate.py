@@ -59,7 +59,8 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
                dev: Device, sampling: Sampling | None = None) -> list[list[Hypothesis]]:
     """n-best hypotheses for each id sequence (EOS is added here), in input order; with `sampling`
-    one sampled hypothesis each instead."""
+    one sampled hypothesis each instead. <unk> is never emitted unless cfg.allow_unk."""
+    unk = None if cfg.allow_unk else toks.tgt.unk
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     limit = model.cfg.max_positions - 1
     src_ids = [list(s[:limit - 1]) for s in src_ids]  # leave room for EOS within the model's positions
@@ -70,13 +71,13 @@ def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: Decode
                 hyps = [[h] for h in sample(
                     model, src, src == toks.src.pad, temperature=sampling.temperature, top_k=sampling.top_k,
                     top_p=sampling.top_p, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len,
-                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad,
+                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, unk=unk,
                     generator=sampling.generator_on(dev.device))]
             else:
                 hyps = beam_search(model, src, src == toks.src.pad, beam=cfg.beam, lenpen=cfg.lenpen,
                                    lenpen_type=cfg.lenpen_type, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
                                    min_len=cfg.min_len, nbest=cfg.nbest, no_repeat_ngram=cfg.no_repeat_ngram,
-                                   bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad)
+                                   bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, unk=unk)
         for i, h in zip(batch, hyps):
             results[i] = h
     return results

@@ -157,12 +157,12 @@ def test_decode_config_rejects_nbest_above_beam():
         DecodeConfig(beam=2, nbest=3)
 
 
-class EosBias:
-    """A model whose EOS logit is moved by `bias`: -1e4 never ends a sentence (to show where the length
-    limit cuts), +100 ends it at once."""
+class TokenBias:
+    """A model whose logit of `token` is moved by `bias`: for EOS, -1e4 never ends a sentence (to show
+    where the length limit cuts), +100 ends it at once."""
 
-    def __init__(self, model, bias):
-        self.model, self.cfg, self.bias = model, model.cfg, bias
+    def __init__(self, model, bias, token=EOS):
+        self.model, self.cfg, self.bias, self.token = model, model.cfg, bias, token
 
     def encode(self, src, mask):
         return self.model.encode(src, mask)
@@ -172,12 +172,12 @@ class EosBias:
 
     def decode_step(self, tokens, cache):
         logits = self.model.decode_step(tokens, cache).clone()
-        logits[:, EOS] += self.bias
+        logits[:, self.token] += self.bias
         return logits
 
 
 def test_output_length_limit_is_a_times_source_plus_b():
-    model = EosBias(make(5), -1e4)
+    model = TokenBias(make(5), -1e4)
     src = torch.tensor([[5, 6, 7, EOS, PAD, PAD], [5, 6, 7, 8, 9, EOS]])  # 3 and 5 pieces, EOS not counted
     expected = [int(1.5 * 3 + 2), int(1.5 * 5 + 2)]  # 6 and 9 pieces, then EOS (as fairseq)
     for beam in (1, 3):
@@ -189,10 +189,26 @@ def test_output_length_limit_is_a_times_source_plus_b():
 
 
 def test_sampling_respects_min_len():
-    model = EosBias(make(6), 100.0)
+    model = TokenBias(make(6), 100.0)
     src = torch.tensor([[5, 6, 7, 8, EOS]] * 8)
     kw = dict(max_len_a=0.0, max_len_b=12, bos=BOS, eos=EOS, pad=PAD)
     free = sample(model, src, src == PAD, min_len=1, generator=torch.Generator().manual_seed(0), **kw)
     held = sample(model, src, src == PAD, min_len=4, generator=torch.Generator().manual_seed(0), **kw)
     assert [len(h.tokens) for h in free] == [1] * 8
     assert [len(h.tokens) for h in held] == [4] * 8  # EOS as soon as it is allowed
+
+
+def test_unk_is_never_emitted_when_forbidden():
+    model = TokenBias(make(7), 50.0, token=UNK)  # <unk> is by far the likeliest token
+    src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, 11, EOS, PAD]])
+    kw = dict(max_len_a=0.0, max_len_b=8, bos=BOS, eos=EOS, pad=PAD)
+    for beam in (1, 3):
+        free = [h[0].tokens for h in search(model, src, beam=beam, max_len_b=8)]
+        held = [h[0].tokens for h in search(model, src, beam=beam, max_len_b=8, unk=UNK)]
+        assert all(UNK in t for t in free), free
+        assert all(t and UNK not in t for t in held), held
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample(model, src.repeat(8, 1), src.repeat(8, 1) == PAD, unk=UNK, generator=gen, **kw)
+    assert all(UNK not in h.tokens for h in drawn)
+    drawn = sample(model, src.repeat(8, 1), src.repeat(8, 1) == PAD, generator=gen, **kw)
+    assert any(UNK in h.tokens for h in drawn)

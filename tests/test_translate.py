@@ -9,7 +9,7 @@ from mtrain import checkpoint
 from mtrain.config import DecodeConfig
 from mtrain.device import pick_device
 from mtrain.train import fit
-from mtrain.translate import length_batches, translate_lines
+from mtrain.translate import Sampling, decode_ids, length_batches, translate_lines
 from conftest import ROOT, SAMPLE_EN
 
 
@@ -64,7 +64,6 @@ def test_pipe_average_and_score(trained):
 
 
 def test_sampling_continues_its_stream_across_blocks(trained):
-    from mtrain.translate import Sampling
     model, toks, cfg = checkpoint.load_for_inference([trained / "final.pt"])
     lines = ["a man is walking ."] * 4
     dev = pick_device("cpu", "fp32")
@@ -181,3 +180,40 @@ def test_unknown_source_characters_are_left_out(trained, capsys):
 
     list(translate_lines([unknown], model, toks, dec, dev, keep_unknown=True))
     assert "kept as <unk>" in capsys.readouterr().err
+
+
+def test_unk_stays_out_of_the_output_unless_allowed(trained, monkeypatch):
+    """A tokenizer with character_coverage below 1 teaches the model to emit <unk> (printed ' ⁇ ');
+    as in Marian, it is kept out of translations unless decode.allow_unk (translate --allow-unk)."""
+    model, toks, _ = checkpoint.load_for_inference([trained / "final.pt"])
+    step = model.decode_step
+
+    def unk_first(tokens, cache):  # a model that would rather say <unk> than anything else
+        logits = step(tokens, cache).clone()
+        logits[:, toks.tgt.unk] += 100.0
+        return logits
+
+    monkeypatch.setattr(model, "decode_step", unk_first)
+    dev, lines = pick_device("cpu", "fp32"), ["a man is walking .", "a dog ."]
+    ids = toks.src.encode_batch(lines)
+    for allow in (False, True):
+        tokens = [h[0].tokens for h in decode_ids(model, ids, DecodeConfig(beam=2, max_len_b=5, allow_unk=allow),
+                                                  toks, dev)]
+        assert all(t and (toks.tgt.unk in t) == allow for t in tokens), (allow, tokens)
+    for sampling in (None, Sampling(seed=3)):
+        held = list(translate_lines(lines, model, toks, DecodeConfig(beam=2, max_len_b=5), dev, sampling))
+        free = list(translate_lines(lines, model, toks, DecodeConfig(beam=2, max_len_b=5, allow_unk=True), dev,
+                                    sampling))
+        assert all(line and "⁇" not in line for line in held), held
+        assert all("⁇" in line for line in free), free
+
+
+def test_allow_unk_flag_reaches_the_decode_settings(monkeypatch):
+    from typer.testing import CliRunner
+    from mtrain import cli, translate
+    seen = []
+    monkeypatch.setattr(translate, "run_translate", lambda ckpts, i, o, d, p, flags, *rest: seen.append(flags))
+    for extra in ([], ["--allow-unk"]):
+        result = CliRunner().invoke(cli.app, ["translate", "-c", "x.pt", *extra])
+        assert result.exit_code == 0, result.output
+    assert [flags["allow_unk"] for flags in seen] == [None, True]  # None: the checkpoint's decode section
