@@ -121,7 +121,8 @@ def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, 
     """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1;
     `TEXT ||| ALIGNMENT` with inspect.alignment). Reads `block` lines at a time and yields all their
     outputs before reading more, so that block=1 answers each line before the next is read.
-    Source pieces the tokenizer could only make <unk> are left out (said on stderr) unless keep_unknown."""
+    Source pieces the tokenizer could only make <unk> are left out (said on stderr) unless keep_unknown;
+    a line of nothing else is copied through."""
     if inspect and inspect.alignment and cfg.nbest > 1:
         raise MtrainError("--alignment works with one translation per line, not --nbest")
     model.eval()
@@ -131,16 +132,22 @@ def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, 
         text = [line.rstrip("\r\n").strip() for line in chunk]
         todo = [i for i, t in enumerate(text) if t]  # empty lines stay empty, and cost nothing
         ids = toks.src.encode_batch([text[i] for i in todo])
-        kept = None
+        kept, copied = None, set()
         unknown = [n for n, x in enumerate(ids) if toks.src.unk in x]
         if unknown:
             first = todo[unknown[0]]
-            print(f"mtrain: {len(unknown)} input line{'s' * (len(unknown) > 1)} held characters the source "
-                  f"tokenizer does not know (line {index + first + 1}: {toks.src.unknown_chars(text[first])!r}); "
-                  + ("kept as <unk>" if keep_unknown else "translated without them (--keep-unknown keeps them "
-                                                          "as <unk>)"), file=sys.stderr)
             if not keep_unknown:
                 ids, kept = drop_unknown(ids, toks.src.unk)
+                # A line of unknown characters alone (an emoji) has nothing left to translate, and the
+                # model would make a sentence up from a lone '▁': it is copied through instead.
+                copied = {todo[n] for n in unknown if not toks.src.sp.decode(ids[n]).strip()}
+                rest = [n for n, i in enumerate(todo) if i not in copied]
+                todo, ids, kept = [todo[n] for n in rest], [ids[n] for n in rest], [kept[n] for n in rest]
+            print(f"mtrain: {len(unknown)} input line{'s' * (len(unknown) > 1)} held characters the source "
+                  f"tokenizer does not know (line {index + first + 1}: {toks.src.unknown_chars(text[first])!r}); "
+                  + ("kept as <unk>" if keep_unknown else "translated without them"
+                     + (f", {len(copied)} copied through for holding nothing else" if copied else "")
+                     + " (--keep-unknown keeps them as <unk>)"), file=sys.stderr)
         long = sum(len(x) >= model.cfg.max_positions - 1 for x in ids)
         if long:
             print(f"mtrain: {long} input lines longer than {model.cfg.max_positions - 2} pieces were truncated",
@@ -158,14 +165,15 @@ def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, 
                     # positions in the source as SentencePiece encodes it, <unk> pieces included
                     note = " ".join(f"{kept[n][int(a)]}-{b}" for a, b in (pair.split("-") for pair in note.split()))
                 shown[i] = note
-        for h, note in zip(hyps, shown):
-            decoded = toks.tgt.decode_batch([x.tokens for x in h]) if h else []
+        for i, (h, note) in enumerate(zip(hyps, shown)):
+            decoded = [text[i]] if i in copied else toks.tgt.decode_batch([x.tokens for x in h]) if h else []
+            scores = [0.0] if i in copied else [x.score for x in h]
             if cfg.nbest == 1:
                 text_out = decoded[0] if decoded else ""
                 yield f"{text_out} ||| {note}" if inspect and inspect.alignment else text_out
             else:
                 for j in range(cfg.nbest):
-                    out, sc = (decoded[j], h[j].score) if j < len(h) else ("", float("-inf"))
+                    out, sc = (decoded[j], scores[j]) if j < len(decoded) else ("", float("-inf"))
                     yield f"{index} ||| {out} ||| {sc:.4f}"
             index += 1
 

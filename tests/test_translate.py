@@ -9,7 +9,7 @@ from mtrain import checkpoint
 from mtrain.config import DecodeConfig
 from mtrain.device import pick_device
 from mtrain.train import fit
-from mtrain.translate import Sampling, decode_ids, length_batches, translate_lines
+from mtrain.translate import Inspect, Sampling, decode_ids, length_batches, translate_lines
 from conftest import ROOT, SAMPLE_EN
 
 
@@ -157,7 +157,7 @@ def test_output_file_appears_only_when_complete(trained, tmp_path):
 def test_unknown_source_characters_are_left_out(trained, capsys):
     """A character the tokenizer never saw becomes <unk>, which the model never saw either (the
     tokenizer covers all of its training text): it is left out of the source, and said so."""
-    from mtrain.translate import Inspect, drop_unknown
+    from mtrain.translate import drop_unknown
     model, toks, _ = checkpoint.load_for_inference([trained / "final.pt"])
     dev, dec = pick_device("cpu", "fp32"), DecodeConfig(beam=2, max_len_b=6)
     clean, unknown = "a dog is running .", "a dog\U0001F415 is running ."
@@ -217,3 +217,23 @@ def test_allow_unk_flag_reaches_the_decode_settings(monkeypatch):
         result = CliRunner().invoke(cli.app, ["translate", "-c", "x.pt", *extra])
         assert result.exit_code == 0, result.output
     assert [flags["allow_unk"] for flags in seen] == [None, True]  # None: the checkpoint's decode section
+
+
+def test_a_line_of_unknown_characters_alone_is_copied_through(trained, capsys):
+    """Without its unknown characters the line holds nothing to translate (a lone '▁'), from which the
+    model would make a sentence up: it comes out as it went in, in every output format."""
+    model, toks, _ = checkpoint.load_for_inference([trained / "final.pt"])
+    dev, dec = pick_device("cpu", "fp32"), DecodeConfig(beam=2, max_len_b=6)
+    lines = ["\U0001F415\U0001F415", "a dog is running .", " \U0001F600 ", ""]
+    assert all(set(x) <= {toks.src.unk, toks.src.sp.piece_to_id("▁")} for x in toks.src.encode_batch(lines[::2]))
+    out = list(translate_lines(lines, model, toks, dec, dev))
+    assert out[0] == "\U0001F415\U0001F415" and out[2] == "\U0001F600" and out[3] == ""
+    assert out[1] == list(translate_lines(lines[1:2], model, toks, dec, dev))[0] != ""
+    assert "2 copied through for holding nothing else" in capsys.readouterr().err
+    aligned = list(translate_lines(lines, model, toks, dec, dev, inspect=Inspect(alignment="pieces")))
+    assert aligned[0] == "\U0001F415\U0001F415 ||| " and aligned[1].split(" ||| ")[1]
+    nbest = list(translate_lines(lines[:2], model, toks, DecodeConfig(beam=2, nbest=2, max_len_b=6), dev))
+    assert nbest[:2] == ["0 ||| \U0001F415\U0001F415 ||| 0.0000", "0 |||  ||| -inf"]
+    assert nbest[2].startswith("1 ||| ") and float(nbest[2].split(" ||| ")[2]) < 0
+    kept = list(translate_lines(lines[:1], model, toks, dec, dev, keep_unknown=True))
+    assert kept[0] != lines[0]  # --keep-unknown translates the <unk> pieces as before
