@@ -57,11 +57,13 @@ def alignment_layer(layers: int) -> int:
 
 
 def align(weights: torch.Tensor, src_pieces: Sequence[str] | None = None, out_pieces: Sequence[str] | None = None,
-          words: bool = False) -> str:
+          words: bool = False, src_positions: Sequence[int] | None = None) -> str:
     """Pharaoh `i-j` pairs (source-target, 0-based) for one sentence from its (layers, heads, T, S)
     weights: each target piece links to the source piece it attends to most (EOS on either side
     excluded), in the penultimate layer averaged over heads. With `words`, pieces are grouped into
-    words (a SentencePiece piece starting with '▁' begins one) and pairs deduplicated."""
+    words (a SentencePiece piece starting with '▁' begins one) and pairs deduplicated; otherwise
+    `src_positions` renumbers the source pieces (translate left <unk> pieces out of the model's input,
+    and its user counts them, as SentencePiece encodes the line)."""
     layer = weights[alignment_layer(weights.shape[0])].mean(0)  # (T, S)
     T, S = layer.shape[0] - 1, layer.shape[1] - 1  # drop the EOS row and column
     if T <= 0 or S <= 0:
@@ -71,6 +73,8 @@ def align(weights: torch.Tensor, src_pieces: Sequence[str] | None = None, out_pi
     if words:
         src_word, out_word = word_index(src_pieces or []), word_index(out_pieces or [])
         pairs = sorted({(src_word[i], out_word[j]) for i, j in pairs}, key=lambda p: (p[1], p[0]))
+    elif src_positions is not None:
+        pairs = [(src_positions[i], j) for i, j in pairs]
     return " ".join(f"{i}-{j}" for i, j in pairs)
 
 
@@ -123,9 +127,11 @@ def heatmap(weights: torch.Tensor, src_pieces: Sequence[str], out_pieces: Sequen
 
 def annotate(model: Transformer, toks, src_ids: Sequence[Sequence[int]], out_ids: Sequence[Sequence[int]],
              line_numbers: Sequence[int], alignment: str | None, attention_dir: Path | None,
-             attention_limit: int, batch: int = 32) -> list[str]:
+             attention_limit: int, batch: int = 32,
+             src_positions: Sequence[Sequence[int]] | None = None) -> list[str]:
     """Alignments (`alignment` = "pieces" or "words", else "") for each translated line, and heatmaps
-    `attention_dir/line<N>.png` for lines N <= attention_limit (1-based input line numbers)."""
+    `attention_dir/line<N>.png` for lines N <= attention_limit (1-based input line numbers).
+    `src_positions`: for each line, where its source pieces stood before translate left some out."""
     limit = model.cfg.max_positions - 1
     src_ids = [list(s[:limit - 1]) for s in src_ids]  # as decoding truncates them
     piece = toks.src.sp.id_to_piece
@@ -138,7 +144,8 @@ def annotate(model: Transformer, toks, src_ids: Sequence[Sequence[int]], out_ids
             w = weights[b, :, :, :len(out_ids[i]) + 1, :len(src_ids[i]) + 1]
             src_pieces = [piece(x) for x in src_ids[i]]
             out_pieces = [toks.tgt.sp.id_to_piece(x) for x in out_ids[i]]
-            out.append(align(w, src_pieces, out_pieces, words=alignment == "words") if alignment else "")
+            out.append(align(w, src_pieces, out_pieces, words=alignment == "words",
+                             src_positions=src_positions[i] if src_positions else None) if alignment else "")
             if attention_dir is not None and line_numbers[i] <= attention_limit:
                 heatmap(w, src_pieces, out_pieces, attention_dir / f"line{line_numbers[i]}.png",
                         title=f"line {line_numbers[i]}: cross-attention")

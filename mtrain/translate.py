@@ -159,11 +159,8 @@ def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, 
         if inspect and (inspect.alignment or inspect.attention_dir):
             from mtrain.attention import annotate
             notes = annotate(model, toks, ids, [hyps[i][0].tokens for i in todo], [index + i + 1 for i in todo],
-                             inspect.alignment, inspect.attention_dir, inspect.attention_limit)
-            for n, (i, note) in enumerate(zip(todo, notes)):
-                if kept is not None and inspect.alignment == "pieces" and note:
-                    # positions in the source as SentencePiece encodes it, <unk> pieces included
-                    note = " ".join(f"{kept[n][int(a)]}-{b}" for a, b in (pair.split("-") for pair in note.split()))
+                             inspect.alignment, inspect.attention_dir, inspect.attention_limit, src_positions=kept)
+            for i, note in zip(todo, notes):
                 shown[i] = note
         for i, (h, note) in enumerate(zip(hyps, shown)):
             decoded = [text[i]] if i in copied else toks.tgt.decode_batch([x.tokens for x in h]) if h else []
