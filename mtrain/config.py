@@ -207,7 +207,9 @@ class TrainConfig:
             raise ValueError("subword_nbest must be -1 (all segmentations) or >= 2")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must be two numbers in [0, 1)")
-        parse_duration(self.max_time)
+        if parse_duration(self.max_time) == 0:  # max_steps 0 means no limit; max_time 0 stopped before step 1
+            raise ValueError(f"max_time {self.max_time!r} would stop before the first update; "
+                             "'' is no limit, or give a duration such as 30m")
 
     @property
     def max_seconds(self) -> float:

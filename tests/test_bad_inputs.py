@@ -146,6 +146,8 @@ CASES = [
     ("fit-precision", "fit {d}/prec.yaml -o {out}", b"", "precision"),
     ("fit-device", "fit {d}/dev.yaml -o {out}", b"", "device"),
     ("fit-max-time", "fit {d}/time.yaml -o {out}", b"", "cannot read duration 'ten minutes'"),
+    ("fit-max-time-zero", "fit {d}/good.yaml -o {out} --set train.max_time=0", b"",
+     "train: max_time '0' would stop before the first update; '' is no limit"),
     ("fit-patience-no-valid", "fit {d}/good.yaml -o {out} --set train.patience=2 --set data.valid={{}}", b"",
      "train.patience stops on validation BLEU, but data.valid gives no validation set"),
     ("fit-average-more-than-kept", "fit {d}/good.yaml -o {out} --set train.average_last=6 --set train.keep_last=5", b"",
