@@ -17,7 +17,9 @@ from mtrain.errors import MtrainError
 def check_input(path: Path) -> None:
     """One line for an input that cannot be read as a file."""
     if not path.exists():  # exists(), not is_file(): /dev/stdin and <(...) pipes are fine
-        raise MtrainError(f"{path}: file not found")
+        # a config's data paths are read from the current folder, not the config's: say which it was
+        where = "" if path.is_absolute() else f" (in {Path.cwd()})"
+        raise MtrainError(f"{path}: file not found{where}")
     if path.is_dir():
         raise MtrainError(f"{path}: is a folder, not a file")
 

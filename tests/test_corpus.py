@@ -1,5 +1,7 @@
 import gzip
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +56,13 @@ def test_hf_datasets_local_json(tmp_path):
     wrong = DataSource(hf="json", hf_data_files=[str(tmp_path / "d.jsonl")], src_key="translation.fr")
     with pytest.raises(MtrainError, match="no field 'translation.fr'"):
         list(read_pairs(wrong))
+
+
+def test_a_missing_relative_path_names_the_folder_it_was_read_from(tmp_path, monkeypatch):
+    """Config data paths are read from the current folder, not the config's: the error says which."""
+    from mtrain.corpus import check_input
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MtrainError, match=rf"^data/x\.en: file not found \(in {re.escape(str(tmp_path))}\)$"):
+        check_input(Path("data/x.en"))
+    with pytest.raises(MtrainError, match=r"^/nowhere/x\.en: file not found$"):
+        check_input(Path("/nowhere/x.en"))
