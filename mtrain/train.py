@@ -210,13 +210,30 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def model_difference(saved: dict | None, now: dict) -> str:
-    """The model keys a resumed run would change, as 'model.KEY: SAVED in the checkpoint, NEW in the config'."""
+def settings_difference(section: str, saved: dict | None, now: dict) -> str:
+    """The keys of a config section a resumed run would change, as 'SECTION.KEY: SAVED in the
+    checkpoint, NEW in the config'."""
     if not isinstance(saved, dict):
-        return "the checkpoint has no model settings"
+        return f"the checkpoint has no {section} settings"
     keys = [k for k in now if saved.get(k, "missing") != now[k]] + [k for k in saved if k not in now]
-    return "; ".join(f"model.{k}: {saved.get(k, 'missing')} in the checkpoint, {now.get(k, 'missing')} in the config"
-                     for k in keys)
+    return "; ".join(f"{section}.{k}: {saved.get(k, 'missing')} in the checkpoint, {now.get(k, 'missing')} in the "
+                     f"config" for k in keys)
+
+
+def check_resumable(ckpt: dict, cfg: Config, last: Path) -> None:
+    """Refuse a resume whose config would change the model, the tokenizer or the optimizer's layout:
+    checked before the run directory's config.yaml is rewritten, so that a refused resume leaves the
+    run as it was."""
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    now = config_to_dict(cfg)
+    for section in ("model", "tokenizer"):
+        if saved.get(section) != now[section]:
+            raise MtrainError(f"{last}: {section} settings differ from the config "
+                              f"({settings_difference(section, saved.get(section), now[section])}); cannot resume")
+    groups = ckpt["optimizer"].get("param_groups") if isinstance(ckpt.get("optimizer"), dict) else None
+    if isinstance(groups, list) and groups and len(groups) != (2 if cfg.train.weight_decay else 1):
+        was = "off" if len(groups) == 1 else "on"  # one parameter group without weight decay, two with it
+        raise MtrainError(f"{last}: this run trained with train.weight_decay {was}; resume it with the same")
 
 
 @torch.no_grad()
@@ -332,6 +349,10 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     log = log if world.main else (lambda *_: None)
     if world.main:
         prepare_run_dir(run_dir, resume, overwrite)
+    last = run_dir / "last.pt"
+    ckpt = checkpoint.load(last, trust=trust) if resume else None
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, last)
     log(f"device: {dev.device}, precision {dev.precision}"
         + (f", {torch.get_num_threads()} threads" if dev.device.type == "cpu" else "")
         + (f", {world.size} processes" if world.size > 1 else ""))
@@ -345,6 +366,10 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
         if source.src and world.main:
             check_line_counts(Path(source.src), Path(source.tgt))
     toks = get_tokenizers(cfg, run_dir, log, write=world.main)
+    if ckpt is not None and "tokenizer_src" in ckpt and \
+            (ckpt["tokenizer_src"], ckpt.get("tokenizer_tgt")) != (toks.src.proto, toks.tgt.proto):
+        where = cfg.tokenizer.model or run_dir / "spm.model"
+        raise MtrainError(f"{where}: not the SentencePiece model this run trained with (in {last}); cannot resume")
     train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
     valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
     if len(train_data) == 0:
@@ -390,20 +415,9 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     # after every update by torch's multi-tensor EMA; it starts as a copy at the first update.
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema)) if tc.ema else None
 
-    # 4. Resume: everything that decides the next update comes back.
-    if resume:
+    # 4. Resume: everything that decides the next update comes back (checked resumable in 1., 2.).
+    if ckpt is not None:
         # On the CPU: RNG states must stay there, and the optimizer moves its state to the weights' device.
-        last = run_dir / "last.pt"
-        ckpt = checkpoint.load(last, trust=trust)
-        saved_model = ckpt["config"].get("model") if isinstance(ckpt.get("config"), dict) else None
-        model_now = config_to_dict(cfg)["model"]
-        if saved_model != model_now:
-            raise MtrainError(f"{last}: model settings differ from the config "
-                              f"({model_difference(saved_model, model_now)}); cannot resume")
-        groups = ckpt["optimizer"].get("param_groups") if isinstance(ckpt.get("optimizer"), dict) else None
-        if isinstance(groups, list) and groups and len(groups) != len(opt.param_groups):
-            was = "off" if len(groups) == 1 else "on"  # one parameter group without weight decay, two with it
-            raise MtrainError(f"{last}: this run trained with train.weight_decay {was}; resume it with the same")
         try:  # a checkpoint that loads but lacks a part, or holds a part of the wrong shape or type
             problem = restore(ckpt, model, opt, dev, ema, batches, world, tc.seed, log)
         except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:

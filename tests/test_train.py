@@ -90,6 +90,7 @@ def test_weight_decay_changes_training_and_resumes_exactly(tmp_path, tiny_cfg):
     # Turned on for the second half of a run, the optimizer state no longer fits: one line, no traceback.
     with pytest.raises(MtrainError, match=r"plain[/\\]last\.pt: this run trained with train.weight_decay off"):
         fit(tiny_cfg(max_steps=12, weight_decay=0.5), tmp_path / "plain", resume=True, log=lambda *_: None)
+    assert "weight_decay: 0.0" in (tmp_path / "plain" / "config.yaml").read_text()  # the record is untouched
 
 
 @pytest.mark.parametrize("sides", ["both", "src"])
@@ -353,6 +354,37 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path, spm_model):
                                           r"in the config\); cannot resume"):
         fit(config_from_dict(raw), tmp_path / "run", resume=True, log=lambda *_: None)
     assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == 2
+    kept = (tmp_path / "run" / "config.yaml").read_text()
+    assert "d_model: 32" in kept  # a refused resume leaves the run's record as it was
+
+    raw = tiny_raw(tmp_path, spm_model, max_steps=4)
+    raw["tokenizer"]["vocab_size"] = 90  # ignored on resume (the run's tokenizer is kept): refused
+    with pytest.raises(MtrainError, match=r"last\.pt: tokenizer settings differ from the config "
+                                          r"\(tokenizer\.vocab_size: 100 in the checkpoint, 90 in the config\)"):
+        fit(config_from_dict(raw), tmp_path / "run", resume=True, log=lambda *_: None)
+    assert (tmp_path / "run" / "config.yaml").read_text() == kept
+
+
+def test_resume_with_another_sentencepiece_file_is_refused(tmp_path, spm_model):
+    """tokenizer.model names a file; if it now holds another model, the ids no longer mean what the
+    weights learnt. Refused before the run directory's copy (spm.model) is replaced."""
+    import shutil
+    from mtrain.config import config_from_dict
+    from mtrain.tokenizer import train_tokenizer
+    from conftest import SAMPLE_EN, tiny_raw
+    mine = tmp_path / "mine.model"
+    shutil.copy(spm_model, mine)
+    raw = tiny_raw(tmp_path, mine, max_steps=2)
+    fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+    before = (tmp_path / "run" / "spm.model").read_bytes()
+    other = train_tokenizer([SAMPLE_EN], config_from_dict({**raw, "tokenizer": {"vocab_size": 70}}).tokenizer,
+                            tmp_path / "other")
+    shutil.copy(other, mine)
+    with pytest.raises(MtrainError, match=r"mine\.model: not the SentencePiece model this run trained with "
+                                          r"\(in .*last\.pt\); cannot resume"):
+        fit(config_from_dict({**raw, "train": {**raw["train"], "max_steps": 4}}), tmp_path / "run", resume=True,
+            log=lambda *_: None)
+    assert (tmp_path / "run" / "spm.model").read_bytes() == before
 
 
 def test_a_tsv_corpus_trains_its_tokenizer_into_a_new_run_that_overwrite_can_clean(tmp_path, spm_model):
