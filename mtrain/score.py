@@ -51,6 +51,10 @@ def check_lengths(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], hyp_n
                   ref_names: Sequence[str] = ()) -> None:
     if not hyps:  # sacreBLEU fails on an empty corpus with an IndexError
         raise MtrainError(f"{hyp_name}: no lines to score")
+    if all(" ||| " in h for h in hyps) and not any(" ||| " in r for refs in refs_list for r in refs):
+        # translate --alignment or --nbest output: scored as it is, BLEU would count the fields too
+        raise MtrainError(f"{hyp_name}: every line holds ' ||| ' (translate's --alignment or --nbest output?); "
+                          f"score the translations alone")
     for i, refs in enumerate(refs_list):
         if len(refs) != len(hyps):
             name = ref_names[i] if i < len(ref_names) else f"reference {i + 1}"

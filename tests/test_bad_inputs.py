@@ -212,6 +212,8 @@ CASES = [
     ("score-empty", "score --ref {d}/empty.txt {d}/empty.txt", b"", "empty.txt: no lines to score"),
     ("score-empty-stdin", "score --ref {d}/empty.txt", b"", "stdin: no lines to score"),
     ("score-utf8", "score --ref {d}/hyp3.txt {d}/bad.txt", b"", "bad.txt:3: invalid UTF-8"),
+    ("score-alignment-output", "score --ref {d}/hyp3.txt", b"a ||| 0-0\n ||| \nc ||| 0-0\n",
+     "stdin: every line holds ' ||| ' (translate's --alignment or --nbest output?)"),
     ("score-compare-same", "score --ref {d}/hyp3.txt {d}/hyp3.txt --compare {d}/hyp3.txt", b"", "identical line for line"),
     ("score-compare-missing", "score --ref {d}/hyp3.txt {d}/hyp3.txt --compare {d}/none.txt", b"", "none.txt"),
     # average
