@@ -127,10 +127,10 @@ def translate(
     allow_unk: bool = typer.Option(False, "--allow-unk", help="Let the output hold <unk> (printed ' ⁇ ') "
                                    "[decode.allow_unk]."),
     sample: bool = typer.Option(False, "--sample", help="Sample one translation instead of beam search."),
-    top_k: int = typer.Option(0, help="Sampling: keep the k most likely tokens (0 = all)."),
-    top_p: float = typer.Option(1.0, help="Sampling: nucleus probability mass."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
-    seed: int = typer.Option(1, help="Sampling seed."),
+    top_k: Optional[int] = typer.Option(None, help="Sampling: keep the k most likely tokens (0 = all) [0]."),
+    top_p: Optional[float] = typer.Option(None, help="Sampling: nucleus probability mass [1.0]."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature [1.0]."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed [1]."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
@@ -153,7 +153,13 @@ def translate(
         if sample and any(v is not None for v in beam_flags.values()):  # else silently ignored
             given = ", ".join(k for k, v in beam_flags.items() if v is not None)
             raise MtrainError(f"--sample draws one translation per line; {given} set beam search, which it replaces")
-        sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
+        sampling_flags = {"--top-k": top_k, "--top-p": top_p, "--temperature": temperature, "--seed": seed}
+        if not sample and any(v is not None for v in sampling_flags.values()):  # else beam search in silence
+            given = ", ".join(k for k, v in sampling_flags.items() if v is not None)
+            raise MtrainError(f"{given} set{'s' * (given.count(',') == 0)} sampling, which needs --sample "
+                              f"(without it, translate runs beam search)")
+        sampling = Sampling(**{k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                      seed=seed).items() if v is not None}) if sample else None
         inspect = Inspect(alignment, attention, attention_limit) if alignment or attention else None
         run_translate(checkpoint, input, output, device, precision,
                       dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,

@@ -198,6 +198,8 @@ CASES = [
     ("tr-lenpen-nan", "translate -c {d}/run/last.pt --lenpen nan -o {out}", b"a\n", "lenpen and max_len_a must be finite"),
     ("tr-sample-beam", "translate -c {d}/run/last.pt --sample --nbest 3 -o {out}", b"a\n",
      "--sample draws one translation per line; --nbest set beam search"),
+    ("tr-sampling-without-sample", "translate -c {d}/run/last.pt --temperature 0.7 -o {out}", b"a\n",
+     "--temperature sets sampling, which needs --sample (without it, translate runs beam search)"),
     ("tr-attention-limit", "translate -c {d}/run/last.pt --attention {d}/att --attention-limit -1 -o {out}", b"a\n",
      "--attention-limit: must be >= 0"),
     ("tr-input-folder", "translate -c {d}/run/last.pt -i {d}/run -o {out}", b"", "run: is a folder, not a file"),
