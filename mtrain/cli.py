@@ -139,7 +139,7 @@ def translate(
                                   "'--alignment words' on words."),
     attention: Optional[Path] = typer.Option(None, "--attention", help="Write cross-attention heatmaps "
                                                                         "DIR/lineN.png (needs matplotlib)."),
-    attention_limit: int = typer.Option(20, help="Heatmaps for the first N input lines."),
+    attention_limit: Optional[int] = typer.Option(None, help="Heatmaps for the first N input lines [20]."),
     keep_unknown: bool = typer.Option(False, "--keep-unknown", help="Keep source characters the tokenizer does "
                                       "not know, as <unk>, instead of translating without them."),
     buffer_lines: Optional[int] = typer.Option(
@@ -160,7 +160,10 @@ def translate(
                               f"(without it, translate runs beam search)")
         sampling = Sampling(**{k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                       seed=seed).items() if v is not None}) if sample else None
-        inspect = Inspect(alignment, attention, attention_limit) if alignment or attention else None
+        if attention_limit is not None and attention is None:
+            raise MtrainError("--attention-limit counts the heatmaps of --attention DIR, which is not given")
+        limit = Inspect.attention_limit if attention_limit is None else attention_limit  # the dataclass default
+        inspect = Inspect(alignment, attention, limit) if alignment or attention else None
         run_translate(checkpoint, input, output, device, precision,
                       dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,
                            max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram,

@@ -202,6 +202,8 @@ CASES = [
      "--temperature sets sampling, which needs --sample (without it, translate runs beam search)"),
     ("tr-attention-limit", "translate -c {d}/run/last.pt --attention {d}/att --attention-limit -1 -o {out}", b"a\n",
      "--attention-limit: must be >= 0"),
+    ("tr-attention-limit-alone", "translate -c {d}/run/last.pt --attention-limit 3 -o {out}", b"a\n",
+     "--attention-limit counts the heatmaps of --attention DIR, which is not given"),
     ("tr-input-folder", "translate -c {d}/run/last.pt -i {d}/run -o {out}", b"", "run: is a folder, not a file"),
     ("tr-output-folder", "translate -c {d}/run/last.pt -o {d}/run", b"a\n", "run: is a folder; the output is a file"),
     ("tr-bad-flag", "translate -c {d}/run/last.pt --bogus", b"a\n", "No such option"),
