@@ -190,7 +190,8 @@ def score(
         refs = [_read_lines(r) for r in ref]
         scoring.check_lengths(hyps, refs, str(hyp or "stdin"), [str(r) for r in ref])
         if compare is not None:
-            typer.echo(scoring.compare(hyps, _read_lines(compare), refs, names, lowercase, tokenize))
+            results = scoring.compare(hyps, _read_lines(compare), refs, names, lowercase, tokenize)
+            typer.echo(json.dumps(results) if as_json else scoring.comparison_text(results))
             return
         results = scoring.score(hyps, refs, names, lowercase, tokenize)
         if as_json:

@@ -76,8 +76,9 @@ def bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def compare(baseline: Sequence[str], other: Sequence[str], refs_list: Sequence[Sequence[str]],
-            metrics: Sequence[str] = ("bleu", "chrf", "ter"), lowercase: bool = False, tokenize: str = "13a") -> str:
-    """sacreBLEU's paired bootstrap resampling test (Koehn 2004) between two systems, as text."""
+            metrics: Sequence[str] = ("bleu", "chrf", "ter"), lowercase: bool = False, tokenize: str = "13a") -> dict:
+    """sacreBLEU's paired bootstrap resampling test (Koehn 2004) between two systems: for each metric
+    its signature, each system's score, bootstrap mean and 95% half-interval, and the other's p-value."""
     from sacrebleu.significance import PairedTest
 
     check_lengths(baseline, refs_list, "baseline")
@@ -88,8 +89,19 @@ def compare(baseline: Sequence[str], other: Sequence[str], refs_list: Sequence[S
     test = PairedTest([("baseline", list(baseline)), ("other", list(other))], named,
                       references=[list(r) for r in refs_list], test_type="bs", n_samples=1000)
     signatures, results = test()
-    lines = [f"{name}: {sig}" for name, sig in signatures.items()]
+    out = {}
     for name, (base, oth) in ((n, r) for n, r in results.items() if n != "System"):
-        lines.append(f"{name}: baseline {base.score:.2f} (mean {base.mean:.2f} ± {base.ci:.2f})  "
-                     f"other {oth.score:.2f} (mean {oth.mean:.2f} ± {oth.ci:.2f})  p = {oth.p_value:.4f}")
+        out[name] = {"signature": str(signatures[name]), "p": round(float(oth.p_value), 4),
+                     **{side: {"score": round(float(r.score), 4), "mean": round(float(r.mean), 4),
+                               "ci": round(float(r.ci), 4)} for side, r in (("baseline", base), ("other", oth))}}
+    return out
+
+
+def comparison_text(results: dict) -> str:
+    """compare's results as sacreBLEU prints them: signatures, then a line per metric."""
+    lines = [f"{name}: {r['signature']}" for name, r in results.items()]
+    for name, r in results.items():
+        b, o = r["baseline"], r["other"]
+        lines.append(f"{name}: baseline {b['score']:.2f} (mean {b['mean']:.2f} ± {b['ci']:.2f})  "
+                     f"other {o['score']:.2f} (mean {o['mean']:.2f} ± {o['ci']:.2f})  p = {r['p']:.4f}")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The commands as a user runs them: one line on stderr for every user error, never a traceback."""
 
 import gzip
+import json
 import re
 import shutil
 import subprocess
@@ -76,6 +77,12 @@ def test_score_reads_stdin_and_compares():
     r = mtrain("score", "--ref", SAMPLE_DE, SAMPLE_DE, "--compare", SAMPLE_EN, "--metrics", "bleu")
     assert r.returncode == 0, r.stderr
     assert "baseline 100.00" in r.stdout and "p = " in r.stdout
+    r = mtrain("score", "--ref", SAMPLE_DE, SAMPLE_DE, "--compare", SAMPLE_EN, "--metrics", "bleu,chrf", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)  # --json was ignored with --compare
+    assert list(got) == ["BLEU", "chrF2"] and got["BLEU"]["baseline"]["score"] == 100.0
+    assert got["BLEU"]["other"]["score"] < 10 and 0 < got["BLEU"]["p"] <= 0.01
+    assert got["BLEU"]["signature"].startswith("nrefs:1|bs:1000")
 
 
 def test_bad_utf8_on_stdin_names_the_line():
