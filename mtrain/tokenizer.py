@@ -148,6 +148,9 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
     from mtrain.config import load_config
 
     tc, inputs = TokenizerConfig(), list(inputs)
+    if overrides and config is None:  # nothing to override: they would be ignored
+        raise MtrainError(f"--set {overrides[0]}: --set overrides keys of a --config; without one, use the "
+                          f"flags (--vocab-size, --model-type, ...)")
     if config is not None:
         cfg = load_config(config, overrides)
         tc = cfg.tokenizer

@@ -132,6 +132,8 @@ CASES = [
     ("tok-no-output", "tokenize -i " + str(SAMPLE_EN), b"", "--output: give the output prefix"),
     ("tok-corrupt-gz", "tokenize -i {d}/corrupt.gz -o {out}", b"", "corrupt.gz: cannot read"),
     ("tok-config-missing", "tokenize --config {d}/none.yaml -o {out}", b"", "none.yaml"),
+    ("tok-set-without-config", "tokenize -i " + str(SAMPLE_EN) + " -o {out} --set tokenizer.vocab_size=50", b"",
+     "--set tokenizer.vocab_size=50: --set overrides keys of a --config; without one, use the flags"),
     # fit
     ("fit-config-missing", "fit {d}/none.yaml -o {out}", b"", "none.yaml: config file not found"),
     ("fit-yaml-syntax", "fit {d}/broken.yaml -o {out}", b"", "broken.yaml"),
