@@ -177,7 +177,8 @@ def score(
     ref: List[Path] = typer.Option(..., "--ref", "-r", help="Reference file; repeat for several references."),
     metrics: str = typer.Option("bleu,chrf,ter", help="Comma-separated: bleu, chrf, chrf++, ter."),
     lowercase: bool = typer.Option(False, "--lowercase", "-lc", help="Case-insensitive BLEU and chrF (TER is by default)."),
-    tokenize: str = typer.Option("13a", help="BLEU's tokenizer: 13a, intl, char, zh, none, ... (sacreBLEU's -tok)."),
+    tokenize: Optional[str] = typer.Option(None, help="BLEU's tokenizer: 13a, intl, char, zh, none, ... "
+                                                   "(sacreBLEU's -tok) [13a]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     compare: Optional[Path] = typer.Option(None, help="A second system: paired bootstrap test against HYP."),
 ):
@@ -185,7 +186,9 @@ def score(
     from mtrain import score as scoring
     with user_errors():
         names = [m.strip().lower() for m in metrics.split(",") if m.strip()]
-        scoring.build_metrics(names, lowercase, tokenize)  # before reading stdin: a typo fails at once
+        scoring.build_metrics(names, lowercase, tokenize or "13a")  # before reading stdin: a typo fails at once
+        scoring.check_options(names, lowercase, tokenize)
+        tokenize = tokenize or "13a"
         hyps = _read_lines(hyp)
         refs = [_read_lines(r) for r in ref]
         scoring.check_lengths(hyps, refs, str(hyp or "stdin"), [str(r) for r in ref])

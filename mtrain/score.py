@@ -47,6 +47,15 @@ def build_metrics(names: Sequence[str], lowercase: bool = False, tokenize: str =
     return {name: _metric(name, lowercase, tokenize) for name in names}
 
 
+def check_options(names: Sequence[str], lowercase: bool, tokenize: str | None) -> None:
+    """Options that none of the chosen metrics reads are refused, not ignored."""
+    if tokenize is not None and "bleu" not in names:
+        raise MtrainError(f"--tokenize sets BLEU's tokenizer, and --metrics {','.join(names)} has no BLEU "
+                          f"(chrF and TER tokenize their own way)")
+    if lowercase and set(names) <= {"ter"}:
+        raise MtrainError("--lowercase applies to BLEU and chrF; TER ignores case already")
+
+
 def check_lengths(hyps: Sequence[str], refs_list: Sequence[Sequence[str]], hyp_name: str = "hypotheses",
                   ref_names: Sequence[str] = ()) -> None:
     if not hyps:  # sacreBLEU fails on an empty corpus with an IndexError
