@@ -186,9 +186,9 @@ def score(
     from mtrain import score as scoring
     with user_errors():
         names = [m.strip().lower() for m in metrics.split(",") if m.strip()]
-        scoring.build_metrics(names, lowercase, tokenize or "13a")  # before reading stdin: a typo fails at once
-        scoring.check_options(names, lowercase, tokenize)
-        tokenize = tokenize or "13a"
+        given, tokenize = tokenize, tokenize or "13a"
+        scoring.build_metrics(names, lowercase, tokenize)  # before reading stdin: a typo fails at once
+        scoring.check_options(names, lowercase, given)
         hyps = _read_lines(hyp)
         refs = [_read_lines(r) for r in ref]
         scoring.check_lengths(hyps, refs, str(hyp or "stdin"), [str(r) for r in ref])
