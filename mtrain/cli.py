@@ -111,6 +111,11 @@ def fit(
         fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust)
 
 
+def _given(flags: dict) -> list[str]:
+    """The names of the flags given on the command line (an Optional flag left out is None)."""
+    return [name for name, value in flags.items() if value is not None]
+
+
 @app.command()
 def translate(
     checkpoint: List[Path] = typer.Option(..., "--checkpoint", "-c", help="Checkpoint; several are averaged."),
@@ -149,15 +154,14 @@ def translate(
     """Translate a file or stdin with beam search; one output line per input line, flushed per block of lines."""
     from mtrain.translate import Inspect, Sampling, run_translate
     with user_errors():
-        beam_flags = {"--beam": beam, "--nbest": nbest, "--lenpen": lenpen, "--no-repeat-ngram": no_repeat_ngram}
-        if sample and any(v is not None for v in beam_flags.values()):  # else silently ignored
-            given = ", ".join(k for k, v in beam_flags.items() if v is not None)
-            raise MtrainError(f"--sample draws one translation per line; {given} set beam search, which it replaces")
-        sampling_flags = {"--top-k": top_k, "--top-p": top_p, "--temperature": temperature, "--seed": seed}
-        if not sample and any(v is not None for v in sampling_flags.values()):  # else beam search in silence
-            given = ", ".join(k for k, v in sampling_flags.items() if v is not None)
-            raise MtrainError(f"{given} set{'s' * (given.count(',') == 0)} sampling, which needs --sample "
-                              f"(without it, translate runs beam search)")
+        beam_given = _given({"--beam": beam, "--nbest": nbest, "--lenpen": lenpen, "--no-repeat-ngram": no_repeat_ngram})
+        if sample and beam_given:  # else silently ignored
+            raise MtrainError(f"--sample draws one translation per line; {', '.join(beam_given)} set beam search, "
+                              f"which it replaces")
+        sampling_given = _given({"--top-k": top_k, "--top-p": top_p, "--temperature": temperature, "--seed": seed})
+        if not sample and sampling_given:  # else beam search in silence
+            raise MtrainError(f"{', '.join(sampling_given)} set{'s' * (len(sampling_given) == 1)} sampling, which "
+                              f"needs --sample (without it, translate runs beam search)")
         sampling = Sampling(**{k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                       seed=seed).items() if v is not None}) if sample else None
         if attention_limit is not None and attention is None:
