@@ -3,6 +3,7 @@ chunk sizes, alternated so that a shared machine's drift hits every size alike, 
 
     python scripts/bench_output_loss.py                      # the Multi30k recipe's shape
     python scripts/bench_output_loss.py --vocab 8000 --chunks-kb 3072,12288 --rounds 10
+    python scripts/bench_output_loss.py --precision bf16     # under bf16 autocast, as training on a bf16 CPU
 
 `CHUNK_BYTES` in mtrain/loss.py was chosen on a Xeon (2 MB L2); run this on each kind of CPU before
 changing it. The row "whole" is the output layer then the loss on the full (tokens x vocab) logits.
@@ -29,6 +30,8 @@ def main():
     ap.add_argument("--chunks-kb", default="768,1536,3072,6144,12288,24576", help="comma-separated chunk sizes in KiB")
     ap.add_argument("--rounds", type=int, default=5, help="alternations over all sizes")
     ap.add_argument("--iters", type=int, default=10, help="timed forward + backward passes per size and round")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="fp32, or the matmuls under bf16 autocast as `precision: bf16` trains on a CPU")
     ap.add_argument("--threads", type=int, default=0, help="torch threads [0: as torch chooses]")
     args = ap.parse_args()
     if args.threads:
@@ -46,7 +49,9 @@ def main():
         return output_loss(h, w, t, 0.1)
 
     def one_pass(fn) -> float:
-        value = fn(hidden, weight, target)
+        # autocast reaches the matmuls inside output_loss as it does in training; the loss stays fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            value = fn(hidden, weight, target)
         value.backward()
         hidden.grad = weight.grad = None
         return float(value.detach())
@@ -70,7 +75,7 @@ def main():
 
     ref = values["whole"]
     print(f"output layer + label-smoothed loss, forward + backward: {args.tokens} tokens, d_model {args.d_model}, "
-          f"vocabulary {args.vocab}, fp32, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.iters}")
+          f"vocabulary {args.vocab}, {args.precision}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.iters}")
     print(f"shipped CHUNK_BYTES: {shipped >> 10} KiB\n")
     print("| chunk | rows | ms: median | ms: min - max | loss vs whole (relative) |")
     print("|---|---|---|---|---|")
