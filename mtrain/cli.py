@@ -55,6 +55,18 @@ def user_errors():
         raise typer.Exit(1)
 
 
+CHECKPOINT_OPT_HELP = "The checkpoint, as `translate` takes it (instead of the argument)."
+
+
+def _one_checkpoint(argument: Optional[Path], option: Optional[Path]) -> Path:
+    """`info` and `export` take the checkpoint as an argument, or as -c/--checkpoint like `translate` does."""
+    if argument is not None and option is not None and argument != option:
+        raise click.UsageError(f"two checkpoints given ({argument} and -c {option}): give one")
+    if argument is None and option is None:
+        raise click.UsageError("Missing argument 'CHECKPOINT' (or -c/--checkpoint).")
+    return argument if argument is not None else option
+
+
 def _read_lines(path: Optional[Path]) -> list[str]:
     from mtrain.corpus import open_text
     return list(open_text(path if path is not None else "-"))
@@ -226,12 +238,14 @@ def average(
 
 @app.command()
 def info(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (.pt) written by mtrain."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt) written by mtrain."),
+    checkpoint_opt: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=CHECKPOINT_OPT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, the full config included."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
     """What a checkpoint holds: model settings, parameters, step, vocabularies, validation BLEU, averaging."""
     from mtrain.checkpoint import describe
+    checkpoint = _one_checkpoint(checkpoint, checkpoint_opt)
     with user_errors():
         d = describe(checkpoint, trust)
         if as_json:
@@ -268,13 +282,15 @@ def plot(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint to export (final.pt, or any other)."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to export (final.pt, or any other)."),
+    checkpoint_opt: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=CHECKPOINT_OPT_HELP),
     ctranslate2: Path = typer.Option(..., "--ctranslate2", help="Output directory of the CTranslate2 model."),
     quantization: Optional[str] = typer.Option(None, help="CTranslate2 weight type: int8, int8_float16, float16..."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
     """Export to CTranslate2 for fast inference (needs the ctranslate2 package)."""
     from mtrain.export import export_ctranslate2
+    checkpoint = _one_checkpoint(checkpoint, checkpoint_opt)
     with user_errors():
         typer.echo(export_ctranslate2(checkpoint, ctranslate2, quantization, trust))
 

@@ -115,6 +115,12 @@ def test_info_and_plot_of_a_run(tmp_path, spm_model):
     assert "1+1 layers, d_model 32, 2 heads, FFN 64" in r.stdout and "step:         4" in r.stdout
     assert "vocabulary:   joint, 100 pieces" in r.stdout
     assert re.search(r"^valid BLEU:   \d+\.\d\d( \(|$)", r.stdout, re.M), r.stdout  # two decimals, as fit prints
+    final, last = tmp_path / "run" / "final.pt", tmp_path / "run" / "last.pt"
+    r2 = mtrain("info", "-c", final)  # -c as `translate` takes it
+    assert r2.returncode == 0 and r2.stdout == r.stdout
+    assert mtrain("info", final, "--checkpoint", final).stdout == r.stdout
+    assert_one_line_error(mtrain("info"), "Missing argument 'CHECKPOINT'", "-c/--checkpoint")
+    assert_one_line_error(mtrain("info", final, "-c", last), "two checkpoints given", "give one")
     info = json.loads(mtrain("info", tmp_path / "run" / "last.pt", "--json").stdout)
     assert info["step"] == 4 and info["resumable"] and info["data_position"]["batch_tokens"] == 200
     assert info["parameters"] > 0 and info["config"]["train"]["max_steps"] == 4

@@ -69,6 +69,17 @@ def test_export_replaces_only_an_earlier_export(trained, tmp_path):
     assert not (tmp_path / "ct2_int3").exists()
 
 
+def test_export_command_takes_the_checkpoint_as_argument_or_c(trained, tmp_path):
+    import subprocess
+    from conftest import ROOT
+    for n, where in enumerate(([str(trained)], ["-c", str(trained)])):
+        r = subprocess.run([sys.executable, "-m", "mtrain", "export", *where, "--ctranslate2", str(tmp_path / f"ct{n}")],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / f"ct{n}" / "model.bin").stat().st_size > 0
+    assert (tmp_path / "ct0" / "model.bin").read_bytes() == (tmp_path / "ct1" / "model.bin").read_bytes()
+
+
 def test_export_without_ctranslate2_says_how_to_install(trained, tmp_path, monkeypatch):
     from mtrain.export import export_ctranslate2
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
