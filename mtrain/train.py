@@ -350,7 +350,10 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     if world.main:
         prepare_run_dir(run_dir, resume, overwrite)
     last = run_dir / "last.pt"
-    ckpt = checkpoint.load(last, trust=trust) if resume else None
+    # Mapped, not read: the checkpoint (the optimizer's moments are twice the weights) costs no memory
+    # of its own while the data loads. restore() copies the weights out; on the CPU the optimizer keeps
+    # the mapped moments, private copy-on-write pages that its first update writes. Then it is let go.
+    ckpt = checkpoint.load(last, trust=trust, mmap=True) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, cfg, last)
     log(f"device: {dev.device}, precision {dev.precision}"
@@ -429,6 +432,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
                               f"skip or repeat data; restore it, or start a new run")
         state = {"plan": tc.max_steps or tc.warmup * 10, **ckpt["train_state"]}
         log(f"resumed from step {state['step']} (epoch {batches.epoch})")
+        ckpt = None
     # DDP broadcasts rank 0's weights, then averages gradients during backward.
     train_model = model if world.size == 1 else world.wrap(model, dev.device)
 

@@ -282,13 +282,15 @@ def test_resume_loads_on_the_cpu_and_into_fp16(tmp_path, tiny_cfg, monkeypatch):
 
     def spy(path, *args, **kwargs):
         state = real_load(path, *args, **kwargs)
-        seen.append(kwargs.get("map_location", "cpu"))
+        seen.append((kwargs.get("map_location", "cpu"), kwargs.get("mmap", False)))
         return state
 
     monkeypatch.setattr(train_module.checkpoint, "load", spy)
     monkeypatch.setattr(train_module, "pick_device", cpu_fp16)
     fit(tiny_cfg(max_steps=5), tmp_path / "run", resume=True, log=lambda *_: None)
-    assert seen and seen[0] == "cpu"  # RNG states must stay on the CPU; the optimizer moves its own state
+    # RNG states must stay on the CPU; the optimizer moves its own state. Mapped: no memory of its own
+    # while the data loads.
+    assert seen and seen[0] == ("cpu", True)
     assert real_load(tmp_path / "run" / "last.pt")["step"] == 5
     assert real_load(tmp_path / "run" / "last.pt")["scaler"]["scale"] > 0
 
