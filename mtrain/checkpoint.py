@@ -80,7 +80,8 @@ def average(paths: Sequence[Path | str], trust: bool = False) -> dict:
             first = {k: state[k] for k in ("config", "tokenizer_src", "tokenizer_tgt", "step") if k in state}
             total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in weights.items()}
             dtypes = {k: v.dtype for k, v in weights.items()}
-        elif weights.keys() != total.keys() or any(weights[k].shape != v.shape for k, v in total.items()):
+        elif weights.keys() != total.keys() or any(weights[k].shape != v.shape for k, v in total.items()) \
+                or any(not v.is_floating_point() and not torch.equal(weights[k], v) for k, v in total.items()):
             raise MtrainError(f"{p}: its model does not match {paths[0]}; only checkpoints of one model can be averaged")
         elif any(state.get(k) != first.get(k) for k in ("tokenizer_src", "tokenizer_tgt")):
             # Same shapes, other vocabularies: row i of the embeddings is another piece in each.
@@ -114,7 +115,8 @@ def check_average_output(output: Path | str, inputs: Sequence[Path | str], trust
 
 def build_model(state: dict, toks: Tokenizers) -> Transformer:
     cfg = config_from_dict(state["config"], "checkpoint config")
-    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad)
+    output_ids = state["model"]["output_ids"] if cfg.model.output_vocab == "seen" else None
+    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad, output_ids, toks.tgt.unk)
     model.load_state_dict(state["model"])
     return model
 
@@ -131,7 +133,7 @@ def model_and_tokenizers(state: dict, path: Path | str) -> tuple[Transformer, To
     try:
         toks = Tokenizers(Tokenizer(state["tokenizer_src"]), Tokenizer(state["tokenizer_tgt"]))
         return build_model(state, toks), toks
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, RuntimeError, ValueError) as e:
         raise MtrainError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
 
 
@@ -145,7 +147,8 @@ def describe(path: Path | str, trust: bool = False) -> dict:
         "path": str(path), "format_version": state["version"], "file_mb": round(path.stat().st_size / 2 ** 20, 2),
         "step": state.get("step"), "parameters": model.num_parameters(),
         "model": state["config"]["model"],
-        "vocabulary": {"joint": toks.joint, "source_size": toks.src.vocab_size, "target_size": toks.tgt.vocab_size},
+        "vocabulary": {"joint": toks.joint, "source_size": toks.src.vocab_size, "target_size": toks.tgt.vocab_size,
+                       "output_size": model.output_weight().shape[0]},
         "valid_bleu": state.get("valid_bleu", train_state.get("best_bleu")),
         "chosen": state.get("chosen"), "averaged_from": state.get("averaged_from"),
         "data_position": state.get("data"), "resumable": "optimizer" in state,

@@ -262,7 +262,9 @@ def info(
             f"parameters:   {d['parameters']:,}",
             f"step:         {d['step']}",
             "vocabulary:   " + (f"joint, {vocab['source_size']} pieces" if vocab["joint"] else
-                                 f"source {vocab['source_size']}, target {vocab['target_size']} pieces"),
+                                 f"source {vocab['source_size']}, target {vocab['target_size']} pieces")
+            + (f"; the output layer scores {vocab['output_size']} of them (those of the training targets)"
+               if vocab["output_size"] < vocab["target_size"] else ""),
             "valid BLEU:   " + (f"{d['valid_bleu']:.2f}" if d["valid_bleu"] is not None else "-")
             + (f" ({d['chosen']})" if d["chosen"] else ""),
             f"averaged:     {', '.join(d['averaged_from']) if d['averaged_from'] else 'no'}",

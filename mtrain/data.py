@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from mtrain.config import DataConfig, DataSource
+from mtrain.config import DataConfig, DataSource, ModelConfig
 from mtrain.corpus import ReadStats, read_pairs
 from mtrain.errors import MtrainError
 from mtrain.files import make_folder
@@ -49,6 +49,19 @@ class EncodedCorpus:
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return (self.src[self.src_offsets[i]:self.src_offsets[i + 1]],
                 self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]])
+
+
+def target_vocabulary(model: ModelConfig, corpus: EncodedCorpus, vocab_size: int, eos: int, unk: int) \
+        -> torch.Tensor | None:
+    """The `output_ids` of a new Transformer: with model.output_vocab "seen", the ascending ids that
+    occur on the target side of `corpus`, and EOS and <unk>; None (every piece) with "all"."""
+    if model.output_vocab == "all":
+        return None
+    seen = np.zeros(vocab_size, dtype=bool)
+    for start in range(0, len(corpus.tgt), 1 << 24):  # slices: the ids are memory-mapped, maybe GBs
+        seen[np.unique(corpus.tgt[start:start + (1 << 24)])] = True
+    seen[[eos, unk]] = True
+    return torch.from_numpy(np.flatnonzero(seen))
 
 
 def content_sample(path: Path, span: int = 1 << 20) -> str:

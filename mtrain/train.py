@@ -26,6 +26,7 @@ from mtrain.data import (
     SubwordSampler,
     collate_corpus,
     load_corpus,
+    target_vocabulary,
     token_batches,
 )
 from mtrain.device import (
@@ -80,7 +81,8 @@ def progress(elapsed_s: float, budget_s: float) -> str:
 def batch_loss(model, batch, eps: float, pad: int, rdrop: float = 0.0) -> torch.Tensor:
     """Summed training loss of one batch; `model` may be wrapped in DistributedDataParallel."""
     real = batch.tgt_out != pad
-    target = batch.tgt_out[real]
+    core = getattr(model, "module", model)  # the Transformer under DistributedDataParallel
+    target = core.output_columns(batch.tgt_out[real])
     if rdrop:  # the batch twice in one pass, so that the copies draw different dropout masks
         two = lambda t: torch.cat([t, t])  # noqa: E731
         return rdrop_loss(model(two(batch.src), two(batch.src_pad_mask), two(batch.tgt_in), two(real)), target, eps, rdrop)
@@ -89,8 +91,7 @@ def batch_loss(model, batch, eps: float, pad: int, rdrop: float = 0.0) -> torch.
         # A GPU keeps the whole logits: not measured there, and under fp16 autocast the gradients that
         # output_loss makes in its forward pass, before the loss scale is applied, could underflow.
         hidden = model(batch.src, batch.src_pad_mask, batch.tgt_in, real, project=False)
-        output = getattr(model, "module", model).output  # the Transformer under DistributedDataParallel
-        return output_loss(hidden, output.weight, target, eps)
+        return output_loss(hidden, core.output_weight(), target, eps)
     return label_smoothed_loss(model(batch.src, batch.src_pad_mask, batch.tgt_in, real), target, eps)
 
 
@@ -226,7 +227,11 @@ def check_resumable(ckpt: dict, cfg: Config, last: Path) -> None:
     run as it was."""
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     now = config_to_dict(cfg)
+    defaults = config_to_dict(Config())
     for section in ("model", "tokenizer"):
+        if isinstance(saved.get(section), dict):  # a key added to mtrain since: its default is what the run had
+            saved = {**saved, section: {**{k: v for k, v in defaults[section].items() if k not in saved[section]},
+                                        **saved[section]}}
         if saved.get(section) != now[section]:
             raise MtrainError(f"{last}: {section} settings differ from the config "
                               f"({settings_difference(section, saved.get(section), now[section])}); cannot resume")
@@ -247,8 +252,9 @@ def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Co
         real = batch.tgt_out != model.pad
         with dev.autocast():
             logits = model(batch.src, batch.src_pad_mask, batch.tgt_in, real).float()
-        loss += float(label_smoothed_loss(logits, batch.tgt_out[real], cfg.train.label_smoothing))
-        nll += float(F.cross_entropy(logits, batch.tgt_out[real], reduction="sum"))
+        target = model.output_columns(batch.tgt_out[real])
+        loss += float(label_smoothed_loss(logits, target, cfg.train.label_smoothing))
+        nll += float(F.cross_entropy(logits, target, reduction="sum"))
         tokens += batch.n_tgt_tokens
     n = cfg.data.valid_max_sentences or len(corpus)
     # Without <unk> pieces, as `mtrain translate` reads the source: validation BLEU is what it will give.
@@ -404,8 +410,16 @@ def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world,
     batches = Batches(train_data, tc.batch_tokens, tc.seed, resample=sampler)
 
     # 3. Model, optimizer, schedule.
-    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
-    log(f"model: {model.num_parameters():,} parameters")
+    # A resumed run keeps the outputs it was built with (check_resumable: the same output_vocab).
+    output_ids = (ckpt["model"].get("output_ids") if ckpt is not None and isinstance(ckpt.get("model"), dict)
+                  else None)
+    if output_ids is None:
+        output_ids = target_vocabulary(cfg.model, train_data, toks.tgt.vocab_size, toks.tgt.eos, toks.tgt.unk)
+    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad, output_ids,
+                        toks.tgt.unk).to(dev.device)
+    log(f"model: {model.num_parameters():,} parameters"
+        + (f"; the output layer scores the {len(output_ids):,} pieces seen in training targets (of "
+           f"{toks.tgt.vocab_size:,}; model.output_vocab: seen)" if output_ids is not None else ""))
     # fused: one kernel over all parameters, on CPUs too (torch >= 2.4), instead of a Python loop over
     # them; the step of the Multi30k recipe went from 10.5 to 2.9 ms (of ~250 ms per update).
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=lr_at(1, tc.warmup, tc.lr),

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mtrain.config import load_config  # noqa: E402
-from mtrain.data import Batches, load_corpus  # noqa: E402
+from mtrain.data import Batches, load_corpus, target_vocabulary  # noqa: E402
 from mtrain.model import Transformer  # noqa: E402
-from mtrain.tokenizer import BOS, EOS, PAD, get_tokenizers  # noqa: E402
+from mtrain.tokenizer import BOS, EOS, PAD, UNK, get_tokenizers  # noqa: E402
 from mtrain.train import batch_loss, optimizer_update  # noqa: E402
 
 FIRST = 20  # updates counted as warm-up (and compilation)
@@ -42,9 +42,11 @@ def main():
     run = ROOT / "runs" / "bench"
     run.mkdir(parents=True, exist_ok=True)
     toks = get_tokenizers(cfg, run, log=lambda *_: None)
-    stream = Batches(load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None), cfg.train.batch_tokens, 1)
+    corpus = load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None)
+    stream = Batches(corpus, cfg.train.batch_tokens, 1)
     torch.manual_seed(0)
-    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, PAD)
+    V = toks.tgt.vocab_size
+    model = Transformer(cfg.model, toks.src.vocab_size, V, PAD, target_vocabulary(cfg.model, corpus, V, EOS, UNK), UNK)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     forward = model if args.mode == "eager" else torch.compile(model, dynamic=True if args.mode == "dynamic" else None)

@@ -54,7 +54,7 @@ def main() -> None:
         return wrapper
 
     model.encode = timed("encoder", model.encode)
-    model.output.forward = timed("output projection", model.output.forward)
+    model.vocab_logits = timed("output projection", model.vocab_logits)
     for layer in model.decoder:
         layer.step = timed("decoder layers (attention, FFN, cache writes)", layer.step)
     model_module.KVCache.reorder = timed("cache reorder (beam)", model_module.KVCache.reorder)

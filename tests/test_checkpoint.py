@@ -43,6 +43,10 @@ def test_average(tmp_path):
     checkpoint.save(tmp_path / "other.pt", {"model": {"w": torch.ones(3), "n": torch.tensor(7)}})
     with pytest.raises(MtrainError, match="does not match"):
         checkpoint.average([tmp_path / "0.pt", tmp_path / "other.pt"])
+    # integer buffers (a model's output_ids) are not averaged: they must agree
+    checkpoint.save(tmp_path / "ids.pt", {"model": {"w": torch.ones(2), "n": torch.tensor(8)}, "config": {}})
+    with pytest.raises(MtrainError, match="does not match"):
+        checkpoint.average([tmp_path / "0.pt", tmp_path / "ids.pt"])
 
 
 class RunsCode:

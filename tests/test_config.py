@@ -48,6 +48,9 @@ def test_overrides_with_dotted_keys(tmp_path):
     ("train:\n  clip_norm: -1\n", "cfg.yaml: train: clip_norm must be >= 0"),
     ("train:\n  seed: -1\n", "cfg.yaml: train: seed must be >= 0"),  # numpy refused it with a traceback
     ("data:\n  valid_max_sentences: -1\n", "cfg.yaml: data: valid_max_sentences must be >= 0"),
+    ("model:\n  output_vocab: target\n", "cfg.yaml: model: output_vocab must be all or seen, got 'target'"),
+    ("model:\n  output_vocab: seen\ntrain:\n  subword_alpha: 0.1\n",
+     "model.output_vocab: seen cannot be used with subword sampling of the targets"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, text, expected):
     with pytest.raises(MtrainError) as e:

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from mtrain.config import DataConfig, DataSource
-from mtrain.data import Batches, SubwordSampler, collate, load_corpus, token_batches
+from mtrain.config import DataConfig, DataSource, ModelConfig
+from mtrain.data import Batches, SubwordSampler, collate, load_corpus, target_vocabulary, token_batches
 from mtrain.errors import MtrainError
 from conftest import SAMPLE_DE, SAMPLE_EN
 
@@ -177,3 +177,16 @@ def test_sampled_batches_resume_across_epochs(tmp_path, toks):
     # batches are cut by the sampled lengths, which differ from the best ones
     assert [s.indices.tolist() for s in rest] != [
         s.indices.tolist() for s in (lambda b: [b.next() for _ in range(17)][5:])(Batches(best, 60, seed=7))]
+
+
+def test_the_seen_output_vocabulary_is_every_target_piece_and_eos_and_unk(tmp_path, toks):
+    corpus = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks,
+                         DataConfig(cache_dir=str(tmp_path / "cache")), log=lambda *_: None)
+    V = toks.tgt.vocab_size
+    assert target_vocabulary(ModelConfig(output_vocab="all"), corpus, V, toks.tgt.eos, toks.tgt.unk) is None
+    ids = target_vocabulary(ModelConfig(output_vocab="seen"), corpus, V, toks.tgt.eos, toks.tgt.unk)
+    in_targets = {int(i) for n in range(len(corpus)) for i in corpus.pair(n)[1]}
+    assert ids.tolist() == sorted(in_targets | {toks.tgt.eos, toks.tgt.unk})
+    # the joint vocabulary holds English pieces that no German target uses: those are left out
+    in_sources = {int(i) for n in range(len(corpus)) for i in corpus.pair(n)[0]}
+    assert in_sources - in_targets and not set(ids.tolist()) & (in_sources - in_targets - {toks.tgt.unk})

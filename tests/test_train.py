@@ -157,13 +157,19 @@ def test_max_epochs_stops_training(tmp_path, tiny_cfg):
     assert (state["data"]["epoch"], state["data"]["index"]) == (3, 1)
 
 
-def test_memorises_twenty_pairs(tmp_path, spm_model):
+@pytest.mark.parametrize("output_vocab", ["all", "seen"])
+def test_memorises_twenty_pairs(tmp_path, spm_model, output_vocab):
     raw = tiny_raw(tmp_path, spm_model, max_steps=400, lr=3e-3, warmup=40, batch_tokens=600,
                    valid_every=400, save_every=400, log_every=50, label_smoothing=0.0)
-    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, ffn_dim=128, dropout=0.0)
+    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, ffn_dim=128, dropout=0.0,
+                        output_vocab=output_vocab)
     from mtrain.config import config_from_dict
     final = fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
     model, toks, cfg = checkpoint.load_for_inference([final])
+    if output_vocab == "seen":  # the German pieces of the joint vocabulary, EOS and <unk>: fewer than all
+        targets = {i for line in SAMPLE_DE.read_text().splitlines() for i in toks.tgt.sp.encode(line)}
+        assert model.output_ids.tolist() == sorted(targets | {toks.tgt.eos, toks.tgt.unk})
+        assert len(model.output_ids) < toks.tgt.vocab_size
     sources = SAMPLE_EN.read_text().splitlines()
     targets = SAMPLE_DE.read_text().splitlines()
     out = list(translate_lines(sources, model, toks, DecodeConfig(beam=1), pick_device("cpu", "fp32")))
@@ -365,6 +371,30 @@ def test_resume_with_another_model_shape_names_the_keys(tmp_path, spm_model):
                                           r"\(tokenizer\.vocab_size: 100 in the checkpoint, 90 in the config\)"):
         fit(config_from_dict(raw), tmp_path / "run", resume=True, log=lambda *_: None)
     assert (tmp_path / "run" / "config.yaml").read_text() == kept
+
+
+def test_resume_keeps_the_output_vocabulary_and_reads_runs_from_before_it(tmp_path, spm_model):
+    from mtrain.config import config_from_dict
+    fit(config_from_dict(tiny_raw(tmp_path, spm_model, max_steps=2)), tmp_path / "run", log=lambda *_: None)
+    raw = tiny_raw(tmp_path, spm_model, max_steps=4)
+    raw["model"]["output_vocab"] = "seen"
+    with pytest.raises(MtrainError, match=r"model\.output_vocab: all in the checkpoint, seen in the config"):
+        fit(config_from_dict(raw), tmp_path / "run", resume=True, log=lambda *_: None)
+    # a run saved before model.output_vocab existed: the key is absent, and its default is what it had
+    last = tmp_path / "run" / "last.pt"
+    state = checkpoint.load(last)
+    del state["config"]["model"]["output_vocab"]
+    checkpoint.save(last, state)
+    fit(config_from_dict(tiny_raw(tmp_path, spm_model, max_steps=4)), tmp_path / "run", resume=True,
+        log=lambda *_: None)
+    assert checkpoint.load(last)["step"] == 4
+
+    fit(config_from_dict(raw), tmp_path / "seen", log=lambda *_: None)
+    ids = checkpoint.load(tmp_path / "seen" / "last.pt")["model"]["output_ids"]
+    raw["train"]["max_steps"] = 6
+    fit(config_from_dict(raw), tmp_path / "seen", resume=True, log=lambda *_: None)
+    assert torch.equal(checkpoint.load(tmp_path / "seen" / "last.pt")["model"]["output_ids"], ids)
+    assert checkpoint.describe(tmp_path / "seen" / "last.pt")["vocabulary"]["output_size"] == len(ids) < 100
 
 
 def test_resume_with_another_sentencepiece_file_is_refused(tmp_path, spm_model):
