@@ -18,6 +18,9 @@ from mtrain.tokenizer import Tokenizer, Tokenizers
 # Version 2 holds only tensors and plain data (numbers, strings, bytes, lists, dicts), so it loads
 # with torch.load(weights_only=True), which cannot run code. Version 1 pickled numpy objects.
 FORMAT, VERSION = "mtrain", 2
+# Before this torch release, torch.load(weights_only=True) can still run code from a crafted file
+# (CVE-2025-32434, fixed in 2.6; a later advisory puts the complete fix at 2.10).
+SAFE_LOAD_TORCH = (2, 10)
 INFERENCE_KEYS = ("config", "model", "tokenizer_src", "tokenizer_tgt", "step", "averaged_from", "chosen",
                   "valid_bleu")
 
@@ -29,13 +32,24 @@ def save(path: Path, state: dict) -> None:
         torch.save({"format": FORMAT, "version": VERSION, **state}, f)
 
 
-def load(path: Path | str, map_location="cpu", trust: bool = False, mmap: bool = False) -> dict:
+def torch_release() -> tuple[int, int]:
+    major, minor = (torch.__version__.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def load(path: Path | str, map_location="cpu", trust: bool = False, mmap: bool = False, own: bool = False) -> dict:
     """Load a checkpoint written by `save`; anything else is refused with one clear line.
 
     Loading never runs code from the file (weights_only=True) unless `trust` is set, which only an
-    older mtrain checkpoint needs. `mmap` maps tensors instead of reading them: parts never touched
-    (the optimizer's moments, when averaging) cost no memory."""
+    older mtrain checkpoint needs. On a torch older than SAFE_LOAD_TORCH that promise does not hold,
+    so a file from elsewhere is refused there unless trusted; `own` marks the files a run wrote itself
+    (resume, final.pt). `mmap` maps tensors instead of reading them: parts never touched (the
+    optimizer's moments, when averaging) cost no memory."""
     path = Path(path)
+    if not trust and not own and torch_release() < SAFE_LOAD_TORCH:
+        raise MtrainError(f"{path}: torch {torch.__version__} cannot load a checkpoint safely (CVE-2025-32434: a "
+                          f"crafted file runs code before torch {'.'.join(map(str, SAFE_LOAD_TORCH))}); upgrade "
+                          f"torch, or pass --trust-checkpoint if you trust where the file came from")
     if path.is_dir():  # most often a run's output folder; its final.pt is what the user meant
         final = " (its final.pt?)" if (path / "final.pt").is_file() else ""
         raise MtrainError(f"{path}: is a folder, expected a checkpoint file{final}")
@@ -60,7 +74,7 @@ def load(path: Path | str, map_location="cpu", trust: bool = False, mmap: bool =
     return state
 
 
-def average(paths: Sequence[Path | str], trust: bool = False) -> dict:
+def average(paths: Sequence[Path | str], trust: bool = False, own: bool = False) -> dict:
     """Mean of the model weights of several checkpoints of one run (Vaswani et al. 2017 §6.1).
 
     One checkpoint at a time, model weights only: the running sum (float64) is the only model-sized
@@ -74,7 +88,7 @@ def average(paths: Sequence[Path | str], trust: bool = False) -> dict:
     total: dict[str, torch.Tensor] = {}
     first: dict = {}
     for p in paths:
-        state = load(p, trust=trust, mmap=True)
+        state = load(p, trust=trust, mmap=True, own=own)
         weights = state["model"]
         if not first:
             first = {k: state[k] for k in ("config", "tokenizer_src", "tokenizer_tgt", "step") if k in state}
@@ -113,10 +127,9 @@ def check_average_output(output: Path | str, inputs: Sequence[Path | str], trust
                           f"write the average to another file")
 
 
-def build_model(state: dict, toks: Tokenizers) -> Transformer:
-    cfg = config_from_dict(state["config"], "checkpoint config")
-    output_ids = state["model"]["output_ids"] if cfg.model.output_vocab == "seen" else None
-    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad, output_ids, toks.tgt.unk)
+def build_model(state: dict, toks: Tokenizers, source: str = "checkpoint") -> Transformer:
+    cfg = config_from_dict(state["config"], f"{source} config", training=False)
+    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad)
     model.load_state_dict(state["model"])
     return model
 
@@ -125,14 +138,14 @@ def load_for_inference(paths: Sequence[Path | str], trust: bool = False):
     """(model in eval mode, tokenizers, config) from one checkpoint or the average of several."""
     state = load(paths[0], trust=trust, mmap=True) if len(paths) == 1 else average(paths, trust)
     model, toks = model_and_tokenizers(state, paths[0])
-    return model.eval(), toks, config_from_dict(state["config"], f"{paths[0]} config")
+    return model.eval(), toks, config_from_dict(state["config"], f"{paths[0]} config", training=False)
 
 
 def model_and_tokenizers(state: dict, path: Path | str) -> tuple[Transformer, Tokenizers]:
     """Rebuild what a loaded checkpoint describes; a missing part is named in one line."""
     try:
         toks = Tokenizers(Tokenizer(state["tokenizer_src"]), Tokenizer(state["tokenizer_tgt"]))
-        return build_model(state, toks), toks
+        return build_model(state, toks, str(path)), toks
     except (KeyError, RuntimeError, ValueError) as e:
         raise MtrainError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
 
@@ -147,10 +160,27 @@ def describe(path: Path | str, trust: bool = False) -> dict:
         "path": str(path), "format_version": state["version"], "file_mb": round(path.stat().st_size / 2 ** 20, 2),
         "step": state.get("step"), "parameters": model.num_parameters(),
         "model": state["config"]["model"],
-        "vocabulary": {"joint": toks.joint, "source_size": toks.src.vocab_size, "target_size": toks.tgt.vocab_size,
-                       "output_size": model.output_weight().shape[0]},
+        "vocabulary": {"joint": toks.joint, "source_size": toks.src.vocab_size, "target_size": toks.tgt.vocab_size},
         "valid_bleu": state.get("valid_bleu", train_state.get("best_bleu")),
         "chosen": state.get("chosen"), "averaged_from": state.get("averaged_from"),
         "data_position": state.get("data"), "resumable": "optimizer" in state,
         "config": state["config"],
     }
+
+
+def describe_text(d: dict) -> str:
+    """`mtrain info`'s lines for what `describe` found."""
+    m, vocab = d["model"], d["vocabulary"]
+    return "\n".join([
+        f"checkpoint:   {d['path']} ({d['file_mb']} MB, format version {d['format_version']}"
+        + (", resumable" if d["resumable"] else ", weights only") + ")",
+        f"model:        {m['encoder_layers']}+{m['decoder_layers']} layers, d_model {m['d_model']}, "
+        f"{m['heads']} heads, FFN {m['ffn_dim']}, {'pre' if m['pre_norm'] else 'post'}-norm, dropout {m['dropout']}",
+        f"parameters:   {d['parameters']:,}",
+        f"step:         {d['step']}",
+        "vocabulary:   " + (f"joint, {vocab['source_size']} pieces" if vocab["joint"] else
+                             f"source {vocab['source_size']}, target {vocab['target_size']} pieces"),
+        "valid BLEU:   " + (f"{d['valid_bleu']:.2f}" if d["valid_bleu"] is not None else "-")
+        + (f" ({d['chosen']})" if d["chosen"] else ""),
+        f"averaged:     {', '.join(d['averaged_from']) if d['averaged_from'] else 'no'}",
+    ])

@@ -94,7 +94,8 @@ def tokenize(
     """Train a SentencePiece model on raw text and report pieces per sentence and the unknown rate."""
     from mtrain.tokenizer import run_tokenize
     with user_errors():
-        for line in run_tokenize(input or [], output, config, set_, per_language, vocab_size=vocab_size,
+        for line in run_tokenize(inputs=input or [], output=output, config=config, overrides=set_,
+                                 per_language=per_language, vocab_size=vocab_size,
                                  model_type=model_type, character_coverage=character_coverage,
                                  input_sentence_size=input_sentence_size, shuffle_input_sentence=False if no_shuffle else None,
                                  user_defined_symbols=_symbols(user_symbols)):
@@ -121,11 +122,6 @@ def fit(
             raise MtrainError(f"{config}: data.train: no training corpus given; write e.g. "
                               "data: {train: {src: train.en, tgt: train.de}}")
         fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust)
-
-
-def _given(flags: dict) -> list[str]:
-    """The names of the flags given on the command line (an Optional flag left out is None)."""
-    return [name for name, value in flags.items() if value is not None]
 
 
 @app.command()
@@ -164,27 +160,19 @@ def translate(
                    "a terminal]. 1 answers each line before reading the next (a program feeding a pipe)."),
 ):
     """Translate a file or stdin with beam search; one output line per input line, flushed per block of lines."""
-    from mtrain.translate import Inspect, Sampling, run_translate
+    from mtrain.translate import run_translate, translate_modes
     with user_errors():
-        beam_given = _given({"--beam": beam, "--nbest": nbest, "--lenpen": lenpen, "--no-repeat-ngram": no_repeat_ngram})
-        if sample and beam_given:  # else silently ignored
-            raise MtrainError(f"--sample draws one translation per line; {', '.join(beam_given)} set beam search, "
-                              f"which it replaces")
-        sampling_given = _given({"--top-k": top_k, "--top-p": top_p, "--temperature": temperature, "--seed": seed})
-        if not sample and sampling_given:  # else beam search in silence
-            raise MtrainError(f"{', '.join(sampling_given)} set{'s' * (len(sampling_given) == 1)} sampling, which "
-                              f"needs --sample (without it, translate runs beam search)")
-        sampling = Sampling(**{k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                      seed=seed).items() if v is not None}) if sample else None
-        if attention_limit is not None and attention is None:
-            raise MtrainError("--attention-limit counts the heatmaps of --attention DIR, which is not given")
-        limit = Inspect.attention_limit if attention_limit is None else attention_limit  # the dataclass default
-        inspect = Inspect(alignment, attention, limit) if alignment or attention else None
-        run_translate(checkpoint, input, output, device, precision,
-                      dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest, max_len_a=max_len_a,
-                           max_len_b=max_len_b, min_len=min_len, no_repeat_ngram=no_repeat_ngram,
-                           allow_unk=allow_unk or None),
-                      sampling, trust, inspect, buffer_lines, keep_unknown)
+        sampling, inspect = translate_modes(
+            sample=sample,
+            beam_flags={"--beam": beam, "--nbest": nbest, "--lenpen": lenpen, "--no-repeat-ngram": no_repeat_ngram},
+            sampling_flags={"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed},
+            alignment=alignment, attention_dir=attention, attention_limit=attention_limit)
+        run_translate(checkpoints=checkpoint, input=input, output=output, device=device, precision=precision,
+                      decode_flags=dict(beam=beam, lenpen=lenpen, batch_tokens=batch_tokens, nbest=nbest,
+                                        max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len,
+                                        no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk or None),
+                      sampling=sampling, trust=trust, inspect=inspect, buffer_lines=buffer_lines,
+                      keep_unknown=keep_unknown)
 
 
 @app.command()
@@ -244,31 +232,11 @@ def info(
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
     """What a checkpoint holds: model settings, parameters, step, vocabularies, validation BLEU, averaging."""
-    from mtrain.checkpoint import describe
+    from mtrain.checkpoint import describe, describe_text
     checkpoint = _one_checkpoint(checkpoint, checkpoint_opt)
     with user_errors():
         d = describe(checkpoint, trust)
-        if as_json:
-            typer.echo(json.dumps(d, indent=1))
-            return
-        m = d["model"]
-        vocab = d["vocabulary"]
-        typer.echo("\n".join([
-            f"checkpoint:   {d['path']} ({d['file_mb']} MB, format version {d['format_version']}"
-            + (", resumable" if d["resumable"] else ", weights only") + ")",
-            f"model:        {m['encoder_layers']}+{m['decoder_layers']} layers, d_model {m['d_model']}, "
-            f"{m['heads']} heads, FFN {m['ffn_dim']}, {'pre' if m['pre_norm'] else 'post'}-norm, "
-            f"dropout {m['dropout']}",
-            f"parameters:   {d['parameters']:,}",
-            f"step:         {d['step']}",
-            "vocabulary:   " + (f"joint, {vocab['source_size']} pieces" if vocab["joint"] else
-                                 f"source {vocab['source_size']}, target {vocab['target_size']} pieces")
-            + (f"; the output layer scores {vocab['output_size']} of them (those of the training targets)"
-               if vocab["output_size"] < vocab["target_size"] else ""),
-            "valid BLEU:   " + (f"{d['valid_bleu']:.2f}" if d["valid_bleu"] is not None else "-")
-            + (f" ({d['chosen']})" if d["chosen"] else ""),
-            f"averaged:     {', '.join(d['averaged_from']) if d['averaged_from'] else 'no'}",
-        ]))
+        typer.echo(json.dumps(d, indent=1) if as_json else describe_text(d))
 
 
 @app.command()

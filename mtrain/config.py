@@ -107,15 +107,8 @@ class ModelConfig:
     pre_norm: bool = True  # Xiong et al. 2020; false = the paper's post-norm
     share_embeddings: bool = True  # source, target and output embeddings (Press & Wolf 2017)
     max_positions: int = 1024
-    # all: the output layer scores every target piece. seen: only those in the training targets (plus
-    # EOS and <unk>). A joint vocabulary holds pieces of both languages, and the others never appear
-    # as a target: the Multi30k recipe's 6k holds 4,068 German ones, and the output layer, a third of
-    # the model's FLOPs, shrinks by that third. The pieces left out only ever learn to be improbable.
-    output_vocab: str = "all"
 
     def __post_init__(self):
-        if self.output_vocab not in ("all", "seen"):
-            raise ValueError(f"output_vocab must be all or seen, got {self.output_vocab!r}")
         for name in ("encoder_layers", "decoder_layers", "d_model", "heads", "ffn_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -159,19 +152,6 @@ class TrainConfig:
     # Decay of an exponential moving average of the weights, updated after every update (e.g. 0.999:
     # about the last 1,000 updates weigh); 0 = off. At the end it is one more candidate for final.pt.
     ema: float = 0.0
-    # Subword regularization (Kudo 2018): each epoch, a segmentation of every training sentence sampled
-    # by SentencePiece instead of its best one; 0 = off. Unigram: the smoothing exponent alpha (smaller
-    # is flatter: 0.1 doubles Multi30k's pieces per sentence, 0.5 adds 4%); BPE: the probability of
-    # dropping a merge (BPE-dropout, 0.1). Decoding always uses the best segmentation.
-    subword_alpha: float = 0.0
-    subword_nbest: int = -1  # unigram: sample among the n best segmentations; -1 = all of them
-    # Which sides are sampled: both, src or tgt (the other keeps its best segmentation). Sampling the
-    # target spreads the model's probability over segmentations of one word, which beam search pays for.
-    subword_sides: str = "both"
-    # R-Drop (Liang et al. 2021): every batch runs twice under different dropout masks, and this weight
-    # (the paper's alpha) pulls the two output distributions together by their symmetric KL; 0 = off.
-    # Each update costs about 2.6x as much on a CPU (the model twice, and the KL over the vocabulary).
-    rdrop: float = 0.0
     patience: int = 0  # validations without BLEU gain before stopping; 0 = off
     log_every: int = 50
     valid_beam: int = 1  # beam for validation BLEU (1 = greedy, fastest)
@@ -202,16 +182,8 @@ class TrainConfig:
             raise ValueError("label_smoothing must be in [0, 1)")
         if not 0 <= self.ema < 1:
             raise ValueError("ema must be in [0, 1): the decay per update, 0 = off")
-        if not 0 <= self.subword_alpha < 1:
-            raise ValueError("subword_alpha must be in [0, 1): 0 = off")
         if self.weight_decay < 0:
             raise ValueError("weight_decay must be >= 0: the decay per unit of learning rate, 0 = off")
-        if self.rdrop < 0:
-            raise ValueError("rdrop must be >= 0: the weight of the consistency term, 0 = off")
-        if self.subword_sides not in ("both", "src", "tgt"):
-            raise ValueError(f"subword_sides must be both, src or tgt, got {self.subword_sides!r}")
-        if self.subword_nbest < 2 and self.subword_nbest != -1:
-            raise ValueError("subword_nbest must be -1 (all segmentations) or >= 2")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must be two numbers in [0, 1)")
         if parse_duration(self.max_time) == 0:  # max_steps 0 means no limit; max_time 0 stopped before step 1
@@ -265,10 +237,6 @@ class Config:
     def __post_init__(self):
         if self.model.share_embeddings and not self.tokenizer.joint:
             raise ValueError("model.share_embeddings needs tokenizer.joint: true (one vocabulary)")
-        if self.model.output_vocab == "seen" and self.train.subword_alpha and self.train.subword_sides != "src":
-            # A sampled segmentation of the targets may use pieces the deterministic one never does.
-            raise ValueError("model.output_vocab: seen cannot be used with subword sampling of the targets "
-                             "(train.subword_alpha with train.subword_sides both or tgt); use all, or subword_sides: src")
 
 
 def parse_duration(text: str) -> float:
@@ -346,13 +314,40 @@ def _build(cls: type, mapping: Any, where: str):
         raise MtrainError(f"{where.removesuffix(':')}: {e}") from None
 
 
-def config_from_dict(raw: Any, source: str = "config") -> Config:
-    """Build and check a Config; `source` names the file in error messages."""
+# Options the sweeps tried and did not adopt, since removed (docs/sweeps/README.md#removed): each
+# with the value that meant "off", which configs and checkpoints from before the removal may hold.
+# The model key changes the network; the train keys only how it trained.
+REMOVED = {("model", "output_vocab"): "all", ("train", "rdrop"): 0.0, ("train", "subword_alpha"): 0.0,
+           ("train", "subword_nbest"): None, ("train", "subword_sides"): None}  # None: any value, once alpha is 0
+
+
+def drop_removed(raw: Any, source: str, training: bool = True) -> Any:
+    """`raw` without the removed options; one that was on is refused with one line naming it (only the
+    model's when `training` is False: a checkpoint that trained with R-Drop still translates)."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for (section, key), off in REMOVED.items():
+        part = raw.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        value = part.pop(key)
+        if off is not None and value != off and (training or section == "model"):
+            raise MtrainError(f"{source}: {section}.{key}: {value} is an option this version of mtrain removed "
+                              f"(docs/sweeps/README.md#removed); "
+                              + ("the model it describes cannot be built" if section == "model"
+                                 else f"leave it out, or use the mtrain version that trained with it"))
+    return raw
+
+
+def config_from_dict(raw: Any, source: str = "config", training: bool = True) -> Config:
+    """Build and check a Config; `source` names the file in error messages. `training` False: a
+    checkpoint's config read to translate, which may name train options since removed."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise MtrainError(f"{source}: expected a mapping with sections data, tokenizer, model, train, decode")
-    return _build(Config, raw, source + ":")
+    return _build(Config, drop_removed(raw, source, training), source + ":")
 
 
 def apply_override(raw: dict, assignment: str) -> None:

@@ -9,12 +9,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from mtrain.config import DataConfig, DataSource, ModelConfig
+from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import ReadStats, read_pairs
 from mtrain.errors import MtrainError
 from mtrain.files import make_folder
@@ -49,19 +49,6 @@ class EncodedCorpus:
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return (self.src[self.src_offsets[i]:self.src_offsets[i + 1]],
                 self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]])
-
-
-def target_vocabulary(model: ModelConfig, corpus: EncodedCorpus, vocab_size: int, eos: int, unk: int) \
-        -> torch.Tensor | None:
-    """The `output_ids` of a new Transformer: with model.output_vocab "seen", the ascending ids that
-    occur on the target side of `corpus`, and EOS and <unk>; None (every piece) with "all"."""
-    if model.output_vocab == "all":
-        return None
-    seen = np.zeros(vocab_size, dtype=bool)
-    for start in range(0, len(corpus.tgt), 1 << 24):  # slices: the ids are memory-mapped, maybe GBs
-        seen[np.unique(corpus.tgt[start:start + (1 << 24)])] = True
-    seen[[eos, unk]] = True
-    return torch.from_numpy(np.flatnonzero(seen))
 
 
 def content_sample(path: Path, span: int = 1 << 20) -> str:
@@ -188,52 +175,6 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
     os.replace(tmp, folder)  # the cache appears whole or not at all
 
 
-def split_ids(flat: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
-    """Pure: one id list per sentence from flat ids and their offsets (from_ids' inverse, one side)."""
-    ids = flat.tolist()
-    return [ids[a:b] for a, b in itertools.pairwise(offsets.tolist())]
-
-
-class SubwordSampler:
-    """Subword regularization (Kudo 2018; BPE-dropout, Provilkov et al. 2020, for a BPE model): every
-    epoch, each training pair gets a segmentation sampled by SentencePiece instead of its best one, so
-    the model sees a word in many pieces, which helps most on small corpora. The draw depends on
-    (seed, epoch) only, so a resumed run sees the same segmentations (on the same SentencePiece
-    build: its generator is not promised stable across versions). It holds the training text in
-    memory and encodes it again each epoch, on one thread (about 1.4 s for Multi30k's 29k pairs).
-    `sides` ("both", "src" or "tgt") says which sides are sampled; the other keeps its best pieces.
-    Sampling the source alone varies what the encoder reads without splitting the decoder's
-    probability over several segmentations of one target word, which a beam over pieces pays for."""
-
-    def __init__(self, source: DataSource, toks: Tokenizers, cfg: DataConfig, best: EncodedCorpus,
-                 alpha: float, nbest: int, seed: int, sides: str = "both"):
-        self.toks, self.best, self.alpha, self.nbest, self.seed = toks, best, alpha, nbest, seed
-        self.sides = sides
-        self.max_len, self.max_ratio = cfg.max_len, cfg.max_len_ratio
-        # The text of the pairs `best` kept, in its order, picked by the cache's kept mask: no
-        # second encoding of the corpus to find them.
-        pairs = list(read_pairs(source))
-        if best.kept is None or len(best.kept) != len(pairs) or int(best.kept.sum()) != len(best):
-            raise MtrainError(f"{source.describe()}: {len(pairs)} pairs now, not what the encoded cache holds; "
-                              f"delete {cfg.cache_dir} and start again")
-        self.src = [s for (s, _), k in zip(pairs, best.kept) if k]
-        self.tgt = [t for (_, t), k in zip(pairs, best.kept) if k]
-
-    def __call__(self, epoch: int) -> EncodedCorpus:
-        seeds = np.random.default_rng([self.seed, epoch]).integers(0, 2**32 - 1, size=2)  # 2**32-1: spm's "unset"
-        src = (self.toks.src.sample_batch(self.src, self.alpha, self.nbest, int(seeds[0]))
-               if self.sides != "tgt" else split_ids(self.best.src, self.best.src_offsets))
-        tgt = (self.toks.tgt.sample_batch(self.tgt, self.alpha, self.nbest, int(seeds[1]))
-               if self.sides != "src" else split_ids(self.best.tgt, self.best.tgt_offsets))
-        # A sampled segmentation is longer than the best one; where that breaks the length filter the
-        # pair keeps its best segmentation, so every epoch has the same pairs.
-        n = [np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) for ids in (src, tgt)]
-        long, ratio = length_filter(*n, self.max_len, self.max_ratio)
-        for i in np.flatnonzero(long | ratio).tolist():
-            src[i], tgt[i] = (x.tolist() for x in self.best.pair(i))
-        return from_ids(src, tgt)
-
-
 def cut_sorted(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Pure: cut indices, already sorted by length, into runs with n * longest <= max_tokens
     (a single sentence longer than the budget gets a batch of its own)."""
@@ -308,8 +249,7 @@ def collate_corpus(corpus: EncodedCorpus, indices: np.ndarray, pad: int, bos: in
 
 @dataclass
 class Share:
-    """One batch's sentences, with the encoding of the epoch that drew them (it changes per epoch
-    under subword sampling, and one update can span two epochs)."""
+    """One batch's sentences, collated only when its process trains on it."""
 
     indices: np.ndarray
     corpus: EncodedCorpus
@@ -324,21 +264,17 @@ class Share:
 
 
 class Batches:
-    """Endless, resumable stream of batches over epochs; state is (epoch, index). With `resample`
-    (epoch -> EncodedCorpus, e.g. a SubwordSampler), each epoch is batched from its own encoding."""
+    """Endless, resumable stream of batches over epochs; state is (epoch, index)."""
 
-    def __init__(self, corpus: EncodedCorpus, max_tokens: int, seed: int,
-                 resample: Callable[[int], EncodedCorpus] | None = None):
-        self.best = self.corpus = corpus  # the cached encoding, and the current epoch's
-        self.max_tokens, self.seed, self.resample = max_tokens, seed, resample
+    def __init__(self, corpus: EncodedCorpus, max_tokens: int, seed: int):
+        self.corpus = corpus
+        self.max_tokens, self.seed = max_tokens, seed
         self.epoch, self.index = 1, 0
         self._epoch_batches: list[np.ndarray] | None = None
         self._lengths_digest: str | None = None
 
     def epoch_batches(self) -> list[np.ndarray]:
         if self._epoch_batches is None:
-            if self.resample is not None:
-                self.corpus = self.resample(self.epoch)
             self._epoch_batches = token_batches(self.corpus.src_lengths, self.corpus.tgt_lengths, self.max_tokens,
                                                 self.seed, self.epoch)
         return self._epoch_batches
@@ -358,14 +294,14 @@ class Batches:
     def lengths_digest(self) -> str:
         """Identifies the encoded corpus: with batch_tokens, seed and epoch it decides the batch order."""
         if self._lengths_digest is None:
-            h = hashlib.sha256(self.best.src_lengths.astype(np.int32).tobytes())
-            h.update(self.best.tgt_lengths.astype(np.int32).tobytes())
+            h = hashlib.sha256(self.corpus.src_lengths.astype(np.int32).tobytes())
+            h.update(self.corpus.tgt_lengths.astype(np.int32).tobytes())
             self._lengths_digest = h.hexdigest()[:16]
         return self._lengths_digest
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "batch_tokens": self.max_tokens, "seed": self.seed,
-                "pairs": len(self.best), "lengths": self.lengths_digest()}
+                "pairs": len(self.corpus), "lengths": self.lengths_digest()}
 
     def load_state_dict(self, state: dict) -> str | None:
         """Restore the position; returns what differs (and restores nothing) when the saved position
@@ -376,6 +312,6 @@ class Batches:
             return f"train.seed was {state['seed']}, now {self.seed}"
         if state.get("lengths", self.lengths_digest()) != self.lengths_digest():
             return (f"the training data or tokenizer changed ({state['pairs']} pairs encoded then, "
-                    f"{len(self.best)} now)")
+                    f"{len(self.corpus)} now)")
         self.epoch, self.index, self._epoch_batches = int(state["epoch"]), int(state["index"]), None
         return None

@@ -105,9 +105,18 @@ class World:
             else:
                 dist.barrier()
 
-    def wait_for_preparation(self) -> None:
-        """The barrier around rank 0's tokenizer training and corpus encoding: hours on a large corpus,
-        so not bounded by the collective timeout. If rank 0 dies meanwhile, torchrun ends the others."""
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (training the tokenizer, encoding the corpus, filling the run
+        directory), the others after it, finding its files. The wait can take hours on a large corpus,
+        so it is not bounded by the collective timeout; if rank 0 fails, torchrun ends the others."""
+        if not self.main:
+            self._wait_for_main()
+        yield
+        if self.main:
+            self._wait_for_main()
+
+    def _wait_for_main(self) -> None:
         if self.size > 1:
             import torch.distributed as dist
             dist.barrier(group=self.prepare_group)
@@ -196,9 +205,11 @@ def pick_device(device: str = "auto", precision: str = "auto", threads: int = 0,
     dev = resolve_device(device, world, f"{setting}device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        # TF32 matmuls for the fp32 parts (Ampere and newer): same range, far faster.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 matmuls for the fp32 parts of mixed precision (Ampere and newer): same range, far faster.
+        # precision fp32 asked for IEEE fp32, and gets it: results that match a CPU's.
+        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
         # Without emulation: emulated bf16 (V100, T4) is slower than fp16 there.
         bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
@@ -230,22 +241,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Every generator's state as tensors and plain data, which checkpoints load without pickle
-    (numpy's key array becomes an int64 tensor). Always on the CPU: the setters accept nothing else."""
+def rng_state(device: torch.device = torch.device("cpu")) -> dict:
+    """This process's generators as tensors and plain data, which checkpoints load without pickle
+    (numpy's key array becomes an int64 tensor), always on the CPU: the setters accept nothing else.
+    On a GPU, the generator of this process's own device only: a run resumed with fewer GPUs visible
+    has no other to restore."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device = torch.device("cpu")) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]  # a tensor, or an array in version 1 checkpoints
     np.random.set_state((kind, np.asarray(keys).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None:
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU then visible
+        if device.index >= len(cuda):
+            return  # more GPUs than the run had: this device's stream starts from the seed
+        cuda = cuda[device.index]
+    torch.cuda.set_rng_state(cuda.cpu(), device)

@@ -85,8 +85,6 @@ def build_spec(model, toks):
         _norm(enc.layer_norm, model.encoder_norm)
         _norm(dec.layer_norm, model.decoder_norm)
     _linear(dec.projection, model.output)
-    if model.output_ids is not None:  # output_vocab seen: the pieces left out get no probability
-        dec.projection.bias[np.setdiff1d(np.arange(len(dec.projection.bias)), model.output_ids.numpy())] = -1e4
     spec.register_source_vocabulary([toks.src.sp.id_to_piece(i) for i in range(toks.src.vocab_size)])
     spec.register_target_vocabulary([toks.tgt.sp.id_to_piece(i) for i in range(toks.tgt.vocab_size)])
     spec.config.add_source_eos = True  # mtrain's sources end in EOS

@@ -195,30 +195,11 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int, pad: int,
-                 output_ids: torch.Tensor | None = None, unk: int | None = None):
-        """`output_ids`: with cfg.output_vocab "seen", the ascending target ids the output layer scores
-        (`data.target_vocabulary`), `unk` among them; the others get probability 0."""
+    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int, pad: int):
         super().__init__()
         self.cfg, self.pad = cfg, pad
         if cfg.share_embeddings and src_vocab != tgt_vocab:
             raise ValueError("share_embeddings needs one joint vocabulary")
-        if (cfg.output_vocab == "seen") != (output_ids is not None):
-            raise ValueError("output_ids are given with model.output_vocab: seen, and only then")
-        self.register_buffer("output_ids", None)  # None: the output layer scores every piece
-        if output_ids is not None:
-            output_ids = torch.as_tensor(output_ids, dtype=torch.long).clone()  # not a checkpoint's mapped pages
-            if output_ids.ndim != 1 or len(output_ids) == 0 or bool((output_ids[1:] <= output_ids[:-1]).any()) \
-                    or int(output_ids[0]) < 0 or int(output_ids[-1]) >= tgt_vocab:
-                raise ValueError(f"output_ids must be ascending target ids in [0, {tgt_vocab})")
-            if unk is None or unk not in output_ids:
-                raise ValueError("output_ids must hold the <unk> id, given as unk")
-            self.register_buffer("output_ids", output_ids)  # saved in checkpoints: the model's outputs
-            # target id -> its column of the training logits; an id left out (a validation piece that
-            # no training target holds) counts as <unk>, as a closed vocabulary scores it
-            column = torch.full((tgt_vocab,), int((output_ids == unk).nonzero()), dtype=torch.long)
-            column[output_ids] = torch.arange(len(output_ids))
-            self.register_buffer("column", column, persistent=False)
         self.tgt_embed = nn.Embedding(tgt_vocab, cfg.d_model, padding_idx=pad)
         self.src_embed = self.tgt_embed if cfg.share_embeddings else nn.Embedding(src_vocab, cfg.d_model, padding_idx=pad)
         self.register_buffer("positions", sinusoids(cfg.max_positions, cfg.d_model), persistent=False)
@@ -274,35 +255,17 @@ class Transformer(nn.Module):
             x = layer(x, memory, mask)
         return self.decoder_norm(x)
 
-    def output_weight(self) -> torch.Tensor:
-        """The output layer's rows, one per output column: every target piece, or the output_ids'."""
-        w = self.output.weight
-        return w if self.output_ids is None else w[self.output_ids]
-
-    def output_columns(self, target: torch.Tensor) -> torch.Tensor:
-        """Target ids -> their columns of the training logits (`forward`)."""
-        return target if self.output_ids is None else self.column[target]
-
-    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., d_model) -> logits over the whole target vocabulary, -inf where output_ids leave a piece out."""
-        if self.output_ids is None:
-            return self.output(hidden)
-        logits = F.linear(hidden, self.output_weight())
-        full = logits.new_full((*logits.shape[:-1], self.output.weight.shape[0]), float("-inf"))
-        return full.index_copy_(-1, self.output_ids, logits)
-
     def decode(self, tgt_in, memory, src_pad_mask) -> torch.Tensor:
         """(B, T) ids -> logits (B, T, vocab), recomputing every position."""
-        return self.vocab_logits(self.decode_hidden(tgt_in, memory, src_pad_mask))
+        return self.output(self.decode_hidden(tgt_in, memory, src_pad_mask))
 
     def forward(self, src, src_pad_mask, tgt_in, select, project: bool = True) -> torch.Tensor:
-        """Training pass: logits (N, output columns) at the N target positions where `select` (B, T) is
-        True, their targets given by `output_columns`; or with project=False the decoder's output there
-        (N, d_model), for `loss.output_loss`, which applies the output layer (`output_weight`) itself
-        chunk by chunk. Only real tokens reach the output layer: the (tokens x vocab) logits are the
+        """Training pass: logits (N, vocab) at the N target positions where `select` (B, T) is True; or
+        with project=False the decoder's output there (N, d_model), for `loss.output_loss`, which applies
+        the output layer itself chunk by chunk. Only real tokens reach the output layer: the (tokens x vocab) logits are the
         largest tensor here."""
         hidden = self.decode_hidden(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)[select]  # (N, d_model)
-        return F.linear(hidden, self.output_weight()) if project else hidden
+        return self.output(hidden) if project else hidden
 
     def new_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int) -> KVCache:
         """Cross-attention keys/values computed once; self-attention buffers for max_len positions."""
@@ -321,7 +284,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.decoder):
             x = layer.step(x, cache, i)
         cache.pos += 1
-        return self.vocab_logits(self.decoder_norm(x))[:, 0]
+        return self.output(self.decoder_norm(x))[:, 0]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -329,7 +292,7 @@ class Transformer(nn.Module):
     def flops_per_token(self, src_len: float, tgt_len: float) -> float:
         """Training FLOPs per target token (forward + backward = 3x forward), as in nanoGPT's MFU estimate."""
         c = self.cfg
-        d, f, V = c.d_model, c.ffn_dim, self.output_weight().shape[0]
+        d, f, V = c.d_model, c.ffn_dim, self.output.out_features
         enc = c.encoder_layers * (2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * src_len * d)
         dec = c.decoder_layers * (2 * 4 * d * d + 2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * tgt_len * d
                                   + 2 * 2 * src_len * d)

@@ -51,14 +51,6 @@ class Tokenizer:
         """The characters of `line` that this model can only encode as <unk>, each once."""
         return "".join(c for c in dict.fromkeys(line) if not c.isspace() and self.unk in self.sp.encode(c))
 
-    def sample_batch(self, lines: Sequence[str], alpha: float, nbest: int, seed: int) -> list[list[int]]:
-        """One sampled segmentation per line (subword regularization; BPE-dropout for a BPE model), the
-        same ones for the same seed: SentencePiece draws from a per-thread generator, which the seed
-        resets in this thread, and one thread encodes here."""
-        spm.set_random_generator_seed(seed)
-        return self.sp.encode(list(lines), out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest,
-                              num_threads=1)
-
     def decode_batch(self, ids: Iterable[Sequence[int]]) -> list[str]:
         """Text of each id sequence without padding, BOS and EOS; <unk> prints as SentencePiece's ' ⁇ '
         (decoding emits it only with decode.allow_unk)."""

@@ -1,15 +1,19 @@
-"""`mtrain fit`: the training loop, read top to bottom, with validation and exact resume."""
+"""`mtrain fit`: start the run, prepare the data, build the model, restore or start its state, run the
+loop, finish. Each step is a function or a `Trainer` method named for it, in the order it runs."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import math
 import re
 import shutil
 import signal
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,42 +22,36 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from mtrain import checkpoint
-from mtrain.config import Config, config_to_dict, dump_config
+from mtrain.config import Config, config_to_dict, drop_removed, dump_config
 from mtrain.corpus import check_line_counts, read_pairs
-from mtrain.data import (
-    Batches,
-    EncodedCorpus,
-    SubwordSampler,
-    collate_corpus,
-    load_corpus,
-    target_vocabulary,
-    token_batches,
-)
-from mtrain.device import (
-    Device,
-    init_world,
-    pick_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from mtrain.data import Batches, EncodedCorpus, collate_corpus, load_corpus, token_batches
+from mtrain.device import Device, World, init_world, pick_device, rng_state, seed_everything, set_rng_state
 from mtrain.errors import MtrainError
 from mtrain.files import check_folder, first_names, link_or_copy, make_folder
-from mtrain.loss import label_smoothed_loss, output_loss, rdrop_loss
+from mtrain.loss import label_smoothed_loss, output_loss
 from mtrain.model import Transformer
 from mtrain.score import bleu
 from mtrain.tokenizer import Tokenizers, get_tokenizers, save_to_run
 from mtrain.translate import decode_ids, drop_unknown
+
+# ---------------------------------------------------------------- the learning rate
 
 
 def lr_at(step: int, warmup: int, peak: float, schedule: str = "inverse_sqrt", total: int = 0) -> float:
     """Linear warm-up to `peak`, then one of three decays:
     - inverse_sqrt: Vaswani et al. 2017 §5.3, rescaled so that the peak is a setting (the paper's
       d^-0.5 * min(s^-0.5, s * w^-1.5) has peak d^-0.5 * w^-0.5);
-    - linear or cosine: from `peak` at the end of warm-up to 0 at update `total` (Li et al. 2020)."""
-    step, warmup = max(step, 1), max(warmup, 1)
+    - linear or cosine: from `peak` at the end of warm-up to 0 at update `total` (Li et al. 2020).
+      total 0 means not known yet (a time budget before its first estimate): the rate stays at the
+      peak. Warm-up takes at most half of `total`, so that a budget shorter than the warm-up decays too."""
+    step = max(step, 1)
+    if schedule != "inverse_sqrt" and total:
+        warmup = min(warmup, total // 2)
+    warmup = max(warmup, 1)
     if step <= warmup or schedule == "inverse_sqrt":
         return peak * min(step / warmup, math.sqrt(warmup / step))
+    if not total:
+        return peak
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":
         return peak * (1.0 - progress)
@@ -73,25 +71,20 @@ def planned_updates(step: int, elapsed_s: float, budget_s: float, max_steps: int
 PLAN_EVERY = 25  # updates between re-estimates of a time budget's plan
 
 
-def progress(elapsed_s: float, budget_s: float) -> str:
-    """Training time so far, against train.max_time when there is one: '12.5 of 60.0 min'."""
-    return f"{elapsed_s / 60:.1f}" + (f" of {budget_s / 60:.1f}" if math.isfinite(budget_s) else "") + " min"
+# ---------------------------------------------------------------- one update
 
 
-def batch_loss(model, batch, eps: float, pad: int, rdrop: float = 0.0) -> torch.Tensor:
+def batch_loss(model, batch, eps: float, pad: int) -> torch.Tensor:
     """Summed training loss of one batch; `model` may be wrapped in DistributedDataParallel."""
     real = batch.tgt_out != pad
-    core = getattr(model, "module", model)  # the Transformer under DistributedDataParallel
-    target = core.output_columns(batch.tgt_out[real])
-    if rdrop:  # the batch twice in one pass, so that the copies draw different dropout masks
-        two = lambda t: torch.cat([t, t])  # noqa: E731
-        return rdrop_loss(model(two(batch.src), two(batch.src_pad_mask), two(batch.tgt_in), two(real)), target, eps, rdrop)
+    target = batch.tgt_out[real]
     if batch.src.device.type == "cpu":
         # On a CPU the output layer and the loss go together in cache-sized chunks (0.55x the time).
         # A GPU keeps the whole logits: not measured there, and under fp16 autocast the gradients that
         # output_loss makes in its forward pass, before the loss scale is applied, could underflow.
+        core = getattr(model, "module", model)  # the Transformer under DistributedDataParallel
         hidden = model(batch.src, batch.src_pad_mask, batch.tgt_in, real, project=False)
-        return output_loss(hidden, core.output_weight(), target, eps)
+        return output_loss(hidden, core.output.weight, target, eps)
     return label_smoothed_loss(model(batch.src, batch.src_pad_mask, batch.tgt_in, real), target, eps)
 
 
@@ -118,6 +111,56 @@ def optimizer_update(opt: torch.optim.Optimizer, params, scaler: torch.amp.GradS
     return grad_norm
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups. Weight decay (decoupled, Loshchilov & Hutter 2019) shrinks the weight
+    matrices and embeddings only: pulling biases and LayerNorm gains towards 0 works against the
+    normalisation rather than regularising (as nanoGPT and Hugging Face's Trainer leave them out).
+    Without decay one group, as checkpoints from before this option hold."""
+    params = list(model.parameters())  # shared embeddings once
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------- state, stops, clock, reporting
+
+
+@dataclass
+class TrainState:
+    """What decides the run's course besides the weights, the optimizer and the data position; saved in
+    every checkpoint as a plain dict (`state_dict`)."""
+
+    step: int = 0  # applied optimizer updates
+    best_bleu: float = -1.0
+    bad_valid: int = 0  # validations since the BLEU last improved (train.patience)
+    elapsed: float = 0.0  # training seconds of the run, earlier sessions included (train.max_time)
+    kept: list[str] = field(default_factory=list)  # periodic checkpoints on disk, oldest first
+    plan: int = 0  # the update a linear or cosine decay ends at; 0 until a time budget has an estimate
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, saved: dict) -> None:
+        """A checkpoint's train_state; a key it lacks (an older checkpoint) keeps its default."""
+        if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+            raise ValueError("train_state holds no step")
+        for f in dataclasses.fields(self):
+            if f.name in saved:
+                value = saved[f.name]
+                setattr(self, f.name, list(value) if f.name == "kept" else type(getattr(self, f.name))(value))
+
+
+class Stop(enum.Enum):
+    """Why the loop ended, in the order checked; processes agree on the first that any of them saw."""
+
+    MAX_STEPS = "reached train.max_steps"
+    MAX_EPOCHS = "reached train.max_epochs"
+    MAX_TIME = "reached train.max_time"
+    PATIENCE = "no BLEU gain in train.patience validations"
+    INTERRUPTED = "interrupted"
+
+
 class StopRequest:
     """Ctrl-C / SIGTERM ask the loop to stop after the current update and save a checkpoint."""
 
@@ -138,6 +181,34 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class Clock:
+    """The one clock: training seconds of the run (those of earlier sessions, from the checkpoint, plus
+    this one's), and seconds since this session started."""
+
+    def __init__(self):
+        self.session_start = self.origin = time.monotonic()
+
+    def resume_from(self, elapsed: float) -> None:
+        self.origin = time.monotonic() - elapsed
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.origin
+
+    def session(self) -> float:
+        return time.monotonic() - self.session_start
+
+
+def progress(elapsed_s: float, budget_s: float) -> str:
+    """Training time so far, against train.max_time when there is one: '12.5 of 60.0 min'."""
+    return f"{elapsed_s / 60:.1f}" + (f" of {budget_s / 60:.1f}" if math.isfinite(budget_s) else "") + " min"
+
+
+def write_line(text: str) -> None:
+    """The default report channel: a line above tqdm's bar (the bar is redrawn below it)."""
+    tqdm.write(text)
+    sys.stdout.flush()  # a log file sees each line as it happens
 
 
 class MetricsLog:
@@ -182,6 +253,58 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+class Report:
+    """The one way a run reports, on rank 0 only: lines through `log` (by default above tqdm's bar, which
+    they do not break), the progress bar on a terminal, and metrics.jsonl with TensorBoard."""
+
+    def __init__(self, log, main: bool):
+        self.log, self.main = log, main
+        self.bar: tqdm | None = None
+        self.metrics: MetricsLog | None = None
+
+    def line(self, text: str) -> None:
+        if self.main:
+            self.log(text)
+
+    def start(self, run_dir: Path, step: int, total: int) -> None:
+        if self.main:
+            self.metrics = MetricsLog(run_dir)
+        # disable=None: a bar on a terminal only; in a log file, lines say how far the run is
+        self.bar = tqdm(total=total or None, initial=step, unit="step", dynamic_ncols=True,
+                        disable=None if self.main else True)
+
+    @property
+    def on_terminal(self) -> bool:
+        return self.bar is not None and not self.bar.disable
+
+    def record(self, record: dict, session_s: float) -> None:
+        if record and self.metrics is not None:
+            self.metrics.write({**record, "wall_s": round(session_s, 2)})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
+class Interval:
+    """What the updates since the last log line add up to; the loss stays on the device until logged."""
+
+    def __init__(self, device: torch.device, now: float):
+        self.loss, self.tokens, self.norms, self.start = torch.zeros((), device=device), 0, [], now
+
+    def add(self, loss: torch.Tensor, tokens: int, grad_norm: float) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        self.norms.append(grad_norm)
+
+
+# ---------------------------------------------------------------- the run directory and resuming
+
+
 # What a run writes into its directory, and so all that --overwrite may delete.
 RUN_OUTPUTS = re.compile(r"(ckpt_\d+|last|best|final)\.pt|metrics\.jsonl|tensorboard|\..*\.(tmp|link)\d+")
 RUN_FILES = re.compile(rf"{RUN_OUTPUTS.pattern}|config\.yaml|spm(\.src|\.tgt)?\.(model|vocab)")
@@ -222,10 +345,11 @@ def settings_difference(section: str, saved: dict | None, now: dict) -> str:
 
 
 def check_resumable(ckpt: dict, cfg: Config, last: Path) -> None:
-    """Refuse a resume whose config would change the model, the tokenizer or the optimizer's layout:
-    checked before the run directory's config.yaml is rewritten, so that a refused resume leaves the
-    run as it was."""
+    """Refuse a resume whose config would change the model, the tokenizer or the optimizer's layout, or
+    whose checkpoint trained with an option mtrain no longer has: checked before the run directory's
+    config.yaml is rewritten, so that a refused resume leaves the run as it was."""
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    saved = drop_removed(saved, str(last), training=True)
     now = config_to_dict(cfg)
     defaults = config_to_dict(Config())
     for section in ("model", "tokenizer"):
@@ -241,6 +365,45 @@ def check_resumable(ckpt: dict, cfg: Config, last: Path) -> None:
         raise MtrainError(f"{last}: this run trained with train.weight_decay {was}; resume it with the same")
 
 
+def restore(ckpt: dict, last: Path, trainer: "Trainer", seed: int) -> None:
+    """Everything that decides the next update, back from a checkpoint: weights, optimizer, loss scale,
+    moving average, data position, train state, this process's random streams."""
+    try:  # a checkpoint that loads but lacks a part, or holds a part of the wrong shape or type
+        problem = _restore(ckpt, trainer, seed)
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MtrainError(f"{last}: damaged checkpoint, cannot resume ({type(e).__name__}: {detail[:200]}); "
+                          f"resume from an older checkpoint (copy it to last.pt) or start again") from None
+    if problem:
+        raise MtrainError(f"{last}: {problem}, so the saved position in the batch order would "
+                          f"skip or repeat data; restore it, or start a new run")
+    trainer.report.line(f"resumed from step {trainer.state.step} (epoch {trainer.batches.epoch})")
+
+
+def _restore(ckpt: dict, t: "Trainer", seed: int) -> str | None:
+    """restore() without its error messages; returns what makes the data position unusable, if anything."""
+    t.model.load_state_dict(ckpt["model"])
+    t.opt.load_state_dict(ckpt["optimizer"])  # on the CPU; the optimizer moves its state to the weights' device
+    if ckpt["scaler"] and t.dev.scaler.is_enabled():  # empty when the run was not fp16 until now
+        t.dev.scaler.load_state_dict(ckpt["scaler"])
+    if t.ema is not None and ckpt.get("ema"):
+        t.ema.module.load_state_dict(ckpt["ema"]["model"])
+        t.ema.n_averaged.fill_(ckpt["ema"]["updates"])
+    elif t.ema is not None:
+        t.report.line("the checkpoint holds no moving average (train.ema was off): it starts from the next update")
+    problem = t.batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
+    t.state.load_state_dict(ckpt["train_state"])
+    t.clock.resume_from(t.state.elapsed)
+    if t.world.rank < len(ckpt["rng"]):
+        set_rng_state(ckpt["rng"][t.world.rank], t.dev.device)
+    else:  # more processes than the run had: fresh, distinct dropout streams
+        seed_everything(seed + t.world.rank + 7919 * t.state.step)
+    return problem
+
+
+# ---------------------------------------------------------------- validation
+
+
 @torch.no_grad()
 def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Config, toks: Tokenizers,
              dev: Device) -> dict:
@@ -252,7 +415,7 @@ def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Co
         real = batch.tgt_out != model.pad
         with dev.autocast():
             logits = model(batch.src, batch.src_pad_mask, batch.tgt_in, real).float()
-        target = model.output_columns(batch.tgt_out[real])
+        target = batch.tgt_out[real]
         loss += float(label_smoothed_loss(logits, target, cfg.train.label_smoothing))
         nll += float(F.cross_entropy(logits, target, reduction="sum"))
         tokens += batch.n_tgt_tokens
@@ -266,8 +429,7 @@ def validate(model: Transformer, corpus: EncodedCorpus, refs: list[str], cfg: Co
             "valid_bleu": bleu(hyps, refs[:len(hyps)])}
 
 
-STOP_REASONS = ("", "reached train.max_steps", "reached train.max_epochs", "reached train.max_time",
-                "no BLEU gain in train.patience validations", "interrupted")
+# ---------------------------------------------------------------- fit
 
 
 def is_lost_peer(e: BaseException) -> bool:
@@ -287,14 +449,16 @@ def resume_advice(run_dir: Path) -> str:
     return "no checkpoint was written yet; start the run again"
 
 
-def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False, log=print,
+def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False, log=write_line,
         trust: bool = False) -> Path:
-    """Train a model as `cfg` says; returns the path of the checkpoint to translate with.
-    Under torchrun each process trains one shard of every update (DistributedDataParallel)."""
+    """Train a model as `cfg` says; returns the path of the checkpoint to translate with. `log` takes
+    each line the run reports. Under torchrun each process trains one shard of every update
+    (DistributedDataParallel)."""
     run_dir = Path(run_dir)
     world = init_world(cfg.train.device, cfg.train.dist_timeout)
+    report = Report(log, world.main)
     try:
-        final = train(cfg, run_dir, resume, overwrite, log, world, trust)
+        final = train(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report)
     except torch.OutOfMemoryError:
         tc = cfg.train
         raise MtrainError(f"process {world.rank}: out of memory on {tc.device}; lower train.batch_tokens (now "
@@ -306,351 +470,332 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MtrainError(f"process {world.rank}: lost the other processes ({first}); "
                           f"{resume_advice(run_dir)}") from None
+    finally:
+        report.close()
     world.close()
     return final
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW's parameter groups. Weight decay (decoupled, Loshchilov & Hutter 2019) shrinks the weight
-    matrices and embeddings only: pulling biases and LayerNorm gains towards 0 works against the
-    normalisation rather than regularising (as nanoGPT and Hugging Face's Trainer leave them out).
-    Without decay one group, as checkpoints from before this option hold."""
-    params = list(model.parameters())  # shared embeddings once
-    if not weight_decay:
-        return [{"params": params, "weight_decay": 0.0}]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def restore(ckpt: dict, model, opt, dev: Device, ema, batches: Batches, world, seed: int, log) -> str | None:
-    """Everything that decides the next update, back from a checkpoint; returns what makes its data
-    position unusable (see Batches.load_state_dict), if anything."""
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"] and dev.scaler.is_enabled():  # empty when the run was not fp16 until now
-        dev.scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("ema"):
-        ema.module.load_state_dict(ckpt["ema"]["model"])
-        ema.n_averaged.fill_(ckpt["ema"]["updates"])
-    elif ema is not None:
-        log("the checkpoint holds no moving average (train.ema was off): it starts from the next update")
-    problem = batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
-    train_state = ckpt["train_state"]
-    if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):
-        raise ValueError("train_state holds no step")
-    if world.rank < len(ckpt["rng"]):
-        set_rng_state(ckpt["rng"][world.rank])
-    else:  # more processes than the run had: fresh, distinct dropout streams
-        seed_everything(seed + world.rank + 7919 * train_state["step"])
-    return problem
-
-
-def train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log, world, trust: bool = False) -> Path:
+def train(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: World, trust: bool,
+          report: Report) -> Path:
     """The body of `fit`, for one process of `world`."""
-    t0 = time.time()
-    tc = cfg.train
+    clock = Clock()
+    dev, ckpt = start_run(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report)
+    with world.main_first():  # rank 0 trains the tokenizer and encodes the corpus; the others read its files
+        data = prepare_data(cfg, run_dir, world=world, ckpt=ckpt, report=report)
+    trainer = Trainer(cfg, run_dir, world=world, dev=dev, data=data, report=report, clock=clock)
+    if ckpt is not None:
+        restore(ckpt, run_dir / "last.pt", trainer, cfg.train.seed)
+        ckpt = None  # let the mapped file go: the model and optimizer hold their own copies now
+    reason = trainer.run()
+    return trainer.end(reason, trust=trust)
 
-    # 1. Device and precision, run directory, seeds.
+
+def start_run(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: World, trust: bool,
+              report: Report) -> tuple[Device, dict | None]:
+    """Device and precision; the run directory checked (nothing is created yet); the checkpoint to
+    resume from, loaded and checked against the config; seeds."""
+    tc = cfg.train
     dev = pick_device(tc.device, tc.precision, tc.threads, world)
-    log = log if world.main else (lambda *_: None)
     if world.main:
         prepare_run_dir(run_dir, resume, overwrite)
-    last = run_dir / "last.pt"
-    # Mapped, not read: the checkpoint (the optimizer's moments are twice the weights) costs no memory
-    # of its own while the data loads. restore() copies the weights out; on the CPU the optimizer keeps
-    # the mapped moments, private copy-on-write pages that its first update writes. Then it is let go.
-    ckpt = checkpoint.load(last, trust=trust, mmap=True) if resume else None
-    if ckpt is not None:
-        check_resumable(ckpt, cfg, last)
-    log(f"device: {dev.device}, precision {dev.precision}"
-        + (f", {torch.get_num_threads()} threads" if dev.device.type == "cpu" else "")
-        + (f", {world.size} processes" if world.size > 1 else ""))
+    ckpt = None
+    if resume:
+        # Mapped, not read: the checkpoint (the optimizer's moments are twice the weights) costs no memory
+        # of its own while the data loads. restore() copies the weights out; on the CPU the optimizer keeps
+        # the mapped moments, private copy-on-write pages that its first update writes.
+        ckpt = checkpoint.load(run_dir / "last.pt", trust=trust, mmap=True, own=True)
+        check_resumable(ckpt, cfg, run_dir / "last.pt")
+    report.line(f"device: {dev.device}, precision {dev.precision}"
+                + (f", {torch.get_num_threads()} threads" if dev.device.type == "cpu" else "")
+                + (f", {world.size} processes" if world.size > 1 else ""))
     seed_everything(tc.seed + world.rank)
+    return dev, ckpt
 
-    # 2. Tokenizer and data; rank 0 trains and encodes first, the others then read its files.
-    # Mismatched or missing files are named before anything slow (SentencePiece) runs on them.
-    if not world.main:
-        world.wait_for_preparation()
-    for source in (cfg.data.train, cfg.data.valid):
-        if source.src and world.main:
-            check_line_counts(Path(source.src), Path(source.tgt))
-    toks = get_tokenizers(cfg, run_dir, log, write=world.main)
+
+@dataclass
+class Data:
+    toks: Tokenizers
+    batches: Batches  # the training corpus as an endless, resumable stream of batches
+    valid: EncodedCorpus | None
+    valid_refs: list[str]
+
+
+def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report) -> Data:
+    """Tokenizer and corpora (trained and encoded once, then cached); then the run directory fills."""
+    if world.main:  # mismatched or missing files are named before anything slow (SentencePiece) runs
+        for source in (cfg.data.train, cfg.data.valid):
+            if source.src:
+                check_line_counts(Path(source.src), Path(source.tgt))
+    toks = get_tokenizers(cfg, run_dir, report.line, write=world.main)
     if ckpt is not None and "tokenizer_src" in ckpt and \
             (ckpt["tokenizer_src"], ckpt.get("tokenizer_tgt")) != (toks.src.proto, toks.tgt.proto):
         where = cfg.tokenizer.model or run_dir / "spm.model"
-        raise MtrainError(f"{where}: not the SentencePiece model this run trained with (in {last}); cannot resume")
-    train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=log)
-    valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=log) if not cfg.data.valid.empty else None
+        raise MtrainError(f"{where}: not the SentencePiece model this run trained with (in {run_dir / 'last.pt'}); "
+                          f"cannot resume")
+    train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=report.line)
     if len(train_data) == 0:
         raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
-    if valid is not None:  # found now, not at the first validation, hours in (it is not filtered)
-        if len(valid) == 0:
-            raise MtrainError(f"{cfg.data.valid.describe()}: no validation pairs (every line empty)")
-        longest = int(max(valid.src_lengths.max(), valid.tgt_lengths.max()))
-        if longest > cfg.model.max_positions:
-            raise MtrainError(f"{cfg.data.valid.describe()}: a validation pair has {longest} pieces (EOS "
-                              f"included), more than model.max_positions ({cfg.model.max_positions}); shorten "
-                              f"it or raise model.max_positions")
-        unknown = sum(toks.src.unk in valid.pair(i)[0] for i in range(len(valid)))
-        if unknown:
-            log(f"data: {unknown} validation source line{'s' * (unknown > 1)} held characters the tokenizer "
-                f"does not know; validation translates them without those characters, as `mtrain translate` does")
+    valid = None if cfg.data.valid.empty else load_valid(cfg, toks, report)
     if world.main:  # only now, with the data read, does the run directory fill
         make_folder(run_dir, "run directory")
         dump_config(cfg, run_dir / "config.yaml")
         save_to_run(toks, run_dir)
-        world.wait_for_preparation()
     valid_refs = [t for _, t in read_pairs(cfg.data.valid)] if valid is not None else []
-    sampler = None
-    if tc.subword_alpha:
-        sampler = SubwordSampler(cfg.data.train, toks, cfg.data, train_data, tc.subword_alpha, tc.subword_nbest,
-                                 tc.seed, tc.subword_sides)
-        log(f"data: a sampled segmentation each epoch (subword_alpha {tc.subword_alpha}, nbest {tc.subword_nbest}, "
-            f"sides {tc.subword_sides})")
-    batches = Batches(train_data, tc.batch_tokens, tc.seed, resample=sampler)
+    return Data(toks, Batches(train_data, cfg.train.batch_tokens, cfg.train.seed), valid, valid_refs)
 
-    # 3. Model, optimizer, schedule.
-    # A resumed run keeps the outputs it was built with (check_resumable: the same output_vocab).
-    output_ids = (ckpt["model"].get("output_ids") if ckpt is not None and isinstance(ckpt.get("model"), dict)
-                  else None)
-    if output_ids is None:
-        output_ids = target_vocabulary(cfg.model, train_data, toks.tgt.vocab_size, toks.tgt.eos, toks.tgt.unk)
-    model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad, output_ids,
-                        toks.tgt.unk).to(dev.device)
-    log(f"model: {model.num_parameters():,} parameters"
-        + (f"; the output layer scores the {len(output_ids):,} pieces seen in training targets (of "
-           f"{toks.tgt.vocab_size:,}; model.output_vocab: seen)" if output_ids is not None else ""))
-    # fused: one kernel over all parameters, on CPUs too (torch >= 2.4), instead of a Python loop over
-    # them; the step of the Multi30k recipe went from 10.5 to 2.9 ms (of ~250 ms per update).
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=lr_at(1, tc.warmup, tc.lr),
-                            betas=tuple(tc.betas), eps=tc.eps, fused=True)
-    # plan: the update at which a linear or cosine decay ends (re-estimated under a time budget, and saved
-    # so that a resumed run continues the same plan).
-    state = {"step": 0, "best_bleu": -1.0, "bad_valid": 0, "elapsed": 0.0, "kept": [],
-             "plan": planned_updates(0, 0.0, tc.max_seconds, tc.max_steps) or tc.warmup * 10}
-    # An exponential moving average of the weights (train.ema): a copy of the model, lerped towards it
-    # after every update by torch's multi-tensor EMA; it starts as a copy at the first update.
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema)) if tc.ema else None
 
-    # 4. Resume: everything that decides the next update comes back (checked resumable in 1., 2.).
-    if ckpt is not None:
-        # On the CPU: RNG states must stay there, and the optimizer moves its state to the weights' device.
-        try:  # a checkpoint that loads but lacks a part, or holds a part of the wrong shape or type
-            problem = restore(ckpt, model, opt, dev, ema, batches, world, tc.seed, log)
-        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MtrainError(f"{last}: damaged checkpoint, cannot resume ({type(e).__name__}: {detail[:200]}); "
-                              f"resume from an older checkpoint (copy it to last.pt) or start again") from None
-        if problem:
-            raise MtrainError(f"{last}: {problem}, so the saved position in the batch order would "
-                              f"skip or repeat data; restore it, or start a new run")
-        state = {"plan": tc.max_steps or tc.warmup * 10, **ckpt["train_state"]}
-        log(f"resumed from step {state['step']} (epoch {batches.epoch})")
-        ckpt = None
-    # DDP broadcasts rank 0's weights, then averages gradients during backward.
-    train_model = model if world.size == 1 else world.wrap(model, dev.device)
+def load_valid(cfg: Config, toks: Tokenizers, report: Report) -> EncodedCorpus:
+    """The validation set, unfiltered, checked now rather than at the first validation, hours in."""
+    valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=report.line)
+    if len(valid) == 0:
+        raise MtrainError(f"{cfg.data.valid.describe()}: no validation pairs (every line empty)")
+    longest = int(max(valid.src_lengths.max(), valid.tgt_lengths.max()))
+    if longest > cfg.model.max_positions:
+        raise MtrainError(f"{cfg.data.valid.describe()}: a validation pair has {longest} pieces (EOS "
+                          f"included), more than model.max_positions ({cfg.model.max_positions}); shorten "
+                          f"it or raise model.max_positions")
+    unknown = sum(toks.src.unk in valid.pair(i)[0] for i in range(len(valid)))
+    if unknown:
+        report.line(f"data: {unknown} validation source line{'s' * (unknown > 1)} held characters the tokenizer "
+                    f"does not know; validation translates them without those characters, as `mtrain translate` does")
+    return valid
 
-    def save(name: str, rngs: list) -> Path:
-        path = run_dir / name
-        checkpoint.save(path, {"config": config_to_dict(cfg), "model": model.state_dict(),
-                               "optimizer": opt.state_dict(), "scaler": dev.scaler.state_dict(),
-                               "data": batches.state_dict(), "train_state": state, "rng": rngs,
-                               "tokenizer_src": toks.src.proto, "tokenizer_tgt": toks.tgt.proto,
-                               "step": state["step"], "ema": ema_state()})
+
+class Trainer:
+    """The model, its optimizer and moving average, the data stream, the train state and the clock of one
+    process; `run` is the loop, `end` the last validation, checkpoint and final.pt."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, world: World, dev: Device, data: Data, report: Report,
+                 clock: Clock):
+        tc, toks = cfg.train, data.toks
+        self.cfg, self.run_dir, self.world, self.dev, self.report = cfg, run_dir, world, dev, report
+        self.toks, self.batches, self.valid, self.valid_refs = toks, data.batches, data.valid, data.valid_refs
+        self.model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
+        report.line(f"model: {self.model.num_parameters():,} parameters")
+        # fused: one kernel over all parameters, on CPUs too (torch >= 2.4), instead of a Python loop over
+        # them; the step of the Multi30k recipe went from 10.5 to 2.9 ms (of ~250 ms per update).
+        self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=lr_at(1, tc.warmup, tc.lr),
+                                     betas=tuple(tc.betas), eps=tc.eps, fused=True)
+        # An exponential moving average of the weights (train.ema): a copy of the model, lerped towards it
+        # after every update by torch's multi-tensor EMA; it starts as a copy at the first update.
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema)) if tc.ema else None
+        self.state = TrainState(plan=tc.max_steps)
+        self.clock = clock
+        clock.resume_from(0.0)  # training time starts now, once the data is ready
+        self.saved_at = -1  # the step of the last checkpoint this session wrote
+        self.nonfinite = 0  # non-finite updates in a row
+
+    def run(self) -> Stop:
+        """The loop: one iteration is one optimizer update over update_freq x processes batches."""
+        tc, state = self.cfg.train, self.state
+        # DDP broadcasts rank 0's weights, then averages gradients during backward.
+        self.train_model = self.model if self.world.size == 1 else self.world.wrap(self.model, self.dev.device)
+        self.report.start(self.run_dir, state.step, tc.max_steps)
+        self.interval = Interval(self.dev.device, self.clock.elapsed())
+        self.model.train()
+        with StopRequest() as interrupt:
+            while (reason := self.stop_reason(interrupt.requested)) is None:
+                lr = self.learning_rate()
+                grad_norm, n_tokens, loss = self.update(lr)
+                if not math.isfinite(grad_norm):
+                    self.skip_update()
+                    continue
+                self.nonfinite = 0
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
+                state.step += 1
+                self.interval.add(loss, n_tokens, grad_norm)  # skipped updates stay out of the logged loss
+                self.report.bar.update(1)
+                record = self.log_interval(lr) if state.step % tc.log_every == 0 else {}
+                if self.valid is not None and state.step % tc.valid_every == 0:
+                    record = self.validate(record)
+                state.elapsed = self.clock.elapsed()
+                self.report.record(record, self.clock.session())
+                if state.step % tc.save_every == 0:
+                    self.save_checkpoint()
+        return reason
+
+    def stop_reason(self, interrupted: bool) -> Stop | None:
+        tc, state = self.cfg.train, self.state
+        seen = [bool(tc.max_steps) and state.step >= tc.max_steps,
+                bool(tc.max_epochs) and self.batches.epochs_done >= tc.max_epochs,
+                self.clock.elapsed() >= tc.max_seconds,
+                bool(tc.patience) and state.bad_valid >= tc.patience,
+                interrupted]
+        mine = next((n + 1 for n, hit in enumerate(seen) if hit), 0)
+        agreed = self.world.max(mine)  # processes stop together, whichever saw a reason first
+        return list(Stop)[agreed - 1] if agreed else None
+
+    def learning_rate(self) -> float:
+        """The rate of the next update; under a time budget the decay's end is re-estimated as it trains."""
+        tc, state = self.cfg.train, self.state
+        if not math.isfinite(tc.max_seconds):
+            state.plan = tc.max_steps  # a pure function of the step
+        elif state.step and state.step % PLAN_EVERY == 0:
+            # Every process must apply the same learning rate: they agree on one plan.
+            state.plan = self.world.max(planned_updates(state.step, self.clock.elapsed(), tc.max_seconds,
+                                                        tc.max_steps))
+            self.report.bar.total = state.plan  # the progress bar's end and time left follow the plan
+        return lr_at(state.step + 1, tc.warmup, tc.lr, tc.schedule, state.plan)  # counts applied updates only
+
+    def update(self, lr: float) -> tuple[float, int, torch.Tensor]:
+        """One optimizer update. Returns the gradient norm before clipping (not finite: nothing was
+        applied), the target tokens of the whole update, and this process's summed loss."""
+        tc, world, dev, toks = self.cfg.train, self.world, self.dev, self.toks
+        # Every process draws the same global batches and keeps its own share, so N processes
+        # with update_freq U see exactly the batches of one process with update_freq N x U.
+        shares = [self.batches.next() for _ in range(tc.update_freq * world.size)]
+        n_tokens = sum(share.n_tgt_tokens for share in shares)  # all target tokens of the update
+        mine = shares[world.rank * tc.update_freq:(world.rank + 1) * tc.update_freq]
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss = torch.zeros((), device=dev.device)
+        for j, share in enumerate(mine):
+            batch = share.collate(toks.tgt.pad, toks.tgt.bos, toks.tgt.eos).to(dev.device)
+            # Gradients are all-reduced once per update, on its last batch.
+            sync = world.size == 1 or j == len(mine) - 1
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                with dev.autocast():
+                    summed = batch_loss(self.train_model, batch, tc.label_smoothing, toks.tgt.pad)
+                # DDP averages gradients over processes; * world.size makes that a sum.
+                dev.scaler.scale(summed * (world.size / n_tokens)).backward()
+            loss += summed.detach()
+        return optimizer_update(self.opt, self.model.parameters(), dev.scaler, tc.clip_norm), n_tokens, loss
+
+    def skip_update(self) -> None:
+        self.nonfinite += 1
+        self.report.line(f"step {self.state.step + 1}: non-finite loss or gradient, update skipped "
+                         f"({self.nonfinite} in a row)")
+        if self.nonfinite >= self.cfg.train.max_nonfinite:
+            raise MtrainError(f"training diverged: {self.nonfinite} non-finite updates in a row; the last good "
+                              f"checkpoint is {self.run_dir / 'last.pt'} (try a lower train.lr or precision fp32)")
+
+    def log_interval(self, lr: float) -> dict:
+        tc, iv, step = self.cfg.train, self.interval, self.state.step
+        now = self.clock.elapsed()
+        loss = self.world.sum(iv.loss) / iv.tokens  # the only host sync of the loss: once per log interval
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": iv.tokens / max(now - iv.start, 1e-9),
+                  "epoch": self.batches.epoch, "grad_norm": sum(iv.norms) / len(iv.norms),
+                  "clipped": sum(n > tc.clip_norm for n in iv.norms) / len(iv.norms) if tc.clip_norm else 0.0}
+        if self.report.on_terminal:
+            self.report.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                        gnorm=f"{record['grad_norm']:.2f}")
+        else:  # a log file instead of a terminal: how far, in the line
+            self.report.line(f"step {step}: loss {loss:.3f}, lr {lr:.2e}, {record['tokens_per_s']:.0f} tok/s, "
+                             f"grad norm {record['grad_norm']:.2f}, epoch {self.batches.epoch}, "
+                             f"{progress(now, tc.max_seconds)}")
+        self.interval = Interval(self.dev.device, now)
+        return record
+
+    def validate(self, record: dict) -> dict:
+        """Rank 0 validates and keeps the best checkpoint by BLEU; the others wait, then learn its count
+        of validations without gain (train.patience)."""
+        state = self.state
+        record = {"step": state.step, **record}
+        if self.world.main:
+            record.update(validate(self.model, self.valid, self.valid_refs, self.cfg, self.toks, self.dev))
+            improved = record["valid_bleu"] > state.best_bleu
+            state.best_bleu = max(state.best_bleu, record["valid_bleu"])
+            state.bad_valid = 0 if improved else state.bad_valid + 1
+            if improved:
+                self.save("best.pt", [rng_state(self.dev.device)])
+            self.report.line(f"step {state.step}: valid loss {record['valid_loss']:.3f}, ppl "
+                             f"{record['valid_ppl']:.2f}, BLEU {record['valid_bleu']:.2f}" + (" (best)" * improved))
+        self.world.barrier()
+        state.bad_valid = self.world.max(state.bad_valid)
+        self.interval.start = self.clock.elapsed()  # validation time is not training throughput
+        return record
+
+    def save(self, name: str, rngs: list) -> Path:
+        path = self.run_dir / name
+        ema = ({"model": self.ema.module.state_dict(), "updates": int(self.ema.n_averaged)}
+               if self.ema is not None and int(self.ema.n_averaged) else None)
+        checkpoint.save(path, {"config": config_to_dict(self.cfg), "model": self.model.state_dict(),
+                               "optimizer": self.opt.state_dict(), "scaler": self.dev.scaler.state_dict(),
+                               "data": self.batches.state_dict(), "train_state": self.state.state_dict(),
+                               "rng": rngs, "tokenizer_src": self.toks.src.proto,
+                               "tokenizer_tgt": self.toks.tgt.proto, "step": self.state.step, "ema": ema})
         return path
 
-    def ema_state() -> dict | None:
-        if ema is None or not int(ema.n_averaged):
-            return None
-        return {"model": ema.module.state_dict(), "updates": int(ema.n_averaged)}
+    def save_checkpoint(self) -> None:
+        """ckpt_STEP.pt, linked as last.pt; the oldest beyond train.keep_last are deleted."""
+        rngs = self.world.gather(rng_state(self.dev.device))  # every process's RNG: each resumes its own stream
+        self.saved_at = self.state.step
+        if not self.world.main:
+            return
+        keep_last, name = self.cfg.train.keep_last, f"ckpt_{self.state.step}.pt"
+        # The list saved inside the checkpoint already holds it: a run resumed from it still deletes it
+        # in turn and averages it at the end.
+        kept = [p for p in self.state.kept if p != name] + [name]
+        self.state.kept = kept[-keep_last:]
+        path = self.save(name, rngs)
+        for old in kept[:-keep_last]:
+            (self.run_dir / old).unlink(missing_ok=True)
+        link_or_copy(path, self.run_dir / "last.pt")  # the same file (a hard link), not a second copy
 
-    def checkpoint_now():
-        rngs = world.gather(rng_state())  # every process's RNG, so that each resumes its own stream
-        if world.main:
-            name = f"ckpt_{state['step']}.pt"
-            # The list saved inside the checkpoint already holds it: a run resumed from it still
-            # deletes it in turn and averages it at the end.
-            kept = [p for p in state["kept"] if p != name] + [name]
-            state["kept"] = kept[-tc.keep_last:]
-            path = save(name, rngs)
-            for old in kept[:-tc.keep_last]:
-                (run_dir / old).unlink(missing_ok=True)
-            link_or_copy(path, run_dir / "last.pt")  # the same file (a hard link), not a second copy
-
-    def run_validation(record: dict) -> None:
-        """Rank 0 validates and keeps the best checkpoint by BLEU; the others wait."""
-        if world.main:
-            record.update(validate(model, valid, valid_refs, cfg, toks, dev))
-            improved = record["valid_bleu"] > state["best_bleu"]
-            state["best_bleu"] = max(state["best_bleu"], record["valid_bleu"])
-            state["bad_valid"] = 0 if improved else state["bad_valid"] + 1
-            if improved:
-                save("best.pt", [rng_state()])
-            bar.write(f"step {state['step']}: valid loss {record['valid_loss']:.3f}, ppl {record['valid_ppl']:.2f}, "
-                      f"BLEU {record['valid_bleu']:.2f}" + (" (best)" if improved else ""))
-        world.barrier()
-
-    # 5. The loop: one iteration is one optimizer update over update_freq x processes batches.
-    metrics = MetricsLog(run_dir) if world.main else None
-    bar = tqdm(total=tc.max_steps or None, initial=state["step"], unit="step", dynamic_ncols=True,
-               disable=None if world.main else True)
-    model.train()
-    pad, bos, eos = toks.tgt.pad, toks.tgt.bos, toks.tgt.eos
-    loss_sum, tok_count, nonfinite = torch.zeros((), device=dev.device), 0, 0
-    norms = []  # gradient norms (before clipping) of the updates since the last log line
-    interval_start = time.time()
-    elapsed_start = state["elapsed"] - time.time()
-    with StopRequest() as stop:
-        while True:
-            reason = 0
-            if tc.max_steps and state["step"] >= tc.max_steps:
-                reason = 1
-            elif tc.max_epochs and batches.epochs_done >= tc.max_epochs:
-                reason = 2
-            elif elapsed_start + time.time() >= tc.max_seconds:
-                reason = 3
-            elif tc.patience and state["bad_valid"] >= tc.patience:
-                reason = 4
-            elif stop.requested:
-                reason = 5
-            reason = world.max(reason)  # processes stop together, whichever saw a reason first
-            if reason:
-                break
-
-            # Every process draws the same global batches and keeps its own share, so N processes
-            # with update_freq U see exactly the batches of one process with update_freq N x U.
-            shares = [batches.next() for _ in range(tc.update_freq * world.size)]
-            n_tokens = sum(share.n_tgt_tokens for share in shares)  # all target tokens of the update
-            mine = shares[world.rank * tc.update_freq:(world.rank + 1) * tc.update_freq]
-            update_loss = torch.zeros((), device=dev.device)
-            if not math.isfinite(tc.max_seconds):
-                state["plan"] = tc.max_steps  # a pure function of the step
-            elif state["step"] % PLAN_EVERY == 0 and state["step"]:
-                # Every process must apply the same learning rate: they agree on one plan.
-                state["plan"] = world.max(planned_updates(state["step"], elapsed_start + time.time(),
-                                                          tc.max_seconds, tc.max_steps))
-                bar.total = state["plan"]  # the progress bar's end and time left follow the plan
-            # The schedule counts applied updates only.
-            lr = lr_at(state["step"] + 1, tc.warmup, tc.lr, tc.schedule, state["plan"])
-            for group in opt.param_groups:
-                group["lr"] = lr
-            for j, share in enumerate(mine):
-                batch = share.collate(pad, bos, eos).to(dev.device)
-                # Gradients are all-reduced once per update, on its last batch.
-                sync = world.size == 1 or j == len(mine) - 1
-                with contextlib.nullcontext() if sync else train_model.no_sync():
-                    with dev.autocast():
-                        summed = batch_loss(train_model, batch, tc.label_smoothing, pad, tc.rdrop)
-                    # DDP averages gradients over processes; * world.size makes that a sum.
-                    dev.scaler.scale(summed * (world.size / n_tokens)).backward()
-                update_loss += summed.detach()
-            grad_norm = optimizer_update(opt, model.parameters(), dev.scaler, tc.clip_norm)
-            if not math.isfinite(grad_norm):
-                nonfinite += 1
-                bar.write(f"step {state['step'] + 1}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
-                if nonfinite >= tc.max_nonfinite:
-                    raise MtrainError(f"training diverged: {nonfinite} non-finite updates in a row; the last good "
-                                      f"checkpoint is {run_dir / 'last.pt'} (try a lower train.lr or precision fp32)")
-                continue
-            nonfinite = 0
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += update_loss  # skipped updates stay out of the logged loss
-            norms.append(grad_norm)
-            state["step"] += 1
-            tok_count += n_tokens
-            bar.update(1)
-
-            step = state["step"]
-            record = {}
-            if step % tc.log_every == 0:
-                now = time.time()
-                loss = world.sum(loss_sum) / tok_count  # the only host sync of the loss: once per log interval
-                record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_count / (now - interval_start),
-                          "epoch": batches.epoch, "grad_norm": sum(norms) / len(norms),
-                          "clipped": sum(n > tc.clip_norm for n in norms) / len(norms) if tc.clip_norm else 0.0}
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                gnorm=f"{record['grad_norm']:.2f}")
-                if bar.disable and world.main:  # a log file instead of a terminal: how far, in the line
-                    print(f"step {step}: loss {loss:.3f}, lr {lr:.2e}, {record['tokens_per_s']:.0f} tok/s, "
-                          f"grad norm {record['grad_norm']:.2f}, epoch {batches.epoch}, "
-                          f"{progress(elapsed_start + now, tc.max_seconds)}", flush=True)
-                loss_sum.zero_()
-                norms.clear()
-                tok_count, interval_start = 0, now
-            if valid is not None and step % tc.valid_every == 0:
-                record.setdefault("step", step)
-                run_validation(record)
-                state["bad_valid"] = world.max(state["bad_valid"])  # rank 0's count reaches every process
-            state["elapsed"] = elapsed_start + time.time()
-            if record and world.main:
-                record["wall_s"] = round(time.time() - t0, 2)
-                metrics.write(record)
-            if step % tc.save_every == 0:
-                checkpoint_now()
-            if "valid_bleu" in record:
-                interval_start = time.time()  # validation time is not training throughput
-
-    # 6. The end: a last validation and checkpoint, then the checkpoint to translate with.
-    bar.close()
-    stop_reason = STOP_REASONS[reason]
-    log(f"stopped at step {state['step']}: {stop_reason}")
-    state["elapsed"] = elapsed_start + time.time()
-    if state["step"] and state["step"] % tc.valid_every and valid is not None and reason != 5:
-        record = {"step": state["step"]}
-        run_validation(record)
-        if world.main:
-            record["wall_s"] = round(time.time() - t0, 2)
-            metrics.write(record)
-    if state["step"] % tc.save_every or not (run_dir / "last.pt").is_file():
-        checkpoint_now()
-    final = run_dir / "last.pt"
-    if world.main:
-        metrics.close()
-        if reason == 5:
-            log("checkpoint saved; continue with --resume")
-        else:
-            final = finish(cfg, run_dir, state, valid, valid_refs, toks, dev, log, ema_state())
-    return final
+    def end(self, reason: Stop, trust: bool) -> Path:
+        """A last validation and checkpoint (what they found reaches last.pt, so a resume that extends the
+        run compares against it), then final.pt; an interrupted run only saves, to be resumed."""
+        state, tc = self.state, self.cfg.train
+        self.report.bar.close()
+        self.report.line(f"stopped at step {state.step}: {reason.value}")
+        validated = False
+        if reason is not Stop.INTERRUPTED and self.valid is not None and state.step and state.step % tc.valid_every:
+            state.elapsed = self.clock.elapsed()
+            self.report.record(self.validate({}), self.clock.session())
+            validated = True
+        state.elapsed = self.clock.elapsed()
+        if validated or self.saved_at != state.step or not (self.run_dir / "last.pt").is_file():
+            self.save_checkpoint()
+        self.report.close()
+        if not self.world.main:
+            return self.run_dir / "last.pt"
+        if reason is Stop.INTERRUPTED:
+            self.report.line("checkpoint saved; continue with --resume")
+            return self.run_dir / "last.pt"
+        ema = self.ema.module.state_dict() if self.ema is not None and int(self.ema.n_averaged) else None
+        return finish(self.cfg, self.run_dir, self.state, self.valid, self.valid_refs, self.toks, self.dev,
+                      log=self.report.log, ema=ema, trust=trust)
 
 
-def finish(cfg: Config, run_dir: Path, state: dict, valid, refs, toks, dev, log, ema: dict | None = None) -> Path:
+# ---------------------------------------------------------------- final.pt
+
+
+def finish(cfg: Config, run_dir: Path, state: TrainState, valid, refs, toks, dev, *, log, ema: dict | None,
+           trust: bool) -> Path:
     """final.pt: whichever of the best checkpoint, the average of the last checkpoints and the moving
     average of the weights (train.ema) scores highest on valid. Without a validation set nothing can
     be scored: the average when train.average_last asks for one (the paper's recipe, Vaswani et al.
-    2017 §6.1), else the moving average when there is one, else the last checkpoint."""
-    final = run_dir / "final.pt"
-    kept = [run_dir / p for p in state["kept"] if (run_dir / p).is_file()][-cfg.train.average_last:]
-    averaging = cfg.train.average_last > 1 and len(kept) > 1
-    average_name = f"average of {len(kept)}"
-    ema_name = f"moving average (decay {cfg.train.ema})"
-
-    def averaged() -> dict:
-        return {**checkpoint.average(kept), "averaged_from": [p.name for p in kept]}
-
-    def moving_average() -> dict:  # what a checkpoint of the run holds for inference, with the EMA weights
-        return {"config": config_to_dict(cfg), "tokenizer_src": toks.src.proto, "tokenizer_tgt": toks.tgt.proto,
-                "step": state["step"], "model": ema["model"]}
-
+    2017 §6.1), else the moving average when there is one, else the last checkpoint. `trust` is
+    fit's --trust-checkpoint: a resumed older-format run's checkpoints need it here too."""
+    kept = [run_dir / p for p in state.kept if (run_dir / p).is_file()][-cfg.train.average_last:]
+    candidates = {}  # name -> a function that makes the candidate's checkpoint
+    if cfg.train.average_last > 1 and len(kept) > 1:
+        candidates[f"average of {len(kept)}"] = lambda: {**checkpoint.average(kept, trust=trust, own=True),
+                                                          "averaged_from": [p.name for p in kept]}
+    if ema is not None:  # what a checkpoint of the run holds for inference, with the moving average's weights
+        candidates[f"moving average (decay {cfg.train.ema})"] = lambda: {
+            "config": config_to_dict(cfg), "tokenizer_src": toks.src.proto, "tokenizer_tgt": toks.tgt.proto,
+            "step": state.step, "model": ema}
     score = None
     if valid is None:
-        choice, ckpt = ((average_name, averaged()) if averaging else (ema_name, moving_average()) if ema
-                        else ("last", checkpoint.load(run_dir / "last.pt")))
+        choice = next(iter(candidates), "last")
+        ckpt = candidates[choice]() if candidates else checkpoint.load(run_dir / "last.pt", trust=trust, own=True)
         log(f"no validation set: final.pt is the {choice}, unscored")
     else:
-        has_best = (run_dir / "best.pt").is_file()
-        choice = "best" if has_best else "last"
-        ckpt = checkpoint.load(run_dir / f"{choice}.pt", mmap=True)
-        score = state["best_bleu"]  # the best checkpoint was scored when it was saved
+        choice = "best" if (run_dir / "best.pt").is_file() else "last"
+        ckpt = checkpoint.load(run_dir / f"{choice}.pt", mmap=True, trust=trust, own=True)
+        score = state.best_bleu  # the best checkpoint was scored when it was saved
         log(f"final candidate {choice}: valid BLEU {score:.2f}")
-        candidates = ([(average_name, averaged)] if averaging else []) + ([(ema_name, moving_average)] if ema else [])
-        for name, make in candidates:
+        for name, make in candidates.items():
             candidate = make()
             model = checkpoint.build_model(candidate, toks).to(dev.device)
             candidate_score = validate(model, valid, refs, cfg, toks, dev)["valid_bleu"]
             log(f"final candidate {name}: valid BLEU {candidate_score:.2f}")
             if candidate_score > score:
                 choice, ckpt, score = name, candidate, candidate_score
+    final = run_dir / "final.pt"
     keep = {k: ckpt[k] for k in checkpoint.INFERENCE_KEYS if k in ckpt}
     checkpoint.save(final, keep | {"chosen": choice} | ({"valid_bleu": score} if score is not None else {}))
     log(f"final.pt = {choice}; translate with: mtrain translate --checkpoint {final}")

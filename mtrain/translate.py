@@ -183,6 +183,33 @@ def with_overrides(cfg: DecodeConfig, **changes) -> DecodeConfig:
         raise MtrainError(f"decode options: {e}") from None
 
 
+def given(flags: dict) -> list[str]:
+    """The names of the flags given on the command line (an Optional flag left out is None)."""
+    return [name for name, value in flags.items() if value is not None]
+
+
+def translate_modes(*, sample: bool, beam_flags: dict, sampling_flags: dict, alignment: str | None,
+                    attention_dir: Path | None, attention_limit: int | None) -> tuple[Sampling | None, Inspect | None]:
+    """`translate`'s flags that choose between beam search and sampling, and what to show besides the
+    translations; a flag that would be ignored in silence is refused with one line. The flag dicts map
+    '--name' to its value (None: not given); sampling_flags hold --temperature, --top-k, --top-p, --seed."""
+    beam_given = given(beam_flags)
+    if sample and beam_given:
+        raise MtrainError(f"--sample draws one translation per line; {', '.join(beam_given)} set beam search, "
+                          f"which it replaces")
+    sampling_given = given(sampling_flags)
+    if not sample and sampling_given:
+        raise MtrainError(f"{', '.join(sampling_given)} set{'s' * (len(sampling_given) == 1)} sampling, which "
+                          f"needs --sample (without it, translate runs beam search)")
+    sampling = Sampling(**{k.removeprefix("--").replace("-", "_"): v for k, v in sampling_flags.items()
+                           if v is not None}) if sample else None
+    if attention_limit is not None and attention_dir is None:
+        raise MtrainError("--attention-limit counts the heatmaps of --attention DIR, which is not given")
+    limit = Inspect.attention_limit if attention_limit is None else attention_limit  # the dataclass default
+    inspect = Inspect(alignment, attention_dir, limit) if alignment or attention_dir else None
+    return sampling, inspect
+
+
 def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path | None, device: str,
                   precision: str, decode_flags: dict, sampling: Sampling | None, trust: bool = False,
                   inspect: Inspect | None = None, buffer_lines: int | None = None, keep_unknown: bool = False) -> None:

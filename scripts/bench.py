@@ -103,10 +103,10 @@ def part_train(args) -> dict:
     """Steady-state training throughput on real batches of the config's corpus (no validation)."""
     import torch
     from mtrain.config import load_config
-    from mtrain.data import Batches, load_corpus, target_vocabulary
+    from mtrain.data import Batches, load_corpus
     from mtrain.device import pick_device
     from mtrain.model import Transformer
-    from mtrain.tokenizer import BOS, EOS, PAD, UNK
+    from mtrain.tokenizer import BOS, EOS, PAD
     from mtrain.train import batch_loss, optimizer_update
 
     cfg = load_config(args.config, args.set)
@@ -118,8 +118,7 @@ def part_train(args) -> dict:
         corpus, vocab = load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None), toks.tgt.vocab_size
     stream = Batches(corpus, cfg.train.batch_tokens, cfg.train.seed)
     torch.manual_seed(0)
-    model = Transformer(cfg.model, vocab, vocab, PAD, target_vocabulary(cfg.model, corpus, vocab, EOS, UNK),
-                        UNK).to(dev.device)
+    model = Transformer(cfg.model, vocab, vocab, PAD).to(dev.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)  # as mtrain fit
     pad, bos, eos = PAD, BOS, EOS
     tokens = src_tokens = 0

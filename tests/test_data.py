@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from mtrain.config import DataConfig, DataSource, ModelConfig
-from mtrain.data import Batches, SubwordSampler, collate, load_corpus, target_vocabulary, token_batches
+from mtrain.config import DataConfig, DataSource
+from mtrain.data import Batches, collate, load_corpus, token_batches
 from mtrain.errors import MtrainError
 from conftest import SAMPLE_DE, SAMPLE_EN
 
@@ -99,94 +99,3 @@ def test_a_changed_batch_order_is_not_resumed(tmp_path, toks):
     assert "training data or tokenizer changed" in Batches(smaller, 60, seed=7).load_state_dict(state)
     same = Batches(corpus, 60, seed=7)
     assert same.load_state_dict(state) is None and same.state_dict() == state
-
-
-def sampled_setup(tmp_path, toks, alpha=0.1, max_len=128, seed=5, sides="both"):
-    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), max_len=max_len)
-    source = DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE))
-    best = load_corpus(source, toks, cfg, log=lambda *_: None)
-    return best, SubwordSampler(source, toks, cfg, best, alpha=alpha, nbest=-1, seed=seed, sides=sides)
-
-
-def pairs_of(corpus):
-    return [tuple(x.tolist() for x in corpus.pair(i)) for i in range(len(corpus))]
-
-
-def test_subword_sampling_is_reproducible_and_keeps_the_text(tmp_path, toks):
-    best, sampler = sampled_setup(tmp_path, toks)
-    epoch1, epoch2 = sampler(1), sampler(2)
-    assert len(epoch1) == len(best)
-    assert pairs_of(epoch1) == pairs_of(sampled_setup(tmp_path, toks)[1](1))  # same seed and epoch, same draw
-    assert pairs_of(epoch1) != pairs_of(epoch2)  # a new draw each epoch
-    assert pairs_of(epoch1) != pairs_of(best)
-    decode = toks.src.decode_batch
-    for side in (0, 1):  # other pieces, the same text
-        assert decode([p[side] for p in pairs_of(epoch1)]) == decode([p[side] for p in pairs_of(best)])
-    # alpha 0.1 is a flat distribution over segmentations: more, shorter pieces
-    assert epoch1.tgt_lengths.sum() > best.tgt_lengths.sum()
-
-
-@pytest.mark.parametrize("sampled, kept", [(0, 1), (1, 0)])
-def test_sampling_one_side_keeps_the_other_sides_best_pieces(tmp_path, toks, sampled, kept):
-    best, sampler = sampled_setup(tmp_path, toks, sides=("src", "tgt")[sampled])
-    one_side = pairs_of(sampler(1))
-    assert [p[kept] for p in one_side] == [p[kept] for p in pairs_of(best)]  # untouched, id for id
-    assert [p[sampled] for p in one_side] != [p[sampled] for p in pairs_of(best)]
-    # the sampled side draws what sampling both sides draws for it (the same seed per side)
-    assert [p[sampled] for p in one_side] == [p[sampled] for p in pairs_of(sampled_setup(tmp_path, toks)[1](1))]
-    decode = toks.src.decode_batch
-    assert decode([p[sampled] for p in one_side]) == decode([p[sampled] for p in pairs_of(best)])
-
-
-def test_sampled_segmentations_obey_the_length_filter(tmp_path, toks):
-    best, sampler = sampled_setup(tmp_path, toks, max_len=18)
-    sampled = sampler(1)
-    assert len(sampled) == len(best)
-    assert (sampled.src_lengths <= 18).all() and (sampled.tgt_lengths <= 18).all()
-    fell_back = [a == b for a, b in zip(pairs_of(sampled), pairs_of(best))]
-    assert any(fell_back)  # the longest pairs keep their best segmentation
-    # the filter dropped pairs, and the sampler's text (picked by the cache's kept mask) still lines
-    # up with the kept pairs, pair by pair
-    assert best.report["too_long"] > 0 and len(best.kept) == best.report["read"] - best.report["empty"]
-    decode = toks.src.decode_batch
-    for side in (0, 1):
-        assert decode([p[side] for p in pairs_of(sampled)]) == decode([p[side] for p in pairs_of(best)])
-
-
-def test_subword_sampler_refuses_a_corpus_that_is_not_the_cached_one(tmp_path, toks):
-    best, _ = sampled_setup(tmp_path, toks, max_len=18)
-    best.kept = best.kept[:-1]
-    with pytest.raises(MtrainError, match="delete .*cache and start again"):
-        SubwordSampler(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks, DataConfig(), best, 0.1, -1, 5)
-
-
-def test_sampled_batches_resume_across_epochs(tmp_path, toks):
-    best, sampler = sampled_setup(tmp_path, toks)
-    stream = Batches(best, 60, seed=7, resample=sampler)
-    for _ in range(5):
-        stream.next()
-    state = stream.state_dict()
-    rest = [stream.next() for _ in range(12)]
-    assert stream.epoch > 1
-    resumed = Batches(best, 60, seed=7, resample=sampled_setup(tmp_path, toks)[1])
-    assert resumed.load_state_dict(state) is None
-    for a, b in zip(rest, [resumed.next() for _ in range(12)]):
-        x, y = a.collate(0, 2, 3), b.collate(0, 2, 3)
-        assert x.src.equal(y.src) and x.tgt_out.equal(y.tgt_out)
-        assert a.n_tgt_tokens == x.n_tgt_tokens
-    # batches are cut by the sampled lengths, which differ from the best ones
-    assert [s.indices.tolist() for s in rest] != [
-        s.indices.tolist() for s in (lambda b: [b.next() for _ in range(17)][5:])(Batches(best, 60, seed=7))]
-
-
-def test_the_seen_output_vocabulary_is_every_target_piece_and_eos_and_unk(tmp_path, toks):
-    corpus = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks,
-                         DataConfig(cache_dir=str(tmp_path / "cache")), log=lambda *_: None)
-    V = toks.tgt.vocab_size
-    assert target_vocabulary(ModelConfig(output_vocab="all"), corpus, V, toks.tgt.eos, toks.tgt.unk) is None
-    ids = target_vocabulary(ModelConfig(output_vocab="seen"), corpus, V, toks.tgt.eos, toks.tgt.unk)
-    in_targets = {int(i) for n in range(len(corpus)) for i in corpus.pair(n)[1]}
-    assert ids.tolist() == sorted(in_targets | {toks.tgt.eos, toks.tgt.unk})
-    # the joint vocabulary holds English pieces that no German target uses: those are left out
-    in_sources = {int(i) for n in range(len(corpus)) for i in corpus.pair(n)[0]}
-    assert in_sources - in_targets and not set(ids.tolist()) & (in_sources - in_targets - {toks.tgt.unk})

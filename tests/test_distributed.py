@@ -115,9 +115,9 @@ def test_preparation_wait_is_not_bounded_by_the_collective_timeout(tmp_path):
         "import os, time\n"
         "from mtrain.device import init_world\n"
         "world = init_world('cpu', timeout_s=2)\n"
-        "if world.main:\n"
-        "    time.sleep(6)  # longer than the 2 s collective timeout\n"
-        "world.wait_for_preparation()\n"
+        "with world.main_first():\n"
+        "    if world.main:\n"
+        "        time.sleep(6)  # longer than the 2 s collective timeout\n"
         "world.barrier()\n"
         "os.write(1, f'rank {world.rank} prepared\\n'.encode())  # one write: two processes share the pipe\n"
         "world.close()\n")

@@ -88,32 +88,3 @@ def test_dropout_masks_any_shape_uniformly():
     out.sum().backward()
     assert torch.equal(grad_in.grad, out.detach())  # the gradient goes through the same mask and scale
     assert torch.equal(Dropout(0.0).train()(torch.ones(3)), torch.ones(3))
-
-
-def test_a_seen_output_vocabulary_scores_only_its_pieces():
-    """output_vocab seen: the same network as every piece's, its logits restricted to output_ids; the
-    pieces left out get -inf when decoding and count as <unk> in the training targets."""
-    full = make()
-    ids = torch.tensor([1, 3, 5, 9, 10, 11, 12, 20])  # <unk> = 1
-    seen = Transformer(ModelConfig(**{**CFG.__dict__, "output_vocab": "seen"}), 40, 40, pad=0, output_ids=ids,
-                       unk=1).eval()
-    seen.load_state_dict({**full.state_dict(), "output_ids": ids})
-    src, tgt = torch.tensor([[5, 6, 7, 3]]), torch.tensor([[2, 9, 10, 11]])
-    memory = full.encode(src, src == 0)
-    a, b = full.decode(tgt, memory, src == 0), seen.decode(tgt, memory, src == 0)
-    assert torch.allclose(a[..., ids], b[..., ids], atol=1e-6)
-    left_out = torch.ones(40, dtype=torch.bool)
-    left_out[ids] = False
-    assert torch.isneginf(b[..., left_out]).all()
-    cache = seen.new_cache(memory, src == 0, max_len=8)
-    assert torch.allclose(seen.decode_step(tgt[:, 0], cache), b[:, 0], atol=1e-5)
-    training = seen(src, src == 0, tgt, torch.ones_like(tgt, dtype=torch.bool))
-    assert training.shape == (4, len(ids)) and torch.allclose(training, a[0][:, ids], atol=1e-6)
-    assert seen.output_columns(torch.tensor([9, 20, 1, 7])).tolist() == [3, 7, 0, 0]  # 7 is left out: <unk>
-    assert seen.flops_per_token(4, 4) < full.flops_per_token(4, 4)
-    with pytest.raises(ValueError, match="<unk>"):
-        Transformer(seen.cfg, 40, 40, pad=0, output_ids=torch.tensor([3, 5]), unk=1)
-    with pytest.raises(ValueError, match="ascending"):
-        Transformer(seen.cfg, 40, 40, pad=0, output_ids=torch.tensor([1, 5, 3]), unk=1)
-    with pytest.raises(ValueError, match="only then"):
-        Transformer(CFG, 40, 40, pad=0, output_ids=ids, unk=1)

@@ -1,7 +1,7 @@
 """Does torch.compile speed up training of a config on this machine? Eager against compiled.
 
-    python scripts/probe_compile.py configs/multi30k_en_de.yaml eager 60
-    python scripts/probe_compile.py configs/multi30k_en_de.yaml default 100   # or: dynamic
+    python scripts/dev/probe_compile.py configs/multi30k_en_de.yaml eager 60
+    python scripts/dev/probe_compile.py configs/multi30k_en_de.yaml default 100   # or: dynamic
     [--set train.batch_tokens=4096 ...]
 
 Trains STEPS updates on real batches (fp32, AdamW, label smoothing 0.1) and prints the seconds the
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mtrain.config import load_config  # noqa: E402
-from mtrain.data import Batches, load_corpus, target_vocabulary  # noqa: E402
+from mtrain.data import Batches, load_corpus  # noqa: E402
 from mtrain.model import Transformer  # noqa: E402
-from mtrain.tokenizer import BOS, EOS, PAD, UNK, get_tokenizers  # noqa: E402
+from mtrain.tokenizer import BOS, EOS, PAD, get_tokenizers  # noqa: E402
 from mtrain.train import batch_loss, optimizer_update  # noqa: E402
 
 FIRST = 20  # updates counted as warm-up (and compilation)
@@ -46,7 +46,7 @@ def main():
     stream = Batches(corpus, cfg.train.batch_tokens, 1)
     torch.manual_seed(0)
     V = toks.tgt.vocab_size
-    model = Transformer(cfg.model, toks.src.vocab_size, V, PAD, target_vocabulary(cfg.model, corpus, V, EOS, UNK), UNK)
+    model = Transformer(cfg.model, toks.src.vocab_size, V, PAD)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     forward = model if args.mode == "eager" else torch.compile(model, dynamic=True if args.mode == "dynamic" else None)

@@ -1,6 +1,6 @@
 """Where beam search spends its time: translate a file and split the wall time into parts.
 
-    python scripts/profile_decode.py --checkpoint runs/multi30k_en_de/final.pt \
+    python scripts/dev/profile_decode.py --checkpoint runs/multi30k_en_de/final.pt \
         [--input data/multi30k/test_2016_flickr.en.gz] [--beam 5]
 
 Parts are timed by wrapping the functions that do them (the wrappers cost a few microseconds per call):
@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

@@ -1,9 +1,9 @@
 """Time the training output layer + loss (`mtrain.loss.output_loss`, forward + backward) at several
 chunk sizes, alternated so that a shared machine's drift hits every size alike, and print a table.
 
-    python scripts/bench_output_loss.py                      # the Multi30k recipe's shape
-    python scripts/bench_output_loss.py --vocab 8000 --chunks-kb 3072,12288 --rounds 10
-    python scripts/bench_output_loss.py --precision bf16     # under bf16 autocast, as training on a bf16 CPU
+    python scripts/dev/bench_output_loss.py                      # the Multi30k recipe's shape
+    python scripts/dev/bench_output_loss.py --vocab 8000 --chunks-kb 3072,12288 --rounds 10
+    python scripts/dev/bench_output_loss.py --precision bf16     # under bf16 autocast, as training on a bf16 CPU
 
 `CHUNK_BYTES` in mtrain/loss.py was chosen on a Xeon (2 MB L2); run this on each kind of CPU before
 changing it. The row "whole" is the output layer then the loss on the full (tokens x vocab) logits.
