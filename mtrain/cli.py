@@ -20,7 +20,8 @@ ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Train and use Transformer translation models.")
 
-TRUST_HELP = "Load a checkpoint that holds pickled Python objects (older mtrain versions); it can run code."
+TRUST_HELP = ("Load a checkpoint that holds pickled Python objects (older mtrain versions), or any checkpoint on a "
+              "torch older than 2.10; it can run code.")
 
 
 def versions() -> str:
@@ -52,7 +53,7 @@ def user_errors():
         yield
     except MtrainError as e:
         typer.echo(f"mtrain: {e}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 CHECKPOINT_OPT_HELP = "The checkpoint, as `translate` takes it (instead of the argument)."

@@ -18,6 +18,7 @@ import torch
 from mtrain.config import DecodeConfig
 from mtrain.errors import MtrainError
 from mtrain.files import check_folder, check_parent, first_names
+from mtrain.model import sinusoids
 
 
 def require_ctranslate2():
@@ -48,10 +49,17 @@ def _ffn(spec, ffn, sub) -> None:
     _linear(spec.linear_1, ffn.down)
 
 
-def _embeddings(spec, table: torch.nn.Embedding, positions: torch.Tensor) -> None:
+# CTranslate2's translate_batch defaults: inputs cut at 1,024 tokens, at most 256 decoded.
+CT2_DEFAULT_LIMITS = 1024 + 256
+
+
+def _embeddings(spec, table: torch.nn.Embedding, max_positions: int) -> None:
     embeddings = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings  # encoder: a list
     embeddings.weight = _array(table.weight)
-    spec.position_encodings.encodings = _array(positions)
+    # mtrain cuts sources and outputs to model.max_positions (ctranslate2_options passes those limits);
+    # a caller who does not reaches positions beyond them, where CTranslate2 fails the whole batch. The
+    # sinusoids go on past max_positions, so the table is written long enough for CTranslate2's defaults.
+    spec.position_encodings.encodings = _array(sinusoids(max(max_positions, CT2_DEFAULT_LIMITS), table.weight.shape[1]))
     spec.scale_embeddings = True  # embeddings * sqrt(d_model), as mtrain (the paper's §3.4)
 
 
@@ -65,13 +73,13 @@ def build_spec(model, toks):
     spec = transformer_spec.TransformerSpec.from_config((c.encoder_layers, c.decoder_layers), c.heads,
                                                         pre_norm=c.pre_norm, activation=activation)
     enc, dec = spec.encoder, spec.decoder
-    _embeddings(enc, model.src_embed, model.positions)
+    _embeddings(enc, model.src_embed, c.max_positions)
     for layer_spec, layer in zip(enc.layer, model.encoder):
         _linear(layer_spec.self_attention.linear[0], layer.attn.qkv)
         _linear(layer_spec.self_attention.linear[1], layer.attn.out)
         _norm(layer_spec.self_attention.layer_norm, layer.sub_attn.norm)
         _ffn(layer_spec.ffn, layer.ffn, layer.sub_ffn)
-    _embeddings(dec, model.tgt_embed, model.positions)
+    _embeddings(dec, model.tgt_embed, c.max_positions)
     for layer_spec, layer in zip(dec.layer, model.decoder):
         _linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv)
         _linear(layer_spec.self_attention.linear[1], layer.self_attn.out)
@@ -141,17 +149,23 @@ def export_ctranslate2(checkpoint: Path, out_dir: Path, quantization: str | None
         shutil.rmtree(tmp, ignore_errors=True)
     note = ("" if cfg.decode.lenpen_type == "plain" else
             "; note: CTranslate2's length penalty is len^alpha (mtrain's lenpen_type plain), not GNMT's")
-    return f"wrote {out_dir} (CTranslate2 {quantization or 'float32'} model, {model.num_parameters():,} parameters){note}"
+    limits = (f"; mtrain's length limits: translate_batch(max_input_length={cfg.model.max_positions - 1}, "
+              f"max_decoding_length <= {cfg.model.max_positions - 2})")
+    return (f"wrote {out_dir} (CTranslate2 {quantization or 'float32'} model, {model.num_parameters():,} "
+            f"parameters){limits}{note}")
 
 
-def ctranslate2_options(decode: DecodeConfig, src_len: int) -> dict:
+def ctranslate2_options(decode: DecodeConfig, src_len: int, max_positions: int) -> dict:
     """translate_batch keyword arguments equivalent to mtrain's decode settings for a source of
-    `src_len` pieces (EOS not counted). CTranslate2 normalises scores by length^alpha, as mtrain's
-    lenpen_type plain; its decoding lengths count pieces without the EOS, and at the maximum it stops
-    without one where mtrain scores a forced EOS (the two agree unless the limit is reached). mtrain
-    never emits BOS or padding, nor <unk> unless allow_unk; CTranslate2 is told the same."""
+    `src_len` pieces (EOS not counted) and a model of `max_positions`. CTranslate2 normalises scores by
+    length^alpha, as mtrain's lenpen_type plain; its decoding lengths count pieces without the EOS, and
+    at the maximum it stops without one where mtrain scores a forced EOS (the two agree unless the
+    limit is reached). mtrain cuts a source to max_positions - 2 pieces and its EOS, and an output to
+    max_positions - 1 positions with the EOS; it never emits BOS or padding, nor <unk> unless
+    allow_unk. CTranslate2 is told the same."""
+    src_len = min(src_len, max_positions - 2)
     return dict(beam_size=decode.beam, num_hypotheses=decode.nbest, length_penalty=decode.lenpen,
-                suppress_sequences=[["<s>"], ["<pad>"]],
-                max_decoding_length=int(decode.max_len_a * src_len + decode.max_len_b),
+                suppress_sequences=[["<s>"], ["<pad>"]], max_input_length=max_positions - 1,
+                max_decoding_length=min(int(decode.max_len_a * src_len + decode.max_len_b), max_positions - 2),
                 min_decoding_length=decode.min_len, no_repeat_ngram_size=decode.no_repeat_ngram,
                 disable_unk=not decode.allow_unk, return_scores=True)

@@ -102,6 +102,7 @@ def config_tokenizers(cfg):
 def part_train(args) -> dict:
     """Steady-state training throughput on real batches of the config's corpus (no validation)."""
     import torch
+
     from mtrain.config import load_config
     from mtrain.data import Batches, load_corpus
     from mtrain.device import pick_device
@@ -156,6 +157,7 @@ def part_decode(args) -> dict:
     """Sentences/s and target tokens/s translating Multi30k's val.en with beam 1 and beam 5, and
     BLEU; with --ctranslate2, the same with CTranslate2 (fp32 and int8) on the same weights and threads."""
     import torch
+
     from mtrain.checkpoint import load_for_inference
     from mtrain.corpus import open_text
     from mtrain.device import pick_device
@@ -180,10 +182,11 @@ def part_decode(args) -> dict:
         out[f"beam{beam}_bleu"] = bleu(hyps, refs)
     if args.ctranslate2:
         import ctranslate2
+
         from mtrain.export import ctranslate2_options
         decode = with_overrides(cfg.decode, beam=5, lenpen=args.lenpen)
         sources = [toks.src.sp.encode(line, out_type=str) for line in lines]
-        options = ctranslate2_options(decode, max(len(s) for s in sources))  # one length limit for all
+        options = ctranslate2_options(decode, max(len(s) for s in sources), model.cfg.max_positions)  # one length limit for all
         options.pop("return_scores")
         for compute_type in ("float32", "int8"):
             translator = ctranslate2.Translator(args.ctranslate2, device="cpu", compute_type=compute_type,

@@ -109,3 +109,24 @@ def test_save_failing_partway_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temporary file is gone
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 1
+
+
+def test_an_unsafe_torch_refuses_checkpoints_from_elsewhere(tmp_path, monkeypatch):
+    """weights_only=True can still run code from a crafted file before torch 2.10 (CVE-2025-32434 and a
+    later advisory): there a checkpoint is refused unless trusted, or written by the run itself."""
+    import re
+
+    from conftest import ROOT
+    path = tmp_path / "c.pt"
+    checkpoint.save(path, {"step": 3})
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(MtrainError, match=r"c\.pt: torch 2\.5\.1\+cu121 cannot load a checkpoint safely "
+                                          r"\(CVE-2025-32434.*pass --trust-checkpoint"):
+        checkpoint.load(path)
+    assert checkpoint.load(path, trust=True)["step"] == 3
+    assert checkpoint.load(path, own=True)["step"] == 3  # fit's own last.pt and best.pt
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    assert checkpoint.load(path)["step"] == 3
+    # and the package asks for such a torch in the first place
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', (ROOT / "pyproject.toml").read_text())
+    assert floor and (int(floor[1]), int(floor[2])) >= checkpoint.SAFE_LOAD_TORCH

@@ -104,6 +104,7 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     import random
 
     import numpy as np
+
     from mtrain import checkpoint
 
     state = rng_state()
@@ -131,3 +132,41 @@ def test_threads_follow_omp_num_threads_for_one_process(monkeypatch):
             assert device_module.default_threads(1) == 8 and device_module.default_threads(3) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_fp32_on_a_gpu_means_ieee_fp32_not_tf32(fake_cuda, monkeypatch):
+    """TF32 speeds up the fp32 parts of mixed precision; precision fp32 asks for fp32 itself, whose
+    results match a CPU's (test_gpu compares CUDA and CPU translations token for token)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        pick_device("cuda", "auto")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        pick_device("cuda", "fp32")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_a_resume_with_fewer_gpus_restores_its_own_devices_stream(monkeypatch):
+    """Each process saves the generator of its own GPU only; resumed where fewer GPUs are visible (an
+    8-GPU run on 4, a narrower CUDA_VISIBLE_DEVICES), it restores that one on the device it now has,
+    instead of indexing GPUs that are not there."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([device.index], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every visible GPU's state"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("set every GPU's state"))
+    saved = rng_state(torch.device("cuda", 5))  # the process of local rank 5 in an 8-GPU run
+    assert saved["cuda"].tolist() == [5]
+    set_rng_state(saved, torch.device("cuda", 1))  # resumed as local rank 1 of 4
+    assert restored == [([5], torch.device("cuda", 1))]
+    # A checkpoint from before holds one state per GPU then visible: this device's is the one.
+    restored.clear()
+    old = {**saved, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
+    set_rng_state(old, torch.device("cuda", 3))
+    assert restored == [([3], torch.device("cuda", 3))]
+    restored.clear()
+    set_rng_state({**saved, "cuda": old["cuda"][:2]}, torch.device("cuda", 3))  # more GPUs than the run had
+    set_rng_state(saved)  # on the CPU: no GPU stream to restore
+    assert restored == []
+    assert "cuda" not in rng_state()

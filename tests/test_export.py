@@ -1,6 +1,7 @@
 import sys
 
 import pytest
+from conftest import SAMPLE_EN, tiny_raw
 
 from mtrain import checkpoint
 from mtrain.config import DecodeConfig, config_from_dict
@@ -8,7 +9,6 @@ from mtrain.device import pick_device
 from mtrain.errors import MtrainError
 from mtrain.train import fit
 from mtrain.translate import translate_lines
-from conftest import SAMPLE_EN, tiny_raw
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
@@ -39,8 +39,8 @@ def test_ctranslate2_gives_mtrains_tokens(trained, tmp_path):
         theirs = []
         for line in lines:
             pieces = toks.src.sp.encode(line, out_type=str)
-            theirs.append(translator.translate_batch([pieces], **ctranslate2_options(decode, len(pieces)))[0]
-                          .hypotheses[0])
+            options = ctranslate2_options(decode, len(pieces), model.cfg.max_positions)
+            theirs.append(translator.translate_batch([pieces], **options)[0].hypotheses[0])
         assert theirs == ours, beam
 
 
@@ -71,6 +71,7 @@ def test_export_replaces_only_an_earlier_export(trained, tmp_path):
 
 def test_export_command_takes_the_checkpoint_as_argument_or_c(trained, tmp_path):
     import subprocess
+
     from conftest import ROOT
     for n, where in enumerate(([str(trained)], ["-c", str(trained)])):
         r = subprocess.run([sys.executable, "-m", "mtrain", "export", *where, "--ctranslate2", str(tmp_path / f"ct{n}")],
@@ -93,6 +94,7 @@ def test_export_without_ctranslate2_says_how_to_install(trained, tmp_path, monke
 def test_ctranslate2_scores_equal_mtrains(tmp_path, spm_model, pre_norm, share):
     """Log-probabilities of given translations, token by token, for both layer-norm placements."""
     import torch
+
     from mtrain.export import build_spec
     from mtrain.model import Transformer
     from mtrain.tokenizer import Tokenizer, Tokenizers
@@ -122,3 +124,27 @@ def test_ctranslate2_scores_equal_mtrains(tmp_path, spm_model, pre_norm, share):
             logp = logp[0].log_softmax(-1)
         ours = [float(logp[i, x]) for i, x in enumerate(t + [tok.eos])]
         assert theirs == pytest.approx(ours, abs=1e-3)
+
+
+def test_a_source_past_max_positions_translates_as_mtrain_cuts_it(tmp_path, spm_model):
+    """A source of max_positions pieces or more: mtrain cuts it; CTranslate2, given the exported
+    limits, cuts it the same way, and with its own defaults still translates instead of failing the
+    batch ("No position encodings are defined for positions >= N")."""
+    from mtrain.export import ctranslate2_options, export_ctranslate2
+    raw = tiny_raw(tmp_path, spm_model, max_steps=3)
+    raw["model"]["max_positions"] = 24
+    raw["data"]["max_len"] = 24
+    final = fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+    out = tmp_path / "ct2"
+    assert "max_input_length=23, max_decoding_length <= 22" in export_ctranslate2(final, out)
+    model, toks, _ = checkpoint.load_for_inference([final])
+    line = " ".join(SAMPLE_EN.read_text().splitlines()[:4])
+    pieces = toks.src.sp.encode(line, out_type=str)
+    assert len(pieces) > 30
+    translator = ctranslate2.Translator(str(out), device="cpu", compute_type="float32", intra_threads=1)
+    decode = DecodeConfig(beam=2, lenpen=0.6, lenpen_type="plain", max_len_a=3.0)  # the limit is max_positions
+    ours = toks.tgt.sp.encode(next(translate_lines([line], model, toks, decode, pick_device("cpu", "fp32"))),
+                              out_type=str)
+    theirs = translator.translate_batch([pieces], **ctranslate2_options(decode, len(pieces), 24))[0].hypotheses[0]
+    assert theirs == ours and 0 < len(ours) <= 22
+    assert translator.translate_batch([pieces, pieces[:5]], beam_size=2)[0].hypotheses[0]  # defaults: no failure

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tiny_raw
 
 from mtrain import checkpoint
 from mtrain.config import DecodeConfig
@@ -18,7 +19,6 @@ from mtrain.errors import MtrainError
 from mtrain.score import bleu
 from mtrain.train import fit, lr_at, read_metrics
 from mtrain.translate import translate_lines
-from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tiny_raw
 
 
 def losses(run_dir):
@@ -316,6 +316,7 @@ def test_out_of_memory_is_one_line(tmp_path, tiny_cfg, monkeypatch):
 
 def test_only_collective_failures_count_as_lost_processes():
     import torch.distributed as dist
+
     from mtrain.train import is_lost_peer
     assert is_lost_peer(dist.DistError("connection to rank 1 closed"))
     assert is_lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1"))
@@ -332,8 +333,9 @@ def test_resume_with_another_batch_order_is_refused(tmp_path, tiny_cfg):
 
 
 def test_resume_with_another_model_shape_names_the_keys(tmp_path, spm_model):
-    from mtrain.config import config_from_dict
     from conftest import tiny_raw
+
+    from mtrain.config import config_from_dict
     fit(config_from_dict(tiny_raw(tmp_path, spm_model, max_steps=2)), tmp_path / "run", log=lambda *_: None)
     raw = tiny_raw(tmp_path, spm_model, max_steps=4)
     raw["model"].update(d_model=64, heads=4)
@@ -357,9 +359,11 @@ def test_resume_with_another_sentencepiece_file_is_refused(tmp_path, spm_model):
     """tokenizer.model names a file; if it now holds another model, the ids no longer mean what the
     weights learnt. Refused before the run directory's copy (spm.model) is replaced."""
     import shutil
+
+    from conftest import SAMPLE_EN, tiny_raw
+
     from mtrain.config import config_from_dict
     from mtrain.tokenizer import train_tokenizer
-    from conftest import SAMPLE_EN, tiny_raw
     mine = tmp_path / "mine.model"
     shutil.copy(spm_model, mine)
     raw = tiny_raw(tmp_path, mine, max_steps=2)
@@ -378,9 +382,10 @@ def test_resume_with_another_sentencepiece_file_is_refused(tmp_path, spm_model):
 def test_a_tsv_corpus_trains_its_tokenizer_into_a_new_run_that_overwrite_can_clean(tmp_path, spm_model):
     """SentencePiece reads plain files: the TSV's sides are copied for it and removed after, so the run
     directory (created for the tokenizer) holds only what a run writes."""
+    from conftest import SAMPLE_DE, SAMPLE_EN, tiny_raw
+
     from mtrain.config import config_from_dict
     from mtrain.train import RUN_FILES
-    from conftest import SAMPLE_DE, SAMPLE_EN, tiny_raw
     tsv = tmp_path / "c.tsv"
     tsv.write_text("".join(f"{s}\t{t}\n" for s, t in zip(SAMPLE_EN.read_text().splitlines(),
                                                            SAMPLE_DE.read_text().splitlines())))
@@ -438,6 +443,7 @@ def test_last_pt_without_hard_links(tmp_path, tiny_cfg, monkeypatch):
 
 def test_disk_full_while_training_stops_with_one_line(tmp_path, tiny_cfg, monkeypatch):
     import errno
+
     import mtrain.train as train_module
     run = tmp_path / "run"
     fit(tiny_cfg(max_steps=2, save_every=2), run, log=lambda *_: None)
@@ -579,3 +585,58 @@ def test_validation_reads_unknown_characters_as_translate_does(tmp_path, spm_mod
     valid_bleu = [r["valid_bleu"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "valid_bleu" in r]
     out = list(translate_lines(src, model, toks, dataclasses.replace(cfg.decode, beam=1), pick_device("cpu", "fp32")))
     assert valid_bleu == [pytest.approx(bleu(out, tgt), abs=1e-6)]
+
+
+def test_the_last_validation_reaches_last_pt(tmp_path, tiny_cfg):
+    """The last step is a checkpoint step but not a validation step: the end-of-run validation's best
+    BLEU and patience count reach last.pt, which a resume that extends the run compares against."""
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=4, save_every=2, valid_every=3), run, log=lambda *_: None)
+    valid = [r for r in read_metrics(run / "metrics.jsonl") if "valid_bleu" in r]
+    assert [r["step"] for r in valid] == [3, 4]
+    state = checkpoint.load(run / "last.pt")["train_state"]
+    best_at = max(range(len(valid)), key=lambda i: (valid[i]["valid_bleu"], -i))  # the first of the best
+    assert state["best_bleu"] == valid[best_at]["valid_bleu"]
+    assert state["bad_valid"] == len(valid) - 1 - best_at
+    assert state["elapsed"] >= max(r["wall_s"] for r in valid) - 60  # not the time before the validation
+    assert state["kept"] == ["ckpt_2.pt", "ckpt_4.pt"]  # saved again under its own name, counted once
+
+
+def test_a_time_budget_decays_from_the_peak_before_its_first_estimate(tmp_path, tiny_cfg):
+    """Until a time budget's first estimate (update 25) the decay's end is unknown: the rate holds the
+    peak after warm-up, never 0; a plan shorter than the warm-up still decays to 0 at its end."""
+    peak = 3e-3
+    assert [lr_at(s, 0, peak, "linear", 0) for s in (1, 2, 24)] == [peak] * 3
+    assert lr_at(60, 100, peak, "linear", 60) == 0.0 and lr_at(30, 100, peak, "cosine", 60) == pytest.approx(peak)
+    assert 0 < lr_at(45, 100, peak, "linear", 60) < peak
+    run = tmp_path / "run"
+    budget = dict(max_steps=0, max_time="10m", warmup=0, schedule="linear")
+    fit(tiny_cfg(max_epochs=1, **budget), run, log=lambda *_: None)
+    last = checkpoint.load(run / "last.pt")
+    del last["train_state"]["plan"]  # a checkpoint from before the plan was saved
+    checkpoint.save(run / "last.pt", last)
+    fit(tiny_cfg(max_epochs=2, **budget), run, resume=True, log=lambda *_: None)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r}
+    assert max(lrs) > last["step"] and all(lr == pytest.approx(peak) for lr in lrs.values()), lrs
+
+
+def test_the_end_of_a_resumed_older_run_honours_trust_checkpoint(tmp_path, tiny_cfg):
+    """A run of an older checkpoint format (pickled numpy objects) resumes with --trust-checkpoint,
+    and the end of the run (best.pt, the averaged checkpoints) loads them with it too."""
+    import numpy as np
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=4, save_every=2, valid_every=2, keep_last=3, average_last=2), run, log=lambda *_: None)
+    for path in run.glob("*.pt"):
+        state = checkpoint.load(path)
+        if "rng" in state:
+            state["rng"][0]["numpy"][1] = state["rng"][0]["numpy"][1].numpy()  # as version 1 saved it
+        else:
+            state["old"] = np.zeros(2)
+        checkpoint.save(path, {**state, "version": 1})
+    more = tiny_cfg(max_steps=6, save_every=2, valid_every=2, keep_last=3, average_last=2)
+    with pytest.raises(MtrainError, match="pass --trust-checkpoint"):
+        fit(more, run, resume=True, log=lambda *_: None)
+    lines = []
+    final = fit(more, run, resume=True, trust=True, log=lines.append)
+    assert final.name == "final.pt" and checkpoint.load(run / "last.pt")["step"] == 6
+    assert any(line.startswith("final candidate average of 2: valid BLEU") for line in lines)

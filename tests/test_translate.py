@@ -4,13 +4,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLE_EN
 
 from mtrain import checkpoint
 from mtrain.config import DecodeConfig
 from mtrain.device import pick_device
 from mtrain.train import fit
 from mtrain.translate import Inspect, Sampling, decode_ids, length_batches, translate_lines
-from conftest import ROOT, SAMPLE_EN
 
 
 @pytest.fixture
@@ -210,9 +210,10 @@ def test_unk_stays_out_of_the_output_unless_allowed(trained, monkeypatch):
 
 def test_allow_unk_flag_reaches_the_decode_settings(monkeypatch):
     from typer.testing import CliRunner
+
     from mtrain import cli, translate
     seen = []
-    monkeypatch.setattr(translate, "run_translate", lambda ckpts, i, o, d, p, flags, *rest: seen.append(flags))
+    monkeypatch.setattr(translate, "run_translate", lambda decode_flags, **rest: seen.append(decode_flags))
     for extra in ([], ["--allow-unk"]):
         result = CliRunner().invoke(cli.app, ["translate", "-c", "x.pt", *extra])
         assert result.exit_code == 0, result.output
