@@ -336,7 +336,7 @@ def drop_removed(raw: Any, source: str, training: bool = True) -> Any:
             raise MtrainError(f"{source}: {section}.{key}: {value} is an option this version of mtrain removed "
                               f"(docs/sweeps/README.md#removed); "
                               + ("the model it describes cannot be built" if section == "model"
-                                 else f"leave it out, or use the mtrain version that trained with it"))
+                                 else "leave it out, or use the mtrain version that trained with it"))
     return raw
 
 

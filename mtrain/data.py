@@ -16,7 +16,6 @@ import torch
 
 from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import ReadStats, read_pairs
-from mtrain.errors import MtrainError
 from mtrain.files import make_folder
 from mtrain.tokenizer import Tokenizers
 

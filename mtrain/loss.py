@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def _smoothed_ce(z: torch.Tensor, target: torch.Tensor, eps: float, grad: bool):

@@ -262,8 +262,8 @@ class Transformer(nn.Module):
     def forward(self, src, src_pad_mask, tgt_in, select, project: bool = True) -> torch.Tensor:
         """Training pass: logits (N, vocab) at the N target positions where `select` (B, T) is True; or
         with project=False the decoder's output there (N, d_model), for `loss.output_loss`, which applies
-        the output layer itself chunk by chunk. Only real tokens reach the output layer: the (tokens x vocab) logits are the
-        largest tensor here."""
+        the output layer itself chunk by chunk. Only real tokens reach the output layer: the
+        (tokens x vocab) logits are the largest tensor here."""
         hidden = self.decode_hidden(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)[select]  # (N, d_model)
         return self.output(hidden) if project else hidden
 

@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtrain.config import config_from_dict
+from mtrain.config import TokenizerConfig, config_from_dict
 from mtrain.tokenizer import Tokenizer, Tokenizers, train_tokenizer
-from mtrain.config import TokenizerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_EN = ROOT / "data" / "sample" / "train.en"

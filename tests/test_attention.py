@@ -13,6 +13,7 @@ from mtrain.translate import Inspect
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, spm_model):
     from conftest import tiny_raw
+
     from mtrain.config import config_from_dict
     d = tmp_path_factory.mktemp("attn")
     raw = tiny_raw(d, spm_model, max_steps=10)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SAMPLE_DE, SAMPLE_EN, tiny_raw
 
 from mtrain import checkpoint, cli
-from conftest import SAMPLE_DE, SAMPLE_EN, tiny_raw
 
 
 @pytest.fixture(scope="module")

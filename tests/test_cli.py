@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-
 from conftest import ROOT, SAMPLE_DE, SAMPLE_EN
 
 
@@ -18,7 +17,7 @@ def mtrain(*args, input=None):
 
 def assert_one_line_error(result, *fragments):
     assert result.returncode != 0
-    lines = [l for l in result.stderr.splitlines() if l.strip() and "Warning" not in l]
+    lines = [x for x in result.stderr.splitlines() if x.strip() and "Warning" not in x]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     for f in fragments:

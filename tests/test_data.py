@@ -1,10 +1,8 @@
 import numpy as np
-import pytest
+from conftest import SAMPLE_DE, SAMPLE_EN
 
 from mtrain.config import DataConfig, DataSource
 from mtrain.data import Batches, collate, load_corpus, token_batches
-from mtrain.errors import MtrainError
-from conftest import SAMPLE_DE, SAMPLE_EN
 
 
 def test_token_batches_cover_everything_within_budget():

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import ROOT, tiny_raw
 
 from mtrain import checkpoint
-from conftest import ROOT, tiny_raw
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
 

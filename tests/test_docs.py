@@ -25,3 +25,82 @@ def test_links_point_at_the_code_they_name():
         text = (ROOT / path).read_text().splitlines()[int(line) - 1]
         symbol = name.split(".")[-1]
         assert re.search(rf"(def|class) {symbol}\b", text), f"{name} -> {path}#L{line}: {text.strip()!r}"
+
+
+def config_keys() -> dict:
+    """Every key of mtrain/config.py as `section.key`, with its default; data.train's corpus keys
+    once (data.valid takes the same)."""
+    import dataclasses
+
+    from mtrain.config import Config, DataSource
+    keys = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            default = getattr(getattr(Config(), section.name), f.name)
+            if isinstance(default, DataSource):
+                if f.name == "train":
+                    keys.update({f"data.train.{g.name}": getattr(default, g.name) for g in dataclasses.fields(DataSource)})
+                else:
+                    keys[f"{section.name}.{f.name}"] = None  # a corpus, no default
+            else:
+                keys[f"{section.name}.{f.name}"] = default
+    return keys
+
+
+def test_the_config_reference_lists_every_key_with_its_default():
+    import yaml
+    rows = re.findall(r"^\| `([\w.]+)` \| [^|]+ \| ([^|]+) \|", (ROOT / "docs" / "config.md").read_text(), re.M)
+    documented = {name: cell.strip() for name, cell in rows}
+    keys = config_keys()
+    assert sorted(documented) == sorted(keys), (set(documented) ^ set(keys))
+    assert len(rows) == len(documented)  # each key once
+    for name, default in keys.items():
+        cell = documented[name]
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            assert cell == str(default).lower(), name
+        elif isinstance(default, (int, float)):
+            assert float(cell) == default, name
+        elif isinstance(default, list):
+            assert yaml.safe_load(cell) == default, name
+        else:
+            assert cell == (default or '""'), name
+
+
+def test_the_readme_is_a_guide_without_history():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    # no "n-th try", private run folders or commit hashes where a user reads
+    history = re.compile(r"\b\w+(st|nd|rd|th) (try|tries)\b|runs/exp/|\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b")
+    for text in (readme, *[p.read_text() for p in (ROOT / "configs").glob("*.yaml")]):
+        assert not history.search(text), history.search(text)
+    for link in re.findall(r"\]\(((?!http)[^)#]+)", readme):  # links inside the repository resolve
+        assert (ROOT / link).exists(), link
+
+
+def test_docs_link_only_inside_the_repository():
+    for page in (ROOT / "docs").rglob("*.md"):
+        for link in re.findall(r"\]\(((?!https?:)[^)#]*)", page.read_text()):
+            if link:
+                assert (page.parent / link).resolve().is_relative_to(ROOT) and (page.parent / link).exists(), \
+                    f"{page.relative_to(ROOT)}: {link}"
+
+
+def anchors(page) -> set:
+    """The anchors a Markdown page offers: <a id> tags and GitHub's slugs of its headings."""
+    text = page.read_text()
+    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    return slugs | set(re.findall(r'<a id="([^"]+)"', text))
+
+
+def test_links_to_anchors_find_them():
+    pages = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    checked = 0
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(((?!https?:)[^)#]*\.md|)#([^)]+)\)", page.read_text()):
+            where = (page.parent / target) if target else page
+            assert anchor in anchors(where), f"{page.relative_to(ROOT)}: {target}#{anchor}"
+            checked += 1
+    assert checked >= 20

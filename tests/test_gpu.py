@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import ROOT, SAMPLE_EN, tiny_raw
 
 from mtrain import checkpoint
 from mtrain.config import DecodeConfig, config_from_dict
 from mtrain.device import pick_device
 from mtrain.train import fit, read_metrics
 from mtrain.translate import translate_lines
-from conftest import ROOT, SAMPLE_EN, tiny_raw
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

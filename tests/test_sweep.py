@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import ROOT, tiny_raw
+
 from mtrain import checkpoint
 
 

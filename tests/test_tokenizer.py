@@ -1,11 +1,11 @@
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE_DE, SAMPLE_EN, tiny_raw
 
 from mtrain.config import config_from_dict
 from mtrain.errors import MtrainError
 from mtrain.tokenizer import Tokenizer, get_tokenizers
-from conftest import SAMPLE_DE, SAMPLE_EN, tiny_raw
 
 
 def test_only_the_writing_process_trains(tmp_path, spm_model):
