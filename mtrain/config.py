@@ -334,9 +334,9 @@ def drop_removed(raw: Any, source: str, training: bool = True) -> Any:
         value = part.pop(key)
         if off is not None and value != off and (training or section == "model"):
             raise MtrainError(f"{source}: {section}.{key}: {value} is an option this version of mtrain removed "
-                              f"(docs/sweeps/README.md#removed); "
+                              "(docs/sweeps/README.md#removed); "
                               + ("the model it describes cannot be built" if section == "model"
-                                 else "leave it out, or use the mtrain version that trained with it"))
+                                 else "train without it (a model trained with it still translates)"))
     return raw
 
 

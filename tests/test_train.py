@@ -640,3 +640,26 @@ def test_the_end_of_a_resumed_older_run_honours_trust_checkpoint(tmp_path, tiny_
     final = fit(more, run, resume=True, trust=True, log=lines.append)
     assert final.name == "final.pt" and checkpoint.load(run / "last.pt")["step"] == 6
     assert any(line.startswith("final candidate average of 2: valid BLEU") for line in lines)
+
+
+def test_checkpoints_of_removed_options_are_refused_by_name(tmp_path, tiny_cfg):
+    """A run that trained with an option since removed: its resume is refused naming the option, and a
+    model whose shape the option changed (output_vocab seen) cannot be loaded; one trained with R-Drop
+    still translates."""
+    run = tmp_path / "run"
+    fit(tiny_cfg(max_steps=2), run, log=lambda *_: None)
+    state = checkpoint.load(run / "last.pt")
+    state["config"]["train"]["rdrop"] = 5.0
+    checkpoint.save(run / "last.pt", state)
+    with pytest.raises(MtrainError, match=r"last\.pt: train\.rdrop: 5\.0 is an option this version of mtrain removed"):
+        fit(tiny_cfg(max_steps=4), run, resume=True, log=lambda *_: None)
+    assert checkpoint.load_for_inference([run / "last.pt"])[0] is not None
+    state["config"]["model"]["output_vocab"] = "seen"
+    checkpoint.save(run / "seen.pt", state)
+    with pytest.raises(MtrainError, match=r"seen\.pt config: model\.output_vocab: seen is an option .* cannot be built"):
+        checkpoint.load_for_inference([run / "seen.pt"])
+    state["config"]["model"]["output_vocab"] = "all"  # what every checkpoint from before the removal holds
+    state["config"]["train"]["rdrop"] = 0.0
+    checkpoint.save(run / "last.pt", state)
+    fit(tiny_cfg(max_steps=4), run, resume=True, log=lambda *_: None)
+    assert checkpoint.load(run / "last.pt")["step"] == 4
