@@ -746,7 +746,8 @@ class Trainer:
             self.report.record(self.validate({}), self.clock.session())
             validated = True
         state.elapsed = self.clock.elapsed()
-        if validated or self.saved_at != state.step or not (self.run_dir / "last.pt").is_file():
+        unsaved = validated or self.saved_at != state.step or not (self.run_dir / "last.pt").is_file()
+        if self.world.max(unsaved):  # every process takes part in a save: they agree on rank 0's view too
             self.save_checkpoint()
         self.report.close()
         if not self.world.main:
