@@ -119,7 +119,7 @@ def fit(
         if resume and overwrite:  # one keeps the run, the other deletes it: neither can be guessed
             raise MtrainError("--resume continues the run and --overwrite deletes it: give one of them")
         cfg = load_config(config, set_)
-        if cfg.data.train.empty:  # before any work: the device, the run directory
+        if not cfg.data.train:  # before any work: the device, the run directory
             raise MtrainError(f"{config}: data.train: no training corpus given; write e.g. "
                               "data: {train: {src: train.en, tgt: train.de}}")
         fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust)

@@ -29,6 +29,9 @@ class DataSource:
     hf_data_files: list[str] = field(default_factory=list)  # local files for a loader
     src_key: str = "translation.en"  # dotted path to the source text in a record
     tgt_key: str = "translation.de"
+    name: str = ""  # how logs and metrics name it; "" = its files
+    weight: float = 1.0  # times its pairs are drawn per epoch (0.5: a different half each epoch)
+    tag: str = ""  # a token put before each source sentence (<2de>, <bt>); the tokenizer learns it whole
 
     def __post_init__(self):
         kinds = sum(bool(x) for x in (self.src or self.tgt, self.tsv, self.hf))
@@ -36,6 +39,14 @@ class DataSource:
             raise ValueError("give one of src/tgt, tsv or hf, not several")
         if bool(self.src) != bool(self.tgt):
             raise ValueError("src and tgt must be given together")
+        if not self.weight > 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+        if self.tag and (self.tag != self.tag.strip() or any(c.isspace() for c in self.tag)):
+            raise ValueError(f"tag must be one token without spaces, got {self.tag!r}")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.describe()
 
     @property
     def empty(self) -> bool:
@@ -51,7 +62,7 @@ class DataSource:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: DataSource = field(default_factory=DataSource)
+    train: list[DataSource] = field(default_factory=list)  # one corpus (a mapping) or several (a list)
     valid: DataSource = field(default_factory=DataSource)
     src_lang: str = "src"
     tgt_lang: str = "tgt"
@@ -67,6 +78,20 @@ class DataConfig:
             raise ValueError("max_len_ratio must be >= 1")
         if self.valid_max_sentences < 0:
             raise ValueError("valid_max_sentences must be >= 0 (0 = all)")
+        labels = [source.label for source in self.train]
+        for n, label in enumerate(labels):
+            if self.train[n].empty:
+                raise ValueError(f"train[{n}] gives no corpus (src/tgt, tsv or hf)")
+            if label in labels[:n]:
+                raise ValueError(f"train[{n}] is named {label!r} like train[{labels.index(label)}]; give each a "
+                                 f"distinct name")
+        if self.valid.weight != 1:
+            raise ValueError("valid.weight: only training corpora are weighted")
+
+    @property
+    def tags(self) -> list[str]:
+        """The tags of the training and validation corpora, each once, in order."""
+        return list(dict.fromkeys(s.tag for s in (*self.train, self.valid) if s.tag))
 
 
 @dataclass(frozen=True)
@@ -156,6 +181,7 @@ class TrainConfig:
     log_every: int = 50
     valid_beam: int = 1  # beam for validation BLEU (1 = greedy, fastest)
     max_nonfinite: int = 10  # consecutive non-finite losses before training stops
+    prefetch: int = 2  # updates collated ahead in a background thread (0 = in the loop)
     dist_timeout: int = 600  # seconds a process waits at a collective (torchrun) before the job fails
 
     def __post_init__(self):
@@ -171,7 +197,7 @@ class TrainConfig:
                      "keep_last", "valid_beam", "max_nonfinite", "dist_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("max_steps", "max_epochs", "warmup", "patience", "average_last", "threads", "seed"):
+        for name in ("max_steps", "max_epochs", "warmup", "patience", "average_last", "threads", "seed", "prefetch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.clip_norm < 0:
@@ -306,6 +332,11 @@ def _build(cls: type, mapping: Any, where: str):
             raise MtrainError(f"{key_where}: unknown key{hint}")
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, key_where)
+        elif typing.get_origin(hints[key]) is list and dataclasses.is_dataclass(typing.get_args(hints[key])[0]):
+            item = typing.get_args(hints[key])[0]  # one mapping, or a list of them
+            items = value if isinstance(value, list) else [value]
+            kwargs[key] = [_build(item, v, f"{key_where}[{n}]" if isinstance(value, list) else key_where)
+                           for n, v in enumerate(items)]
         else:
             kwargs[key] = _convert(value, hints[key], key_where)
     try:

@@ -6,7 +6,9 @@ import hashlib
 import itertools
 import json
 import os
+import queue
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +18,7 @@ import torch
 
 from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import ReadStats, read_pairs
+from mtrain.errors import MtrainError
 from mtrain.files import make_folder
 from mtrain.tokenizer import Tokenizers
 
@@ -74,7 +77,9 @@ def _source_fingerprint(source: DataSource) -> dict:
             stamp.append([str(path.resolve()), st.st_size, st.st_mtime_ns, content_sample(path)])
         else:
             stamp.append([str(path.resolve()), -1, -1, ""])
-    return {"source": json.dumps(source.__dict__, sort_keys=True), "files": stamp}
+    # name and weight do not change the encoding; an empty tag keeps the keys of caches from before tags
+    encoding = {k: v for k, v in source.__dict__.items() if k not in ("name", "weight") and (k != "tag" or v)}
+    return {"source": json.dumps(encoding, sort_keys=True), "files": stamp}
 
 
 def cache_key(source: DataSource, toks: Tokenizers, max_len: int, max_ratio: float, filtered: bool) -> str:
@@ -85,9 +90,22 @@ def cache_key(source: DataSource, toks: Tokenizers, max_len: int, max_ratio: flo
     return h.hexdigest()[:20]
 
 
+def tag_id(source: DataSource, toks: Tokenizers) -> int | None:
+    """The source piece of the corpus's tag, which the tokenizer must hold as one piece."""
+    if not source.tag:
+        return None
+    piece = toks.src.sp.piece_to_id(source.tag)
+    if piece == toks.src.unk or piece not in toks.src.sp.encode(source.tag):  # known, and kept whole
+        raise MtrainError(f"{source.label}: tag {source.tag} is not one piece of the source tokenizer; train the "
+                          f"tokenizer with the tags of data.train (fit does when it trains one) or add it to "
+                          f"tokenizer.user_defined_symbols")
+    return piece
+
+
 def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered: bool = True,
                 log=print) -> EncodedCorpus:
     """Encode a corpus once and cache it; later runs with the same data and tokenizer map the cache."""
+    tag_id(source, toks)  # checked before any encoding
     key = cache_key(source, toks, cfg.max_len, cfg.max_len_ratio, filtered)
     folder = Path(cfg.cache_dir) / key
     if not (folder / "report.json").is_file():
@@ -143,9 +161,12 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
     with open(tmp / "src.bin", "wb") as src_file, open(tmp / "tgt.bin", "wb") as tgt_file:
         files = {"src": src_file, "tgt": tgt_file}
         pairs = read_pairs(source, stats)
+        tag = tag_id(source, toks)
         while chunk := list(itertools.islice(pairs, CHUNK)):
             ids = {"src": toks.src.encode_batch([s for s, _ in chunk]),
                    "tgt": toks.tgt.encode_batch([t for _, t in chunk])}
+            if tag is not None:  # the tag's id, not its text: the same piece whatever the sentence
+                ids["src"] = [[tag, *x] for x in ids["src"]]
             n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(chunk)) for side in ids}
             keep = np.ones(len(chunk), dtype=bool)
             if filtered:
@@ -241,9 +262,76 @@ def collate(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], pad: int
     return Batch(src_arr, src_arr == pad, tgt_in, tgt_out, int((tgt_out != pad).sum()))
 
 
+def gather_rows(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray, pad: int, prefix: int | None = None,
+                suffix: int | None = None) -> np.ndarray:
+    """Pure: pad_batch of the sequences `idx` of (flat, offsets) in one gather, without a Python loop
+    over rows: the loader's cost per batch stays small next to a GPU step."""
+    starts = offsets[idx]
+    lens = offsets[idx + 1] - starts
+    shift = int(prefix is not None)
+    width = max(int(lens.max(initial=0)) + shift + int(suffix is not None), 1)
+    col = np.arange(width)[None, :]
+    body = (col >= shift) & (col < lens[:, None] + shift)
+    out = np.full((len(idx), width), pad, dtype=np.int64)
+    out[body] = flat[(starts[:, None] + col - shift)[body]]
+    if prefix is not None:
+        out[:, 0] = prefix
+    if suffix is not None:
+        out[np.arange(len(idx)), lens + shift] = suffix
+    return out
+
+
 def collate_corpus(corpus: EncodedCorpus, indices: np.ndarray, pad: int, bos: int, eos: int) -> Batch:
-    pairs = [corpus.pair(int(i)) for i in indices]
-    return collate([s for s, _ in pairs], [t for _, t in pairs], pad, bos, eos)
+    """collate() of the pairs `indices` of a corpus, gathered straight from its flat arrays."""
+    idx = np.asarray(indices, dtype=np.int64)
+    src = torch.from_numpy(gather_rows(corpus.src, corpus.src_offsets, idx, pad, suffix=eos))
+    tgt_in = torch.from_numpy(gather_rows(corpus.tgt, corpus.tgt_offsets, idx, pad, prefix=bos))
+    tgt_out = torch.from_numpy(gather_rows(corpus.tgt, corpus.tgt_offsets, idx, pad, suffix=eos))
+    return Batch(src, src == pad, tgt_in, tgt_out, int((tgt_out != pad).sum()))
+
+
+class Corpora:
+    """The training corpora as one: pair i of the whole is pair i - starts[c] of corpus c, in the order
+    data.train lists them. Each keeps its own weight: the times its pairs are drawn per epoch."""
+
+    def __init__(self, parts: Sequence[EncodedCorpus], weights: Sequence[float] = (), names: Sequence[str] = ()):
+        self.parts = list(parts)
+        self.weights = [float(w) for w in weights] or [1.0] * len(self.parts)
+        self.names = list(names) or [f"corpus {n}" for n in range(len(self.parts))]
+        self.starts = np.cumsum([0, *map(len, self.parts)])
+        # lengths with the EOS, in memory once: every epoch's batching and every batch's token count reads them
+        self.src_lengths = np.concatenate([c.src_lengths for c in self.parts]).astype(np.int64)
+        self.tgt_lengths = np.concatenate([c.tgt_lengths for c in self.parts]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def part_of(self, indices: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, indices, side="right") - 1
+
+    def draw(self, seed: int, epoch: int) -> np.ndarray | None:
+        """The pairs of an epoch: each corpus whole floor(weight) times, plus a sample without
+        replacement of the fraction left, drawn from (seed, epoch, corpus) so that a resumed run and
+        every process draw the same. None when every weight is 1: all pairs once, in order."""
+        if all(w == 1.0 for w in self.weights):
+            return None
+        drawn = []
+        for c, (part, weight) in enumerate(zip(self.parts, self.weights)):
+            whole, n = int(weight), len(part)
+            idx = [np.tile(np.arange(n), whole)]
+            extra = round((weight - whole) * n)
+            if extra:
+                idx.append(np.sort(np.random.default_rng([seed, epoch, c]).choice(n, size=extra, replace=False)))
+            drawn.append(self.starts[c] + np.concatenate(idx))
+        return np.concatenate(drawn).astype(np.int64)
+
+    def collate(self, indices: np.ndarray, pad: int, bos: int, eos: int) -> Batch:
+        parts = self.part_of(indices)
+        if len(self.parts) == 1 or (parts == parts[0]).all():
+            c = int(parts[0])
+            return collate_corpus(self.parts[c], indices - self.starts[c], pad, bos, eos)
+        pairs = [self.parts[c].pair(int(i - self.starts[c])) for i, c in zip(indices, parts)]
+        return collate([s for s, _ in pairs], [t for _, t in pairs], pad, bos, eos)
 
 
 @dataclass
@@ -251,31 +339,40 @@ class Share:
     """One batch's sentences, collated only when its process trains on it."""
 
     indices: np.ndarray
-    corpus: EncodedCorpus
+    corpora: Corpora
 
     @property
-    def n_tgt_tokens(self) -> int:  # target pieces + EOS, from the offsets: O(batch), not O(corpus)
-        offsets = self.corpus.tgt_offsets
-        return int((offsets[self.indices + 1] - offsets[self.indices]).sum()) + len(self.indices)
+    def n_tgt_tokens(self) -> int:  # target pieces + EOS: O(batch), not O(corpus)
+        return int(self.corpora.tgt_lengths[self.indices].sum())
 
     def collate(self, pad: int, bos: int, eos: int) -> Batch:
-        return collate_corpus(self.corpus, self.indices, pad, bos, eos)
+        return self.corpora.collate(self.indices, pad, bos, eos)
 
 
 class Batches:
-    """Endless, resumable stream of batches over epochs; state is (epoch, index)."""
+    """Endless, resumable stream of batches over epochs; state is (epoch, index). A corpus given alone is
+    one of Corpora with weight 1."""
 
-    def __init__(self, corpus: EncodedCorpus, max_tokens: int, seed: int):
-        self.corpus = corpus
+    def __init__(self, corpus: EncodedCorpus | Corpora, max_tokens: int, seed: int):
+        self.corpus = corpus if isinstance(corpus, Corpora) else Corpora([corpus])
         self.max_tokens, self.seed = max_tokens, seed
         self.epoch, self.index = 1, 0
         self._epoch_batches: list[np.ndarray] | None = None
         self._lengths_digest: str | None = None
+        self.epoch_pairs: dict[str, int] = {}  # pairs each corpus gave to the current epoch
 
     def epoch_batches(self) -> list[np.ndarray]:
         if self._epoch_batches is None:
-            self._epoch_batches = token_batches(self.corpus.src_lengths, self.corpus.tgt_lengths, self.max_tokens,
-                                                self.seed, self.epoch)
+            c = self.corpus
+            drawn = c.draw(self.seed, self.epoch)
+            if drawn is None:  # every pair once: the batches of the lengths as they are
+                self._epoch_batches = token_batches(c.src_lengths, c.tgt_lengths, self.max_tokens, self.seed, self.epoch)
+                counts = np.diff(c.starts)
+            else:
+                self._epoch_batches = [drawn[b] for b in token_batches(c.src_lengths[drawn], c.tgt_lengths[drawn],
+                                                                       self.max_tokens, self.seed, self.epoch)]
+                counts = np.bincount(c.part_of(drawn), minlength=len(c.parts))
+            self.epoch_pairs = dict(zip(c.names, map(int, counts)))
         return self._epoch_batches
 
     def next(self) -> Share:
@@ -300,7 +397,7 @@ class Batches:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "batch_tokens": self.max_tokens, "seed": self.seed,
-                "pairs": len(self.corpus), "lengths": self.lengths_digest()}
+                "pairs": len(self.corpus), "lengths": self.lengths_digest(), "weights": self.corpus.weights}
 
     def load_state_dict(self, state: dict) -> str | None:
         """Restore the position; returns what differs (and restores nothing) when the saved position
@@ -309,8 +406,94 @@ class Batches:
             return f"train.batch_tokens was {state['batch_tokens']}, now {self.max_tokens}"
         if state.get("seed", self.seed) != self.seed:
             return f"train.seed was {state['seed']}, now {self.seed}"
+        weights = state.get("weights", [1.0])  # absent before several corpora: one, weight 1
+        if len(weights) == len(self.corpus.weights) and weights != self.corpus.weights:
+            return f"the weights of data.train were {weights}, now {self.corpus.weights}"
         if state.get("lengths", self.lengths_digest()) != self.lengths_digest():
             return (f"the training data or tokenizer changed ({state['pairs']} pairs encoded then, "
                     f"{len(self.corpus)} now)")
         self.epoch, self.index, self._epoch_batches = int(state["epoch"]), int(state["index"]), None
         return None
+
+
+@dataclass
+class Update:
+    """The batches of one optimizer update: this process's share collated (and on its device), the
+    target tokens of the whole update over every process, and where the stream stood after it."""
+
+    batches: list[Batch]
+    n_tokens: int
+    position: dict  # Batches.state_dict() after this update: what a checkpoint saved now resumes from
+    epoch: int
+    epochs_done: int
+    epoch_pairs: dict[str, int]
+
+
+class UpdateStream:
+    """Updates in the global batch order. Every process draws the same `per_update` batches and keeps
+    `mine` of them, so N processes with update_freq U see the batches of one with update_freq N x U.
+    With `ahead` > 0 a background thread collates the next updates' batches into a bounded queue while
+    the model trains, so the loop does not wait for them; the order and the batches are the same."""
+
+    def __init__(self, batches: Batches, per_update: int, mine: slice, specials: tuple[int, int, int],
+                 device: torch.device, ahead: int = 0):
+        self.batches, self.per_update, self.mine, self.specials = batches, per_update, mine, specials
+        self.device, self.ahead = device, ahead
+        self.current: Update | None = None  # the update the loop took last
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _make(self) -> Update:
+        shares = [self.batches.next() for _ in range(self.per_update)]
+        mine = [share.collate(*self.specials).to(self.device) for share in shares[self.mine]]
+        b = self.batches
+        return Update(mine, sum(share.n_tgt_tokens for share in shares), b.state_dict(), b.epoch, b.epochs_done,
+                      dict(b.epoch_pairs))
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._make()
+            except BaseException as e:  # handed to the loop, which raises it where it waits
+                item = e
+            while not self._stop.is_set():  # a full queue waits for the loop, or for close()
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next(self) -> Update:
+        if not self.ahead:
+            self.current = self._make()
+            return self.current
+        if self._thread is None:  # started at the first update: a resume has set the position by then
+            self._queue = queue.Queue(maxsize=self.ahead)
+            self._thread = threading.Thread(target=self._work, name="mtrain-batches", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self.current = item
+        return item
+
+    # Where the loop stands: after the update it took last, not after those collated ahead.
+    def state_dict(self) -> dict:
+        return self.current.position if self.current else self.batches.state_dict()
+
+    @property
+    def epoch(self) -> int:
+        return self.current.epoch if self.current else self.batches.epoch
+
+    @property
+    def epochs_done(self) -> int:
+        return self.current.epochs_done if self.current else self.batches.epochs_done
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

@@ -139,15 +139,15 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
     """`mtrain tokenize`: settings from flags (None = default) or a config; yields report lines."""
     from mtrain.config import load_config
 
-    tc, inputs = TokenizerConfig(), list(inputs)
+    tc, inputs, sources = TokenizerConfig(), list(inputs), []
     if overrides and config is None:  # nothing to override: they would be ignored
         raise MtrainError(f"--set {overrides[0]}: --set overrides keys of a --config; without one, use the "
                           f"flags (--vocab-size, --model-type, ...)")
     if config is not None:
         cfg = load_config(config, overrides)
-        tc = cfg.tokenizer
-        if not inputs and cfg.data.train.src:
-            inputs = [Path(cfg.data.train.src), Path(cfg.data.train.tgt)]
+        tc = with_tags(cfg.tokenizer, cfg.data.tags)
+        if not inputs:
+            sources = cfg.data.train  # any kind, one or several: as plain text below
         if output is None and tc.model:
             output = Path(tc.model).with_suffix("")
         per_language = per_language or not tc.joint
@@ -155,13 +155,23 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
         tc = dataclasses.replace(tc, **{k: v for k, v in settings.items() if v is not None})
     except ValueError as e:
         raise MtrainError(f"tokenize: {e}") from None
-    if not inputs:
-        raise MtrainError("--input: give at least one text file (or --config with data.train.src/tgt)")
+    if not inputs and not sources:
+        raise MtrainError("--input: give at least one text file (or --config with data.train)")
     if output is None:
         raise MtrainError("--output: give the output prefix, e.g. --output data/spm8k")
     output = Path(output)
     if output.suffix == ".model":  # `-o spm.model` means the file spm.model, not spm.model.model
         output = output.with_suffix("")
+    if sources:
+        make_folder(output.parent, "tokenizer model")
+        with _plain_text(sources, output.parent) as sides:
+            yield from _train_groups(list(sides), output, tc, per_language)
+    else:
+        yield from _train_groups(inputs, output, tc, per_language)
+
+
+def _train_groups(inputs: list[Path], output: Path, tc: TokenizerConfig, per_language: bool) -> Iterator[str]:
+    """One model of all inputs, or one per input (--per-language); report lines."""
     groups = [([p], Path(f"{output}.{_language(p)}")) for p in inputs] if per_language else [(inputs, output)]
     prefixes = [prefix for _, prefix in groups]
     for n, (files, prefix) in enumerate(groups):
@@ -181,24 +191,32 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
 
 
 @contextlib.contextmanager
-def _plain_text(source: DataSource, beside: Path) -> Iterator[tuple[Path, Path]]:
-    """Both sides as plain files, for SentencePiece: a file pair as it is; TSV or a dataset copied into
-    a hidden folder in `beside` (not /tmp, which may be too small for a large corpus), removed after.
-    Its name matches what `--overwrite` may clean, should a crash leave it behind."""
-    if source.src:
-        yield Path(source.src), Path(source.tgt)
+def _plain_text(sources: Sequence[DataSource], beside: Path) -> Iterator[tuple[Path, Path]]:
+    """Both sides of the corpora as plain files, for SentencePiece: one file pair as it is; TSV, datasets
+    or several corpora copied into a hidden folder in `beside` (not /tmp, which may be too small for a
+    large corpus), removed after. Its name matches what `--overwrite` may clean, should a crash leave
+    it behind."""
+    if len(sources) == 1 and sources[0].src:
+        yield Path(sources[0].src), Path(sources[0].tgt)
         return
     folder = beside / f".train-text.tmp{os.getpid()}"
     make_folder(folder, "tokenizer model")
     try:
         paths = folder / "train.src.txt", folder / "train.tgt.txt"
         with open(paths[0], "w", encoding="utf-8") as fs, open(paths[1], "w", encoding="utf-8") as ft:
-            for s, t in read_pairs(source):
-                fs.write(s + "\n")
-                ft.write(t + "\n")
+            for source in sources:
+                for s, t in read_pairs(source):
+                    fs.write(s + "\n")
+                    ft.write(t + "\n")
         yield paths
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def with_tags(tc: TokenizerConfig, tags: Sequence[str]) -> TokenizerConfig:
+    """The tokenizer settings with the corpora's tags among its user-defined symbols, so that each
+    tag is one piece."""
+    return dataclasses.replace(tc, user_defined_symbols=list(dict.fromkeys([*tc.user_defined_symbols, *tags])))
 
 
 def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) -> Tokenizers:
@@ -209,11 +227,12 @@ def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) ->
     main = Path(tc.model) if tc.model else run_dir / "spm.model"
     tgt_path = main if tc.joint else (Path(tc.tgt_model) if tc.tgt_model else main.with_name(main.stem + ".tgt.model"))
     if write and (not main.is_file() or not tgt_path.is_file()):
-        source = cfg.data.train
-        if source.empty:
+        if not cfg.data.train:
             raise MtrainError("data.train: no training corpus given")
-        log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on {source.describe()}")
-        with _plain_text(source, main.parent) as sides:
+        tc = with_tags(tc, cfg.data.tags)
+        log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on "
+            f"{', '.join(s.label for s in cfg.data.train)}")
+        with _plain_text(cfg.data.train, main.parent) as sides:
             if tc.joint:
                 train_tokenizer(sides, tc, main.with_suffix(""))
             else:

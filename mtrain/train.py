@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mtrain import checkpoint
 from mtrain.config import Config, config_to_dict, drop_removed, dump_config
 from mtrain.corpus import check_line_counts, read_pairs
-from mtrain.data import Batches, EncodedCorpus, collate_corpus, load_corpus, token_batches
+from mtrain.data import Batches, Corpora, EncodedCorpus, UpdateStream, collate_corpus, load_corpus, token_batches
 from mtrain.device import Device, World, init_world, pick_device, rng_state, seed_everything, set_rng_state
 from mtrain.errors import MtrainError
 from mtrain.files import check_folder, first_names, link_or_copy, make_folder
@@ -487,7 +487,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: W
     if ckpt is not None:
         restore(ckpt, run_dir / "last.pt", trainer, cfg.train.seed)
         ckpt = None  # let the mapped file go: the model and optimizer hold their own copies now
-    reason = trainer.run()
+    try:
+        reason = trainer.run()
+    finally:
+        trainer.stream.close()
     return trainer.end(reason, trust=trust)
 
 
@@ -524,7 +527,7 @@ class Data:
 def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report) -> Data:
     """Tokenizer and corpora (trained and encoded once, then cached); then the run directory fills."""
     if world.main:  # mismatched or missing files are named before anything slow (SentencePiece) runs
-        for source in (cfg.data.train, cfg.data.valid):
+        for source in (*cfg.data.train, cfg.data.valid):
             if source.src:
                 check_line_counts(Path(source.src), Path(source.tgt))
     toks = get_tokenizers(cfg, run_dir, report.line, write=world.main)
@@ -533,9 +536,10 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
         where = cfg.tokenizer.model or run_dir / "spm.model"
         raise MtrainError(f"{where}: not the SentencePiece model this run trained with (in {run_dir / 'last.pt'}); "
                           f"cannot resume")
-    train_data = load_corpus(cfg.data.train, toks, cfg.data, filtered=True, log=report.line)
+    parts = [load_corpus(source, toks, cfg.data, filtered=True, log=report.line) for source in cfg.data.train]
+    train_data = Corpora(parts, [s.weight for s in cfg.data.train], [s.label for s in cfg.data.train])
     if len(train_data) == 0:
-        raise MtrainError(f"{cfg.data.train.describe()}: no training pairs left after filtering")
+        raise MtrainError(f"{', '.join(s.label for s in cfg.data.train)}: no training pairs left after filtering")
     valid = None if cfg.data.valid.empty else load_valid(cfg, toks, report)
     if world.main:  # only now, with the data read, does the run directory fill
         make_folder(run_dir, "run directory")
@@ -571,6 +575,10 @@ class Trainer:
         tc, toks = cfg.train, data.toks
         self.cfg, self.run_dir, self.world, self.dev, self.report = cfg, run_dir, world, dev, report
         self.toks, self.batches, self.valid, self.valid_refs = toks, data.batches, data.valid, data.valid_refs
+        per_process = tc.update_freq
+        self.stream = UpdateStream(data.batches, per_process * world.size,
+                                   slice(world.rank * per_process, (world.rank + 1) * per_process),
+                                   (toks.tgt.pad, toks.tgt.bos, toks.tgt.eos), dev.device, ahead=tc.prefetch)
         self.model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
         report.line(f"model: {self.model.num_parameters():,} parameters")
         # fused: one kernel over all parameters, on CPUs too (torch >= 2.4), instead of a Python loop over
@@ -585,6 +593,7 @@ class Trainer:
         clock.resume_from(0.0)  # training time starts now, once the data is ready
         self.saved_at = -1  # the step of the last checkpoint this session wrote
         self.nonfinite = 0  # non-finite updates in a row
+        self.noted_epoch = 0  # the last epoch whose pairs per corpus were reported
 
     def run(self) -> Stop:
         """The loop: one iteration is one optimizer update over update_freq x processes batches."""
@@ -619,7 +628,7 @@ class Trainer:
     def stop_reason(self, interrupted: bool) -> Stop | None:
         tc, state = self.cfg.train, self.state
         seen = [bool(tc.max_steps) and state.step >= tc.max_steps,
-                bool(tc.max_epochs) and self.batches.epochs_done >= tc.max_epochs,
+                bool(tc.max_epochs) and self.stream.epochs_done >= tc.max_epochs,
                 self.clock.elapsed() >= tc.max_seconds,
                 bool(tc.patience) and state.bad_valid >= tc.patience,
                 interrupted]
@@ -643,18 +652,15 @@ class Trainer:
         """One optimizer update. Returns the gradient norm before clipping (not finite: nothing was
         applied), the target tokens of the whole update, and this process's summed loss."""
         tc, world, dev, toks = self.cfg.train, self.world, self.dev, self.toks
-        # Every process draws the same global batches and keeps its own share, so N processes
-        # with update_freq U see exactly the batches of one process with update_freq N x U.
-        shares = [self.batches.next() for _ in range(tc.update_freq * world.size)]
-        n_tokens = sum(share.n_tgt_tokens for share in shares)  # all target tokens of the update
-        mine = shares[world.rank * tc.update_freq:(world.rank + 1) * tc.update_freq]
+        update = self.stream.next()  # this process's share of the update's batches, collated ahead
+        self.note_epoch(update)
+        n_tokens = update.n_tokens  # all target tokens of the update, every process's share
         for group in self.opt.param_groups:
             group["lr"] = lr
         loss = torch.zeros((), device=dev.device)
-        for j, share in enumerate(mine):
-            batch = share.collate(toks.tgt.pad, toks.tgt.bos, toks.tgt.eos).to(dev.device)
+        for j, batch in enumerate(update.batches):
             # Gradients are all-reduced once per update, on its last batch.
-            sync = world.size == 1 or j == len(mine) - 1
+            sync = world.size == 1 or j == len(update.batches) - 1
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
                 with dev.autocast():
                     summed = batch_loss(self.train_model, batch, tc.label_smoothing, toks.tgt.pad)
@@ -662,6 +668,16 @@ class Trainer:
                 dev.scaler.scale(summed * (world.size / n_tokens)).backward()
             loss += summed.detach()
         return optimizer_update(self.opt, self.model.parameters(), dev.scaler, tc.clip_norm), n_tokens, loss
+
+    def note_epoch(self, update) -> None:
+        """With several corpora or weights, the pairs each gave to an epoch, once per epoch."""
+        corpora, epoch = self.batches.corpus, update.epoch
+        if epoch == self.noted_epoch or (len(corpora.parts) == 1 and corpora.weights == [1.0]):
+            return
+        self.noted_epoch = epoch
+        pairs = update.epoch_pairs
+        self.report.line(f"epoch {epoch}: " + ", ".join(f"{name} {n:,} pairs" for name, n in pairs.items()))
+        self.report.record({"step": self.state.step, "epoch": epoch, "epoch_pairs": pairs}, self.clock.session())
 
     def skip_update(self) -> None:
         self.nonfinite += 1
@@ -676,14 +692,14 @@ class Trainer:
         now = self.clock.elapsed()
         loss = self.world.sum(iv.loss) / iv.tokens  # the only host sync of the loss: once per log interval
         record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": iv.tokens / max(now - iv.start, 1e-9),
-                  "epoch": self.batches.epoch, "grad_norm": sum(iv.norms) / len(iv.norms),
+                  "epoch": self.stream.epoch, "grad_norm": sum(iv.norms) / len(iv.norms),
                   "clipped": sum(n > tc.clip_norm for n in iv.norms) / len(iv.norms) if tc.clip_norm else 0.0}
         if self.report.on_terminal:
             self.report.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                         gnorm=f"{record['grad_norm']:.2f}")
         else:  # a log file instead of a terminal: how far, in the line
             self.report.line(f"step {step}: loss {loss:.3f}, lr {lr:.2e}, {record['tokens_per_s']:.0f} tok/s, "
-                             f"grad norm {record['grad_norm']:.2f}, epoch {self.batches.epoch}, "
+                             f"grad norm {record['grad_norm']:.2f}, epoch {self.stream.epoch}, "
                              f"{progress(now, tc.max_seconds)}")
         self.interval = Interval(self.dev.device, now)
         return record
@@ -713,7 +729,7 @@ class Trainer:
                if self.ema is not None and int(self.ema.n_averaged) else None)
         checkpoint.save(path, {"config": config_to_dict(self.cfg), "model": self.model.state_dict(),
                                "optimizer": self.opt.state_dict(), "scaler": self.dev.scaler.state_dict(),
-                               "data": self.batches.state_dict(), "train_state": self.state.state_dict(),
+                               "data": self.stream.state_dict(), "train_state": self.state.state_dict(),
                                "rng": rngs, "tokenizer_src": self.toks.src.proto,
                                "tokenizer_tgt": self.toks.tgt.proto, "step": self.state.step, "ema": ema})
         return path

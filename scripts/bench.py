@@ -104,7 +104,7 @@ def part_train(args) -> dict:
     import torch
 
     from mtrain.config import load_config
-    from mtrain.data import Batches, load_corpus
+    from mtrain.data import Batches, Corpora, load_corpus
     from mtrain.device import pick_device
     from mtrain.model import Transformer
     from mtrain.tokenizer import BOS, EOS, PAD
@@ -116,7 +116,9 @@ def part_train(args) -> dict:
         corpus, vocab = SyntheticCorpus(args.synthetic_vocab), args.synthetic_vocab
     else:
         toks = config_tokenizers(cfg)
-        corpus, vocab = load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None), toks.tgt.vocab_size
+        parts = [load_corpus(source, toks, cfg.data, log=lambda *_: None) for source in cfg.data.train]
+        corpus = Corpora(parts, [s.weight for s in cfg.data.train], [s.label for s in cfg.data.train])
+        vocab = toks.tgt.vocab_size
     stream = Batches(corpus, cfg.train.batch_tokens, cfg.train.seed)
     torch.manual_seed(0)
     model = Transformer(cfg.model, vocab, vocab, PAD).to(dev.device)

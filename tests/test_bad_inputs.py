@@ -31,8 +31,11 @@ def world(tmp_path_factory, spm_model):
     other = tiny_raw(d, spm_model, max_steps=2, save_every=2)
     other["model"]["d_model"] = 16
     fit(config_from_dict(other), d / "other", log=lambda *_: None)
+    second_missing = tiny_raw(d, spm_model, max_steps=2)
+    second_missing["data"]["train"] = [second_missing["data"]["train"], {"src": str(d / "gone.en"), "tgt": str(SAMPLE_DE)}]
     files = {
         "good.yaml": yaml.safe_dump(tiny_raw(d, spm_model, max_steps=2)),
+        "second_missing.yaml": yaml.safe_dump(second_missing),
         "empty.txt": "",
         "blank.txt": "\n \n\n",
         "short.de": "".join(SAMPLE_DE.read_text().splitlines(True)[:5]),
@@ -141,6 +144,7 @@ CASES = [
      "twice, first on line 1)"),
     ("fit-yaml-list", "fit {d}/list.yaml -o {out}", b"", "list.yaml"),
     ("fit-no-data", "fit {d}/nodata.yaml -o {out}", b"", "nodata.yaml: data.train: no training corpus given"),
+    ("fit-second-corpus-missing", "fit {d}/second_missing.yaml -o {out}", b"", "gone.en"),
     ("fit-unknown-key", "fit {d}/typo.yaml -o {out}", b"", "modle"),
     ("fit-wrong-type", "fit {d}/type.yaml -o {out}", b"", "d_model"),
     ("fit-heads", "fit {d}/heads.yaml -o {out}", b"", "divisible by heads"),

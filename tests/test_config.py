@@ -20,7 +20,7 @@ def test_defaults_and_types(tmp_path):
 def test_overrides_with_dotted_keys(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  lr: 1.0e-3\n"),
                       ["train.lr=5e-4", "model.encoder_layers=3", "data.train.src=a.txt", "data.train.tgt=b.txt"])
-    assert cfg.train.lr == 5e-4 and cfg.model.encoder_layers == 3 and cfg.data.train.src == "a.txt"
+    assert cfg.train.lr == 5e-4 and cfg.model.encoder_layers == 3 and cfg.data.train[0].src == "a.txt"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -44,6 +44,12 @@ def test_overrides_with_dotted_keys(tmp_path):
     ("train:\n  clip_norm: -1\n", "cfg.yaml: train: clip_norm must be >= 0"),
     ("train:\n  seed: -1\n", "cfg.yaml: train: seed must be >= 0"),  # numpy refused it with a traceback
     ("data:\n  valid_max_sentences: -1\n", "cfg.yaml: data: valid_max_sentences must be >= 0"),
+    ("data:\n  train: [{src: a, tgt: b}, {src: c, tgt: d, weight: 0}]\n", "cfg.yaml: data.train[1]: weight must be > 0"),
+    ("data:\n  train: {src: a, tgt: b, tag: '<2 de>'}\n", "cfg.yaml: data.train: tag must be one token without spaces"),
+    ("data:\n  train: [{src: a, tgt: b, name: x}, {tsv: c, name: x}]\n", "train[1] is named 'x' like train[0]"),
+    ("data:\n  train: [{src: a, tgt: b}, {}]\n", "cfg.yaml: data: train[1] gives no corpus"),
+    ("data:\n  train: [{src: a, tgt: b, wieght: 2}]\n", "cfg.yaml: data.train[0].wieght: unknown key (did you mean 'weight'?)"),
+    ("data:\n  valid: {src: a, tgt: b, weight: 2}\n", "valid.weight: only training corpora are weighted"),
     # options the sweeps did not adopt, since removed: on, they are refused by name
     ("model:\n  output_vocab: seen\n", "cfg.yaml: model.output_vocab: seen is an option this version of mtrain removed"),
     ("train:\n  rdrop: 5.0\n", "cfg.yaml: train.rdrop: 5.0 is an option this version of mtrain removed"),

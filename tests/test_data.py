@@ -2,7 +2,7 @@ import numpy as np
 from conftest import SAMPLE_DE, SAMPLE_EN
 
 from mtrain.config import DataConfig, DataSource
-from mtrain.data import Batches, collate, load_corpus, token_batches
+from mtrain.data import Batches, Corpora, collate, collate_corpus, from_ids, load_corpus, token_batches
 
 
 def test_token_batches_cover_everything_within_budget():
@@ -97,3 +97,142 @@ def test_a_changed_batch_order_is_not_resumed(tmp_path, toks):
     assert "training data or tokenizer changed" in Batches(smaller, 60, seed=7).load_state_dict(state)
     same = Batches(corpus, 60, seed=7)
     assert same.load_state_dict(state) is None and same.state_dict() == state
+
+
+def test_gathered_batches_equal_row_by_row_collation():
+    rng = np.random.default_rng(5)
+    src = [rng.integers(4, 90, rng.integers(0, 12)).tolist() for _ in range(60)]  # empty sequences too
+    tgt = [rng.integers(4, 90, rng.integers(0, 12)).tolist() for _ in range(60)]
+    corpus = from_ids(src, tgt)
+    for indices in (np.array([3]), rng.permutation(60)[:17], np.arange(60)):
+        a = collate_corpus(corpus, indices, 0, 2, 3)
+        b = collate([src[i] for i in indices], [tgt[i] for i in indices], 0, 2, 3)
+        for name in ("src", "src_pad_mask", "tgt_in", "tgt_out"):
+            assert getattr(a, name).equal(getattr(b, name)), name
+        assert a.n_tgt_tokens == b.n_tgt_tokens
+
+
+def small_corpora(sizes, weights, seed=0):
+    rng = np.random.default_rng(seed)
+    parts = [from_ids([rng.integers(4, 50, rng.integers(1, 9)).tolist() for _ in range(n)],
+                      [rng.integers(4, 50, rng.integers(1, 9)).tolist() for _ in range(n)]) for n in sizes]
+    return Corpora(parts, weights, [f"c{i}" for i in range(len(sizes))])
+
+
+def test_one_corpus_keeps_the_batch_order_it_had_alone(tmp_path, toks):
+    corpus = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks,
+                         DataConfig(cache_dir=str(tmp_path / "cache")), log=lambda *_: None)
+    stream = Batches(corpus, 60, seed=7)
+    for epoch in (1, 2):
+        expected = token_batches(corpus.src_lengths, corpus.tgt_lengths, 60, 7, epoch)
+        got = [stream.next().indices for _ in expected]
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected)), epoch
+    assert stream.epoch_pairs == {"corpus 0": len(corpus)}
+
+
+def test_weights_draw_each_corpus_their_share_per_epoch():
+    corpora = small_corpora([40, 30, 20], [2.0, 1.0, 0.5])
+    stream = Batches(corpora, 60, seed=3)
+    seen = {}
+    for _ in range(3):
+        first = stream.next()  # the first batch of the next epoch
+        epoch = stream.epoch
+        ids = np.concatenate([first.indices, *[stream.next().indices for _ in range(len(stream.epoch_batches()) - 1)]])
+        counts = np.bincount(corpora.part_of(ids), minlength=3)
+        assert counts.tolist() == [80, 30, 10] and stream.epoch_pairs == {"c0": 80, "c1": 30, "c2": 10}
+        assert (np.bincount(ids[corpora.part_of(ids) == 0] - 0, minlength=40) == 2).all()  # each pair twice
+        seen[epoch] = sorted(ids[corpora.part_of(ids) == 2].tolist())
+        assert len(set(seen[epoch])) == 10  # a sample without repeats
+    assert seen[1] != seen[2] or seen[2] != seen[3]  # another half each epoch
+    again = Batches(small_corpora([40, 30, 20], [2.0, 1.0, 0.5]), 60, seed=3)
+    for _ in range(7):
+        again.next()
+    state = again.state_dict()
+    rest = [again.next().indices for _ in range(20)]
+    resumed = Batches(small_corpora([40, 30, 20], [2.0, 1.0, 0.5]), 60, seed=3)
+    assert resumed.load_state_dict(state) is None
+    assert all(np.array_equal(a, resumed.next().indices) for a in rest)  # exact, across epochs
+    other = Batches(small_corpora([40, 30, 20], [1.0, 1.0, 0.5]), 60, seed=3)
+    assert "weights of data.train were [2.0, 1.0, 0.5], now [1.0, 1.0, 0.5]" in other.load_state_dict(state)
+
+
+def test_a_batch_across_corpora_collates_each_pair_from_its_own():
+    corpora = small_corpora([5, 4], [1.0, 1.0])
+    indices = np.array([7, 1, 4, 5])
+    pairs = [corpora.parts[0].pair(1), corpora.parts[0].pair(4), corpora.parts[1].pair(0), corpora.parts[1].pair(2)]
+    order = [pairs[3], pairs[0], pairs[1], pairs[2]]
+    batch = corpora.collate(indices, 0, 2, 3)
+    expected = collate([s.tolist() for s, _ in order], [t.tolist() for _, t in order], 0, 2, 3)
+    assert batch.src.equal(expected.src) and batch.tgt_out.equal(expected.tgt_out)
+
+
+def test_a_tag_is_the_first_source_piece(tmp_path, spm_model):
+    from mtrain.config import TokenizerConfig
+    from mtrain.errors import MtrainError
+    from mtrain.tokenizer import Tokenizer, Tokenizers, train_tokenizer
+    path = train_tokenizer([SAMPLE_EN, SAMPLE_DE], TokenizerConfig(vocab_size=100, user_defined_symbols=["<2de>"]),
+                           tmp_path / "tagged")
+    tok = Tokenizer.load(path)
+    tagged = Tokenizers(tok, tok)
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    plain = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), tagged, cfg, log=lambda *_: None)
+    tag = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE), tag="<2de>"), tagged, cfg,
+                      log=lambda *_: None)
+    piece = tok.sp.piece_to_id("<2de>")
+    for i in range(len(plain)):
+        assert tag.pair(i)[0].tolist() == [piece, *plain.pair(i)[0].tolist()]
+        assert tag.pair(i)[1].tolist() == plain.pair(i)[1].tolist()
+    untagged = Tokenizer.load(spm_model)
+    try:
+        load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE), tag="<2fr>"), Tokenizers(untagged, untagged),
+                    cfg, log=lambda *_: None)
+        raise AssertionError("a tag the tokenizer lacks was accepted")
+    except MtrainError as e:
+        assert "tag <2fr> is not one piece of the source tokenizer" in str(e)
+
+
+def test_updates_collated_ahead_are_those_of_the_loop():
+    """The background thread changes when batches are collated, not which: the same updates, and the
+    stream's position is the loop's (after the update it took), not the thread's."""
+    import torch
+
+    from mtrain.data import UpdateStream
+    streams = [UpdateStream(Batches(small_corpora([40, 30], [1.5, 1.0]), 60, seed=4), 3, slice(1, 3), (0, 2, 3),
+                            torch.device("cpu"), ahead=ahead) for ahead in (0, 2)]
+    try:
+        for _ in range(25):  # several epochs
+            a, b = (s.next() for s in streams)
+            assert (a.n_tokens, a.position, a.epoch, a.epoch_pairs) == (b.n_tokens, b.position, b.epoch, b.epoch_pairs)
+            assert len(a.batches) == len(b.batches) == 2
+            assert all(x.src.equal(y.src) and x.tgt_out.equal(y.tgt_out) for x, y in zip(a.batches, b.batches))
+            assert streams[1].state_dict() == streams[0].state_dict() == a.position
+            assert streams[1].epochs_done == streams[0].epochs_done
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_an_error_while_collating_ahead_reaches_the_loop():
+    import pytest
+    import torch
+
+    from mtrain.data import UpdateStream
+    from mtrain.errors import MtrainError
+    batches = Batches(small_corpora([10], [1.0]), 60, seed=4)
+    calls = {"n": 0}
+    real = batches.next
+
+    def failing():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MtrainError("corpus.en: line 3: invalid UTF-8")
+        return real()
+
+    batches.next = failing
+    stream = UpdateStream(batches, 1, slice(0, 1), (0, 2, 3), torch.device("cpu"), ahead=2)
+    try:
+        stream.next(), stream.next()
+        with pytest.raises(MtrainError, match="line 3: invalid UTF-8"):
+            stream.next()
+    finally:
+        stream.close()

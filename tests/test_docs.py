@@ -37,11 +37,10 @@ def config_keys() -> dict:
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(getattr(Config(), section.name)):
             default = getattr(getattr(Config(), section.name), f.name)
-            if isinstance(default, DataSource):
-                if f.name == "train":
-                    keys.update({f"data.train.{g.name}": getattr(default, g.name) for g in dataclasses.fields(DataSource)})
-                else:
-                    keys[f"{section.name}.{f.name}"] = None  # a corpus, no default
+            if f.name == "train" and section.name == "data":  # a list of corpora: the keys of each
+                keys.update({f"data.train.{g.name}": getattr(DataSource(), g.name) for g in dataclasses.fields(DataSource)})
+            elif isinstance(default, DataSource):
+                keys[f"{section.name}.{f.name}"] = None  # a corpus, no default
             else:
                 keys[f"{section.name}.{f.name}"] = default
     return keys

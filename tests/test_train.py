@@ -663,3 +663,44 @@ def test_checkpoints_of_removed_options_are_refused_by_name(tmp_path, tiny_cfg):
     checkpoint.save(run / "last.pt", state)
     fit(tiny_cfg(max_steps=4), run, resume=True, log=lambda *_: None)
     assert checkpoint.load(run / "last.pt")["step"] == 4
+
+
+def test_two_weighted_tagged_corpora_train_resume_exactly_and_report_their_pairs(tmp_path, spm_model):
+    """data.train as a list: the tokenizer fit trains learns each tag as one piece, each epoch draws
+    the corpora by weight, metrics.jsonl says what each gave, and a resume continues exactly."""
+    from mtrain.config import config_from_dict
+    from mtrain.tokenizer import Tokenizer
+    lines_en, lines_de = SAMPLE_EN.read_text().splitlines(), SAMPLE_DE.read_text().splitlines()
+    (tmp_path / "half.en").write_text("\n".join(lines_en[:10]) + "\n")
+    (tmp_path / "half.de").write_text("\n".join(lines_de[:10]) + "\n")
+
+    def cfg(**train):
+        raw = tiny_raw(tmp_path, spm_model, **train)
+        raw["data"]["train"] = [{"name": "all", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE), "tag": "<a>"},
+                                {"name": "half", "src": str(tmp_path / "half.en"), "tgt": str(tmp_path / "half.de"),
+                                 "weight": 1.5, "tag": "<b>"}]
+        raw["data"]["valid"]["tag"] = "<a>"
+        raw["tokenizer"] = {"vocab_size": 100}  # trained into the run directory, with the tags
+        return config_from_dict(raw)
+
+    lines = []
+    fit(cfg(max_steps=12), tmp_path / "full", log=lines.append)
+    tok = Tokenizer.load(tmp_path / "full" / "spm.model")
+    for tag in ("<a>", "<b>"):  # one piece each
+        assert tok.sp.piece_to_id(tag) != tok.unk and tok.sp.piece_to_id(tag) in tok.sp.encode(tag)
+    assert "epoch 1: all 20 pairs, half 15 pairs" in lines
+    records = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "epoch_pairs" in r]
+    assert records and all(r["epoch_pairs"] == {"all": 20, "half": 15} for r in records)
+    fit(cfg(max_steps=6), tmp_path / "part", log=lambda *_: None)
+    fit(cfg(max_steps=12), tmp_path / "part", resume=True, log=lambda *_: None)
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]
+    assert checkpoint.load(tmp_path / "full" / "last.pt")["data"]["epoch"] > 1  # it crossed an epoch
+
+
+def test_collating_ahead_trains_the_same_as_in_the_loop(tmp_path, tiny_cfg):
+    fit(tiny_cfg(max_steps=8, prefetch=0), tmp_path / "loop", log=lambda *_: None)
+    fit(tiny_cfg(max_steps=8, prefetch=3), tmp_path / "ahead", log=lambda *_: None)
+    assert losses(tmp_path / "loop") == losses(tmp_path / "ahead")
+    a, b = (checkpoint.load(tmp_path / run / "last.pt")["data"] for run in ("loop", "ahead"))
+    assert a == b  # the position of the loop, not of the batches collated ahead

@@ -42,7 +42,7 @@ def main():
     run = ROOT / "runs" / "bench"
     run.mkdir(parents=True, exist_ok=True)
     toks = get_tokenizers(cfg, run, log=lambda *_: None)
-    corpus = load_corpus(cfg.data.train, toks, cfg.data, log=lambda *_: None)
+    corpus = load_corpus(cfg.data.train[0], toks, cfg.data, log=lambda *_: None)
     stream = Batches(corpus, cfg.train.batch_tokens, 1)
     torch.manual_seed(0)
     V = toks.tgt.vocab_size
