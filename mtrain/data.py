@@ -22,7 +22,7 @@ from mtrain.errors import MtrainError
 from mtrain.files import make_folder
 from mtrain.tokenizer import Tokenizers
 
-CACHE_VERSION = 3  # 3: kept.npy, which pairs survived the filters
+CACHE_VERSION = 4  # 3: kept.npy, which pairs survived the filters; 4: uint16 ids where they fit
 CHUNK = 50_000  # lines encoded at once: bounds RAM for corpora of millions of pairs
 
 
@@ -30,7 +30,7 @@ CHUNK = 50_000  # lines encoded at once: bounds RAM for corpora of millions of p
 class EncodedCorpus:
     """Token ids of both sides, flat, with offsets; lengths include the EOS appended to each side."""
 
-    src: np.ndarray  # int32, all source ids concatenated (memory-mapped)
+    src: np.ndarray  # all source ids concatenated (memory-mapped): uint16 below 65,536 pieces, else int32
     src_offsets: np.ndarray  # int64, n + 1
     tgt: np.ndarray
     tgt_offsets: np.ndarray
@@ -125,8 +125,9 @@ def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered:
             return np.zeros(0, dtype=dtype)
         return np.memmap(path, dtype=dtype, mode="r")
 
-    corpus = EncodedCorpus(array("src.bin", np.int32), np.load(folder / "src_offsets.npy"),
-                           array("tgt.bin", np.int32), np.load(folder / "tgt_offsets.npy"), report,
+    dtype = np.dtype(report.get("dtype", "int32"))
+    corpus = EncodedCorpus(array("src.bin", dtype), np.load(folder / "src_offsets.npy"),
+                           array("tgt.bin", dtype), np.load(folder / "tgt_offsets.npy"), report,
                            np.load(folder / "kept.npy"))
     log(f"data: {source.describe()}: {report['summary']}")
     return corpus
@@ -154,6 +155,8 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
                filtered: bool) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # Two bytes a piece where the vocabularies allow (most do): half the disk and page cache of int32.
+    dtype = np.uint16 if max(toks.src.vocab_size, toks.tgt.vocab_size) <= 1 << 16 else np.int32
     stats = ReadStats()
     too_long = bad_ratio = 0
     lengths = {"src": [], "tgt": []}  # one numpy array per chunk: no Python int per sentence is kept
@@ -176,7 +179,7 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
             kept_masks.append(keep)
             for side in ("src", "tgt"):
                 kept_ids = [x for x, k in zip(ids[side], keep) if k]
-                flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int32,
+                flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=dtype,
                                    count=int(n[side][keep].sum()))
                 files[side].write(flat.tobytes())
                 lengths[side].append(n[side][keep])
@@ -189,24 +192,44 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
                f"{too_long} longer than {cfg.max_len} tokens dropped, "
                f"{bad_ratio} with length ratio > {cfg.max_len_ratio} dropped, {kept} kept")
     report = {"read": stats.pairs + stats.empty, "empty": stats.empty, "too_long": too_long,
-              "bad_ratio": bad_ratio, "kept": kept, "summary": summary}
+              "bad_ratio": bad_ratio, "kept": kept, "summary": summary, "dtype": np.dtype(dtype).name}
     (tmp / "report.json").write_text(json.dumps(report))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)  # the cache appears whole or not at all
 
 
 def cut_sorted(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Pure: cut indices, already sorted by length, into runs with n * longest <= max_tokens
-    (a single sentence longer than the budget gets a batch of its own)."""
-    batches, start, width = [], 0, 0
-    for i, n in enumerate(lengths[order].tolist()):
-        width = max(width, n)
-        if (i - start + 1) * width > max_tokens and i > start:
-            batches.append(order[start:i])
-            start, width = i, n
-    if start < len(order):
-        batches.append(order[start:])
+    """Pure: cut indices sorted by ascending length into runs with n * longest <= max_tokens, greedily
+    (a single sentence longer than the budget gets a batch of its own). The longest of a run is its
+    last, so (n * longest) only grows along the order: each cut is found by bisection, in
+    O(batches x log pairs) rather than a Python step per pair (4.5M pairs: 0.1 s, not 4)."""
+    sorted_lengths = lengths[order]
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        # the first i > start where the run start..i would exceed the budget
+        lo, hi = start + 1, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if (mid - start + 1) * int(sorted_lengths[mid]) > max_tokens:
+                hi = mid
+            else:
+                lo = mid + 1
+        batches.append(order[start:lo])
+        start = lo
     return batches
+
+
+def length_order(longest: np.ndarray, shortest: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Pure: np.lexsort((tiebreak, shortest, longest)), the same order, 3-4x faster on millions of
+    pairs: the three keys packed into one int64 (the tie-break as its rank) and sorted once."""
+    n = len(longest)
+    bits = [int(max(int(k.max(initial=0)), 1)).bit_length() for k in (longest, shortest)] + [max(n, 1).bit_length()]
+    if n < 2 or sum(bits) > 63 or min(int(longest.min()), int(shortest.min())) < 0:
+        return np.lexsort((tiebreak, shortest, longest))
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(tiebreak, kind="stable")] = np.arange(n)  # equal draws keep index order, as lexsort does
+    key = (longest.astype(np.int64) << (bits[1] + bits[2])) | (shortest.astype(np.int64) << bits[2]) | rank
+    return np.argsort(key)  # every key differs: no ties left to order
 
 
 def token_batches(src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -217,7 +240,7 @@ def token_batches(src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int, see
     """
     rng = np.random.default_rng([seed, epoch])
     longest = np.maximum(src_len, tgt_len)
-    order = np.lexsort((rng.random(len(longest)), np.minimum(src_len, tgt_len), longest))
+    order = length_order(longest, np.minimum(src_len, tgt_len), rng.random(len(longest)))
     batches = cut_sorted(order, longest, max_tokens)
     return [batches[i] for i in rng.permutation(len(batches))]
 
@@ -262,32 +285,31 @@ def collate(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], pad: int
     return Batch(src_arr, src_arr == pad, tgt_in, tgt_out, int((tgt_out != pad).sum()))
 
 
-def gather_rows(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray, pad: int, prefix: int | None = None,
-                suffix: int | None = None) -> np.ndarray:
-    """Pure: pad_batch of the sequences `idx` of (flat, offsets) in one gather, without a Python loop
-    over rows: the loader's cost per batch stays small next to a GPU step."""
+def gather_rows(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray, pad: int, suffix: int) -> np.ndarray:
+    """Pure: the sequences `idx` of (flat, offsets), each followed by `suffix`, right-padded, in one
+    gather without a Python loop over rows: the loader's cost per batch stays small next to a step."""
     starts = offsets[idx]
     lens = offsets[idx + 1] - starts
-    shift = int(prefix is not None)
-    width = max(int(lens.max(initial=0)) + shift + int(suffix is not None), 1)
-    col = np.arange(width)[None, :]
-    body = (col >= shift) & (col < lens[:, None] + shift)
-    out = np.full((len(idx), width), pad, dtype=np.int64)
-    out[body] = flat[(starts[:, None] + col - shift)[body]]
-    if prefix is not None:
-        out[:, 0] = prefix
-    if suffix is not None:
-        out[np.arange(len(idx)), lens + shift] = suffix
+    col = np.arange(max(int(lens.max(initial=0)) + 1, 1))[None, :]
+    pos = np.clip(starts[:, None] + col, 0, max(len(flat) - 1, 0))  # past a row's end: masked below
+    values = flat.take(pos) if len(flat) else np.zeros(pos.shape, dtype=np.int64)
+    out = np.where(col < lens[:, None], values, pad).astype(np.int64)
+    out[np.arange(len(idx)), lens] = suffix
     return out
 
 
 def collate_corpus(corpus: EncodedCorpus, indices: np.ndarray, pad: int, bos: int, eos: int) -> Batch:
     """collate() of the pairs `indices` of a corpus, gathered straight from its flat arrays."""
     idx = np.asarray(indices, dtype=np.int64)
-    src = torch.from_numpy(gather_rows(corpus.src, corpus.src_offsets, idx, pad, suffix=eos))
-    tgt_in = torch.from_numpy(gather_rows(corpus.tgt, corpus.tgt_offsets, idx, pad, prefix=bos))
-    tgt_out = torch.from_numpy(gather_rows(corpus.tgt, corpus.tgt_offsets, idx, pad, suffix=eos))
-    return Batch(src, src == pad, tgt_in, tgt_out, int((tgt_out != pad).sum()))
+    src = torch.from_numpy(gather_rows(corpus.src, corpus.src_offsets, idx, pad, eos))
+    tgt_out = gather_rows(corpus.tgt, corpus.tgt_offsets, idx, pad, eos)
+    lens = corpus.tgt_offsets[idx + 1] - corpus.tgt_offsets[idx]
+    # The decoder input is the output shifted right behind BOS, without the EOS.
+    tgt_in = np.empty_like(tgt_out)
+    tgt_in[:, 0], tgt_in[:, 1:] = bos, tgt_out[:, :-1]
+    rows = np.flatnonzero(lens + 1 < tgt_out.shape[1])
+    tgt_in[rows, lens[rows] + 1] = pad
+    return Batch(src, src == pad, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), int(lens.sum()) + len(idx))
 
 
 class Corpora:

@@ -48,7 +48,7 @@ def test_cache_is_reused_and_filters_are_counted(tmp_path, toks):
     assert len(first) == len(second) == first.report["kept"] > 0
     assert (first.src_lengths <= 18).all() and (first.tgt_lengths <= 18).all()
     s, t = first.pair(0)
-    assert isinstance(s, np.ndarray) and s.dtype == np.int32
+    assert isinstance(s, np.ndarray) and s.dtype == np.uint16  # a 100-piece vocabulary fits two bytes
 
 
 def test_batches_resume_mid_epoch(tmp_path, toks):
@@ -236,3 +236,46 @@ def test_an_error_while_collating_ahead_reaches_the_loop():
             stream.next()
     finally:
         stream.close()
+
+
+def test_cutting_by_bisection_equals_the_greedy_walk():
+    """cut_sorted finds each cut by bisection; the batches are those of walking the pairs one by one."""
+    from mtrain.data import cut_sorted
+
+    def walk(order, lengths, max_tokens):  # the definition: extend a run while n * longest fits
+        batches, start, width = [], 0, 0
+        for i, n in enumerate(lengths[order].tolist()):
+            width = max(width, n)
+            if (i - start + 1) * width > max_tokens and i > start:
+                batches.append(order[start:i])
+                start, width = i, n
+        return batches + ([order[start:]] if start < len(order) else [])
+
+    rng = np.random.default_rng(2)
+    for n, budget in ((1, 10), (500, 300), (3000, 2048), (800, 5)):  # 5: every pair over the budget
+        lengths = rng.integers(1, 120, n)
+        order = np.lexsort((rng.random(n), lengths))
+        a, b = cut_sorted(order, lengths, budget), walk(order, lengths, budget)
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)), (n, budget)
+
+
+def test_the_packed_length_order_is_lexsorts():
+    from mtrain.data import length_order
+    rng = np.random.default_rng(9)
+    for n in (1, 2, 50, 20000):
+        longest = rng.integers(1, 40, n)
+        shortest = np.minimum(longest, rng.integers(1, 40, n))
+        tiebreak = rng.random(n)
+        tiebreak[: n // 3] = 0.5  # ties in the tie-break too: index order decides, as in lexsort
+        assert np.array_equal(length_order(longest, shortest, tiebreak), np.lexsort((tiebreak, shortest, longest)))
+
+
+def test_ids_are_stored_in_two_bytes_when_the_vocabulary_allows(tmp_path, toks):
+    from pathlib import Path
+    corpus = load_corpus(DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks,
+                         DataConfig(cache_dir=str(tmp_path / "cache")), log=lambda *_: None)
+    assert corpus.src.dtype == np.uint16 and corpus.tgt.dtype == np.uint16
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert Path(folder / "src.bin").stat().st_size == 2 * len(corpus.src)
+    lines = SAMPLE_EN.read_text().splitlines()
+    assert [corpus.pair(i)[0].tolist() for i in range(len(corpus))] == toks.src.encode_batch(lines)
