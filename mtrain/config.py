@@ -27,6 +27,8 @@ class DataSource:
     hf_config: str = ""
     hf_split: str = "train"
     hf_data_files: list[str] = field(default_factory=list)  # local files for a loader
+    hf_revision: str = ""  # a hub dataset's git revision (tag, branch or commit); "" = the latest
+    hf_streaming: bool = False  # read the records as they download instead of the whole split first
     src_key: str = "translation.en"  # dotted path to the source text in a record
     tgt_key: str = "translation.de"
     name: str = ""  # how logs and metrics name it; "" = its files

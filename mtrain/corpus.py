@@ -132,6 +132,9 @@ def _lookup(record: dict, dotted: str, where: str):
     return "" if value is None else str(value)
 
 
+HF_BATCH = 10_000  # records read at a time from a Hugging Face dataset
+
+
 def _hf_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
     """A Hugging Face dataset: a hub name (needs internet) or a local loader such as json/csv/parquet."""
     import datasets  # imported here: it is slow to import and only this path needs it
@@ -145,11 +148,17 @@ def _hf_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
         logger.setLevel(logging.ERROR)
     try:
         ds = datasets.load_dataset(source.hf, source.hf_config or None, split=source.hf_split,
-                                   data_files=list(source.hf_data_files) or None)
+                                   data_files=list(source.hf_data_files) or None,
+                                   revision=source.hf_revision or None, streaming=source.hf_streaming)
     except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
         raise MtrainError(f"{where}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-    for i, record in enumerate(ds):
-        yield _lookup(record, source.src_key, f"{where} record {i}"), _lookup(record, source.tgt_key, f"{where} record {i}")
+    # In batches of columns: reading a split row by row costs ~30x as much per record.
+    i = 0
+    for columns in ds.iter(batch_size=HF_BATCH):
+        for values in zip(*columns.values()):
+            record = dict(zip(columns, values))
+            yield _lookup(record, source.src_key, f"{where} record {i}"), _lookup(record, source.tgt_key, f"{where} record {i}")
+            i += 1

@@ -77,8 +77,8 @@ def _source_fingerprint(source: DataSource) -> dict:
             stamp.append([str(path.resolve()), st.st_size, st.st_mtime_ns, content_sample(path)])
         else:
             stamp.append([str(path.resolve()), -1, -1, ""])
-    # name and weight do not change the encoding; an empty tag keeps the keys of caches from before tags
-    encoding = {k: v for k, v in source.__dict__.items() if k not in ("name", "weight") and (k != "tag" or v)}
+    # name, weight and streaming do not change the encoding; the revision does (an updated hub dataset)
+    encoding = {k: v for k, v in source.__dict__.items() if k not in ("name", "weight", "hf_streaming")}
     return {"source": json.dumps(encoding, sort_keys=True), "files": stamp}
 
 

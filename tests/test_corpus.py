@@ -66,3 +66,29 @@ def test_a_missing_relative_path_names_the_folder_it_was_read_from(tmp_path, mon
         check_input(Path("data/x.en"))
     with pytest.raises(MtrainError, match=r"^/nowhere/x\.en: file not found$"):
         check_input(Path("/nowhere/x.en"))
+
+
+@pytest.mark.parametrize("loader", ["json", "parquet"])
+def test_hf_local_loaders_read_in_batches_and_streaming(tmp_path, loader, monkeypatch):
+    """Local json and parquet loaders (the hub is out of reach here), read in batches of records, the
+    same with streaming; a batch boundary inside the split loses nothing."""
+    import datasets
+
+    import mtrain.corpus as corpus_module
+    rows = [{"translation": {"en": f"sentence {i}", "de": f"Satz {i}"}} for i in range(25)]
+    path = tmp_path / f"d.{loader}"
+    datasets.Dataset.from_list(rows).to_json(path) if loader == "json" else datasets.Dataset.from_list(rows).to_parquet(path)
+    monkeypatch.setattr(corpus_module, "HF_BATCH", 7)
+    expected = [(f"sentence {i}", f"Satz {i}") for i in range(25)]
+    for streaming in (False, True):
+        source = DataSource(hf=loader, hf_data_files=[str(path)], hf_streaming=streaming)
+        assert list(read_pairs(source)) == expected
+
+
+def test_a_datasets_revision_is_part_of_the_cache_key(toks):
+    from mtrain.data import cache_key
+    a = DataSource(hf="wmt14", hf_config="de-en", src_key="translation.en", tgt_key="translation.de")
+    b = DataSource(hf="wmt14", hf_config="de-en", src_key="translation.en", tgt_key="translation.de", hf_revision="v2")
+    streamed = DataSource(hf="wmt14", hf_config="de-en", hf_streaming=True, name="wmt", weight=2.0)
+    assert cache_key(a, toks, 128, 3.0, True) != cache_key(b, toks, 128, 3.0, True)
+    assert cache_key(a, toks, 128, 3.0, True) == cache_key(streamed, toks, 128, 3.0, True)  # same records
