@@ -104,6 +104,31 @@ def tokenize(
 
 
 @app.command()
+def prepare(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: --set data.max_len=200 (repeatable)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Prepared directory [data.prepared, else data/prepared/CONFIG_NAME]."),
+    workers: int = typer.Option(0, help="Encoding threads [0: every core this process may use]."),
+):
+    """Train the tokenizer and encode every corpus once, into a directory that fit reads (data.prepared)."""
+    from mtrain.config import load_config
+    from mtrain.corpus import check_line_counts
+    from mtrain.prepare import prepare as prepare_fn
+    with user_errors():
+        if workers < 0:
+            raise MtrainError(f"--workers: must be >= 0, got {workers}")
+        cfg = load_config(config, set_)
+        if not cfg.data.train:
+            raise MtrainError(f"{config}: data.train: no training corpus given")
+        for source in (*cfg.data.train, cfg.data.valid):  # named before SentencePiece's slow work
+            if source.src:
+                check_line_counts(Path(source.src), Path(source.tgt))
+        where = output or Path(cfg.data.prepared or Path("data") / "prepared" / config.stem)
+        prepare_fn(cfg, where, typer.echo, workers=workers)
+
+
+@app.command()
 def fit(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: --set train.lr=5e-4 (repeatable)."),

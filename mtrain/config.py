@@ -71,6 +71,7 @@ class DataConfig:
     max_len: int = 128  # tokens per side, longer pairs are dropped from training
     max_len_ratio: float = 3.0  # drop pairs whose token lengths differ more than this factor
     cache_dir: str = "data/cache"  # encoded corpora, keyed by data + tokenizer
+    prepared: str = ""  # a directory `mtrain prepare` wrote (fit makes it when missing); "" = cache_dir
     valid_max_sentences: int = 0  # 0 = decode the whole validation set for BLEU
 
     def __post_init__(self):

@@ -112,25 +112,28 @@ def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered:
         make_folder(cfg.cache_dir, "data.cache_dir")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         try:
-            _encode_to(folder, tmp, source, toks, cfg, filtered)
+            encode_to(folder, tmp, source, toks, cfg, filtered)
         finally:  # an error in the data (line 3 million) leaves no half-written cache behind
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         log(f"data: {source.describe()}: using cache {folder}")
-    report = json.loads((folder / "report.json").read_text())
-
-    def array(name: str, dtype) -> np.ndarray:
-        path = folder / name
-        if path.stat().st_size == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r")
-
-    dtype = np.dtype(report.get("dtype", "int32"))
-    corpus = EncodedCorpus(array("src.bin", dtype), np.load(folder / "src_offsets.npy"),
-                           array("tgt.bin", dtype), np.load(folder / "tgt_offsets.npy"), report,
-                           np.load(folder / "kept.npy"))
-    log(f"data: {source.describe()}: {report['summary']}")
+    corpus = open_encoded(folder)
+    log(f"data: {source.describe()}: {corpus.report['summary']}")
     return corpus
+
+
+def open_encoded(folder: Path) -> EncodedCorpus:
+    """An encoded corpus as `encode_to` wrote it, memory-mapped: ids and offsets are read as touched."""
+    report = json.loads((folder / "report.json").read_text())
+    dtype = np.dtype(report.get("dtype", "int32"))
+
+    def array(name: str) -> np.ndarray:
+        path = folder / name
+        return np.zeros(0, dtype=dtype) if path.stat().st_size == 0 else np.memmap(path, dtype=dtype, mode="r")
+
+    return EncodedCorpus(array("src.bin"), np.load(folder / "src_offsets.npy", mmap_mode="r"),
+                         array("tgt.bin"), np.load(folder / "tgt_offsets.npy", mmap_mode="r"), report,
+                         np.load(folder / "kept.npy", mmap_mode="r"))
 
 
 def length_filter(n_src: np.ndarray, n_tgt: np.ndarray, max_len: int, max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +154,10 @@ def from_ids(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> Enco
     return EncodedCorpus(*flat(src), *flat(tgt), report={})
 
 
-def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cfg: DataConfig,
-               filtered: bool) -> None:
+def encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cfg: DataConfig,
+              filtered: bool, finish=None, threads: int = 0) -> None:
+    """Encode `source` into `tmp`, then put it in place as `folder` whole (`finish(tmp)` may add files
+    first): a failure or a kill never leaves a folder that looks complete."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # Two bytes a piece where the vocabularies allow (most do): half the disk and page cache of int32.
@@ -166,8 +171,8 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
         pairs = read_pairs(source, stats)
         tag = tag_id(source, toks)
         while chunk := list(itertools.islice(pairs, CHUNK)):
-            ids = {"src": toks.src.encode_batch([s for s, _ in chunk]),
-                   "tgt": toks.tgt.encode_batch([t for _, t in chunk])}
+            ids = {"src": toks.src.encode_batch([s for s, _ in chunk], threads),
+                   "tgt": toks.tgt.encode_batch([t for _, t in chunk], threads)}
             if tag is not None:  # the tag's id, not its text: the same piece whatever the sentence
                 ids["src"] = [[tag, *x] for x in ids["src"]]
             n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(chunk)) for side in ids}
@@ -194,6 +199,8 @@ def _encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cf
     report = {"read": stats.pairs + stats.empty, "empty": stats.empty, "too_long": too_long,
               "bad_ratio": bad_ratio, "kept": kept, "summary": summary, "dtype": np.dtype(dtype).name}
     (tmp / "report.json").write_text(json.dumps(report))
+    if finish is not None:
+        finish(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)  # the cache appears whole or not at all
 

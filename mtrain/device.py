@@ -71,11 +71,8 @@ def default_threads(processes: int = 1) -> int:
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if processes == 1 and omp.isdigit() and int(omp) > 0:
         return int(omp)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // processes)
+    from mtrain.tokenizer import usable_cores
+    return max(1, usable_cores() // processes)
 
 
 # Rank 0 may train SentencePiece and encode a corpus of tens of millions of pairs while the other

@@ -20,6 +20,15 @@ from mtrain.corpus import open_text, read_pairs
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, make_folder
 
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 # Fixed ids so that every model built by mtrain agrees on them.
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -44,8 +53,9 @@ class Tokenizer:
         except RuntimeError:
             raise MtrainError(f"{path}: not a SentencePiece model") from None
 
-    def encode_batch(self, lines: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(lines), out_type=int, num_threads=os.cpu_count() or 1)
+    def encode_batch(self, lines: Sequence[str], threads: int = 0) -> list[list[int]]:
+        """Ids of each line, SentencePiece's threads splitting the batch (0: every core this process may use)."""
+        return self.sp.encode(list(lines), out_type=int, num_threads=threads or usable_cores())
 
     def unknown_chars(self, line: str) -> str:
         """The characters of `line` that this model can only encode as <unk>, each once."""
@@ -98,7 +108,7 @@ def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_p
                 input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=cfg.shuffle_input_sentence,
                 user_defined_symbols=list(cfg.user_defined_symbols),
                 pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
-                num_threads=os.cpu_count() or 1, minloglevel=2, logstream=log,
+                num_threads=usable_cores(), minloglevel=2, logstream=log,
             )
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[-1]

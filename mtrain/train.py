@@ -526,21 +526,28 @@ class Data:
 
 def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report) -> Data:
     """Tokenizer and corpora (trained and encoded once, then cached); then the run directory fills."""
-    if world.main:  # mismatched or missing files are named before anything slow (SentencePiece) runs
+    ready = bool(cfg.data.prepared) and (Path(cfg.data.prepared) / "manifest.json").is_file()
+    if world.main and not ready:  # mismatched or missing files are named before anything slow (SentencePiece)
         for source in (*cfg.data.train, cfg.data.valid):
             if source.src:
                 check_line_counts(Path(source.src), Path(source.tgt))
-    toks = get_tokenizers(cfg, run_dir, report.line, write=world.main)
+    if cfg.data.prepared:
+        toks, parts, valid = read_prepared(cfg, world=world, report=report)
+    else:
+        toks = get_tokenizers(cfg, run_dir, report.line, write=world.main)
+        parts = [load_corpus(source, toks, cfg.data, filtered=True, log=report.line) for source in cfg.data.train]
+        valid = None if cfg.data.valid.empty else load_corpus(cfg.data.valid, toks, cfg.data, filtered=False,
+                                                              log=report.line)
     if ckpt is not None and "tokenizer_src" in ckpt and \
             (ckpt["tokenizer_src"], ckpt.get("tokenizer_tgt")) != (toks.src.proto, toks.tgt.proto):
         where = cfg.tokenizer.model or run_dir / "spm.model"
         raise MtrainError(f"{where}: not the SentencePiece model this run trained with (in {run_dir / 'last.pt'}); "
                           f"cannot resume")
-    parts = [load_corpus(source, toks, cfg.data, filtered=True, log=report.line) for source in cfg.data.train]
     train_data = Corpora(parts, [s.weight for s in cfg.data.train], [s.label for s in cfg.data.train])
     if len(train_data) == 0:
         raise MtrainError(f"{', '.join(s.label for s in cfg.data.train)}: no training pairs left after filtering")
-    valid = None if cfg.data.valid.empty else load_valid(cfg, toks, report)
+    if valid is not None:
+        check_valid(valid, cfg, toks, report)
     if world.main:  # only now, with the data read, does the run directory fill
         make_folder(run_dir, "run directory")
         dump_config(cfg, run_dir / "config.yaml")
@@ -549,9 +556,19 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
     return Data(toks, Batches(train_data, cfg.train.batch_tokens, cfg.train.seed), valid, valid_refs)
 
 
-def load_valid(cfg: Config, toks: Tokenizers, report: Report) -> EncodedCorpus:
-    """The validation set, unfiltered, checked now rather than at the first validation, hours in."""
-    valid = load_corpus(cfg.data.valid, toks, cfg.data, filtered=False, log=report.line)
+def read_prepared(cfg: Config, *, world: World, report: Report):
+    """data.prepared: rank 0 prepares it when it is missing (as `mtrain prepare` would); every process
+    then reads it, and one that finds none (another node, without a shared filesystem) stops with one
+    line rather than encode the corpus on its own."""
+    from mtrain.prepare import MANIFEST, load_prepared, prepare
+    where = Path(cfg.data.prepared)
+    if world.main and not (where / MANIFEST).is_file():
+        prepare(cfg, where, report.line)
+    return load_prepared(cfg, where, report.line)
+
+
+def check_valid(valid: EncodedCorpus, cfg: Config, toks: Tokenizers, report: Report) -> None:
+    """The validation set (unfiltered), checked now rather than at the first validation, hours in."""
     if len(valid) == 0:
         raise MtrainError(f"{cfg.data.valid.describe()}: no validation pairs (every line empty)")
     longest = int(max(valid.src_lengths.max(), valid.tgt_lengths.max()))
@@ -563,7 +580,6 @@ def load_valid(cfg: Config, toks: Tokenizers, report: Report) -> EncodedCorpus:
     if unknown:
         report.line(f"data: {unknown} validation source line{'s' * (unknown > 1)} held characters the tokenizer "
                     f"does not know; validation translates them without those characters, as `mtrain translate` does")
-    return valid
 
 
 class Trainer:

@@ -126,3 +126,50 @@ def test_preparation_wait_is_not_bounded_by_the_collective_timeout(tmp_path):
                              str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "rank 0 prepared" in result.stdout and "rank 1 prepared" in result.stdout
+
+
+def two_nodes(tmp_path, cfg_path, run, cwds, timeout=240):
+    """Two torchrun "nodes" of one process each on this host (static rendezvous), each in its own folder."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                              f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                              "-m", "mtrain", "fit", str(cfg_path), "--output", str(run)],
+                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank, cwd in enumerate(cwds)]
+    return [(job.wait(timeout=timeout), *job.communicate()) for job in jobs]
+
+
+def test_a_node_without_the_prepared_data_stops_with_one_line_and_shared_data_trains(tmp_path, spm_model):
+    """Nodes without a shared filesystem: the second finds no prepared data where the config points
+    and stops, naming it, instead of encoding the corpus itself. With the directory shared, two nodes
+    train like one process with update_freq 2."""
+    raw = tiny_raw(tmp_path, spm_model, batch_tokens=120, max_steps=4, save_every=4, valid_every=4, threads=1,
+                   dist_timeout=30)
+    raw["model"]["dropout"] = 0.0
+    raw["data"]["prepared"] = "prepared"  # relative: each node reads its own folder
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    (rc0, out0, err0), (rc1, out1, err1) = two_nodes(tmp_path, cfg, tmp_path / "run", [tmp_path / "node0",
+                                                                                       tmp_path / "node1"])
+    assert rc1 != 0 and "prepared: no prepared data (manifest.json missing)" in err1, err1[-2000:]
+    assert (tmp_path / "node0" / "prepared" / "manifest.json").is_file()  # rank 0 prepared its own
+    assert not (tmp_path / "node1" / "prepared").exists()  # the other never encodes on its own
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    results = two_nodes(tmp_path, cfg, tmp_path / "two", [shared, shared])
+    assert all(rc == 0 for rc, _, _ in results), results[0][2][-2000:] + results[1][2][-2000:]
+    single = {**raw, "train": {**raw["train"], "update_freq": 2}}
+    single["data"] = {**raw["data"], "prepared": str(shared / "prepared")}
+    one_cfg = tmp_path / "one.yaml"
+    one_cfg.write_text(yaml.safe_dump(single))
+    run_fit(one_cfg, tmp_path / "one", 1)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)

@@ -1,0 +1,127 @@
+"""`mtrain prepare`: the data work of `fit` done once, before training: the tokenizer and every corpus
+encoded into one directory, with a manifest written last, which `fit` reads (`data.prepared`).
+
+A prepared directory does not depend on where it was made: its manifest identifies each source by
+its settings and, for files, by their size and a sample of their content (not their absolute path
+or modification time), so a copy of the data on another machine matches it. An interrupted
+`prepare` keeps the corpora it finished and redoes the one it was writing; without the manifest,
+`fit` never takes a directory as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mtrain.config import Config, DataSource
+from mtrain.data import CACHE_VERSION, EncodedCorpus, content_sample, encode_to, open_encoded, tag_id
+from mtrain.errors import MtrainError
+from mtrain.files import atomic_write, make_folder
+from mtrain.tokenizer import Tokenizers, get_tokenizers
+
+FORMAT = 1  # of the prepared directory, beside the encoded corpora's own CACHE_VERSION
+MANIFEST = "manifest.json"
+
+
+def source_fingerprint(source: DataSource) -> dict:
+    """A source by what decides its pairs: its settings, and its files' sizes and content samples."""
+    settings = {k: v for k, v in source.__dict__.items() if k not in ("name", "weight", "hf_streaming")}
+    files = [p for p in (source.src, source.tgt, source.tsv, *source.hf_data_files) if p]
+    return {"settings": settings,
+            "files": [[p, Path(p).stat().st_size if Path(p).is_file() else -1,
+                       content_sample(Path(p)) if Path(p).is_file() else ""] for p in files]}
+
+
+def expected_manifest(cfg: Config, toks: Tokenizers) -> dict:
+    """What a prepared directory must say for `cfg`, with these tokenizers, to be the one it trains on."""
+    h = hashlib.sha256(toks.src.proto)
+    h.update(toks.tgt.proto)
+    return {"format": FORMAT, "encoding": CACHE_VERSION, "tokenizer": h.hexdigest(),
+            "filters": {"max_len": cfg.data.max_len, "max_len_ratio": cfg.data.max_len_ratio},
+            "train": [source_fingerprint(s) for s in cfg.data.train],
+            "valid": None if cfg.data.valid.empty else source_fingerprint(cfg.data.valid)}
+
+
+def _parts(cfg: Config) -> list[tuple[str, DataSource, bool]]:
+    """(folder name, source, filtered) of every corpus a prepared directory holds."""
+    parts = [(f"train{n}", s, True) for n, s in enumerate(cfg.data.train)]
+    return parts + ([] if cfg.data.valid.empty else [("valid", cfg.data.valid, False)])
+
+
+def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0) -> Path:
+    """Tokenizer (trained into `out_dir` when tokenizer.model is not given or missing) and every corpus,
+    encoded by `workers` SentencePiece threads (0: every core this process may use; the result is the
+    same for any number); the manifest last. Corpora already encoded for the same source and
+    tokenizer are kept."""
+    out_dir = Path(out_dir)
+    make_folder(out_dir, "prepared data")
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until written again, at the end
+    toks = get_tokenizers(cfg, out_dir, log)
+    toks.src.save(out_dir / ("spm.model" if toks.joint else "spm.src.model"))
+    if not toks.joint:
+        toks.tgt.save(out_dir / "spm.tgt.model")
+    manifest = expected_manifest(cfg, toks)
+    for (name, source, filtered), fingerprint in zip(_parts(cfg), [*manifest["train"], manifest["valid"]]):
+        tag_id(source, toks)  # a tag the tokenizer lacks: named before any encoding
+        folder = out_dir / name
+        stamp = {"source": fingerprint, "tokenizer": manifest["tokenizer"], "filters": manifest["filters"],
+                 "filtered": filtered, "encoding": CACHE_VERSION}
+        done = folder / "prepared.json"
+        if done.is_file() and json.loads(done.read_text()) == stamp:
+            log(f"prepare: {source.label}: already encoded in {folder}")
+            continue
+        tmp = folder.with_name(f".{name}.tmp{os.getpid()}")
+        try:
+            encode_to(folder, tmp, source, toks, cfg.data, filtered, threads=workers,
+                      finish=lambda t, s=stamp: (t / "prepared.json").write_text(json.dumps(s)))
+        finally:  # a failure leaves no half-written corpus behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"prepare: {source.label}: {json.loads((folder / 'report.json').read_text())['summary']}")
+    with atomic_write(out_dir / MANIFEST, "w", "manifest") as f:
+        f.write(json.dumps(manifest, indent=1))
+    log(f"prepare: {out_dir} is ready; train on it with data.prepared: {out_dir}")
+    return out_dir
+
+
+def load_prepared(cfg: Config, prepared: Path | str, log=print) -> tuple[Tokenizers, list[EncodedCorpus],
+                                                                        EncodedCorpus | None]:
+    """The tokenizers, training corpora and validation corpus of a prepared directory made for `cfg`;
+    anything else is refused with one line (it is never encoded again here)."""
+    from mtrain.tokenizer import Tokenizer
+    prepared = Path(prepared)
+    path = prepared / MANIFEST
+    if not path.is_file():
+        raise MtrainError(f"{prepared}: no prepared data ({MANIFEST} missing); run `mtrain prepare CONFIG -o "
+                          f"{prepared}` where every process of the job can read it (a shared filesystem)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MtrainError(f"{path}: not a readable manifest; run mtrain prepare again") from None
+    joint = (prepared / "spm.model").is_file()
+    src = Tokenizer.load(prepared / ("spm.model" if joint else "spm.src.model"))
+    toks = Tokenizers(src, src if joint else Tokenizer.load(prepared / "spm.tgt.model"))
+    configured = Path(cfg.tokenizer.model) if cfg.tokenizer.model else None
+    if configured is not None and configured.is_file() and configured.read_bytes() != src.proto:
+        raise MtrainError(f"{prepared}: prepared with another tokenizer than {configured}; run mtrain prepare again")
+    expected = expected_manifest(cfg, toks)
+    for key, what in (("format", "another mtrain format"), ("encoding", "another mtrain format"),
+                      ("tokenizer", "another tokenizer"), ("filters", "other data.max_len or max_len_ratio")):
+        if manifest.get(key) != expected[key]:
+            raise MtrainError(f"{prepared}: prepared with {what}; run mtrain prepare again")
+    if len(manifest.get("train", [])) != len(expected["train"]):
+        raise MtrainError(f"{prepared}: prepared for {len(manifest.get('train', []))} training corpora, the config "
+                          f"has {len(expected['train'])}; run mtrain prepare again")
+    for n, (was, now) in enumerate(zip(manifest["train"], expected["train"])):
+        if was != now:
+            raise MtrainError(f"{prepared}: prepared for other data than data.train[{n}] "
+                              f"({cfg.data.train[n].label}); run mtrain prepare again")
+    if manifest.get("valid") != expected["valid"]:
+        raise MtrainError(f"{prepared}: prepared for another data.valid; run mtrain prepare again")
+    parts = [open_encoded(prepared / f"train{n}") for n in range(len(cfg.data.train))]
+    for source, part in zip(cfg.data.train, parts):
+        log(f"data: {source.label}: {part.report['summary']} (prepared in {prepared})")
+    valid = None if cfg.data.valid.empty else open_encoded(prepared / "valid")
+    return toks, parts, valid

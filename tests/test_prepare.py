@@ -1,0 +1,91 @@
+"""`mtrain prepare` and `data.prepared`: encoded once, read by fit, the same whoever made it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tiny_raw
+
+from mtrain import checkpoint
+from mtrain.config import config_from_dict
+from mtrain.errors import MtrainError
+from mtrain.prepare import MANIFEST, load_prepared, prepare
+from mtrain.train import fit, read_metrics
+
+
+def two_corpora(tmp_path, spm_model, **train) -> dict:
+    raw = tiny_raw(tmp_path, spm_model, **train)
+    en, de = SAMPLE_EN.read_text().splitlines(), SAMPLE_DE.read_text().splitlines()
+    (tmp_path / "half.en").write_text("\n".join(en[:10]) + "\n")
+    (tmp_path / "half.de").write_text("\n".join(de[:10]) + "\n")
+    raw["data"]["train"] = [raw["data"]["train"], {"name": "half", "src": str(tmp_path / "half.en"),
+                                                  "tgt": str(tmp_path / "half.de"), "weight": 2}]
+    return raw
+
+
+def files_of(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prepared_data_trains_as_the_cache_does_and_is_the_same_for_any_worker_count(tmp_path, spm_model):
+    raw = two_corpora(tmp_path, spm_model, max_steps=6)
+    cfg = config_from_dict(raw)
+    one, two = prepare(cfg, tmp_path / "one", log=lambda *_: None, workers=1), \
+        prepare(cfg, tmp_path / "two", log=lambda *_: None, workers=2)
+    assert files_of(one) == files_of(two)  # byte for byte
+    manifest = json.loads((one / MANIFEST).read_text())
+    assert [f["files"][0][0] for f in manifest["train"]] == [str(SAMPLE_EN), str(tmp_path / "half.en")]
+    fit(cfg, tmp_path / "cached", log=lambda *_: None)
+    fit(config_from_dict({**raw, "data": {**raw["data"], "prepared": str(one)}}), tmp_path / "prepared",
+        log=lambda *_: None)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+              for run in ("cached", "prepared")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_an_interrupted_prepare_keeps_what_it_finished_and_fit_waits_for_the_manifest(tmp_path, spm_model):
+    raw = two_corpora(tmp_path, spm_model, max_steps=2)
+    (tmp_path / "half.de").rename(tmp_path / "later.de")  # the second corpus fails
+    out = tmp_path / "prepared"
+    with pytest.raises(MtrainError, match="half.de"):
+        prepare(config_from_dict(raw), out, log=lambda *_: None)
+    assert not (out / MANIFEST).exists() and (out / "train0" / "prepared.json").is_file()
+    assert not list(out.glob(".*tmp*"))  # nothing half-written
+    with pytest.raises(MtrainError, match=r"prepared: no prepared data \(manifest.json missing\); run `mtrain "
+                                          r"prepare CONFIG -o .*` where every process of the job can read it"):
+        load_prepared(config_from_dict(raw), out, log=lambda *_: None)  # what another node sees
+    (tmp_path / "later.de").rename(tmp_path / "half.de")
+    lines = []
+    prepare(config_from_dict(raw), out, log=lines.append)
+    assert any(line.startswith("prepare: " + str(SAMPLE_EN)) and "already encoded" in line for line in lines)
+    assert (out / MANIFEST).is_file()
+
+
+def test_fit_prepares_what_is_missing_and_refuses_a_directory_for_other_data(tmp_path, spm_model):
+    raw = two_corpora(tmp_path, spm_model, max_steps=2)
+    raw["data"]["prepared"] = str(tmp_path / "prepared")
+    fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)  # prepares it first
+    assert (tmp_path / "prepared" / MANIFEST).is_file()
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == 2
+    (tmp_path / "half.de").write_text("\n".join(SAMPLE_DE.read_text().splitlines()[10:]) + "\n")  # new data
+    with pytest.raises(MtrainError, match=r"prepared: prepared for other data than data.train\[1\] \(half\); run "
+                                          r"mtrain prepare again"):
+        fit(config_from_dict(raw), tmp_path / "run2", log=lambda *_: None)
+    assert not (tmp_path / "run2").exists()
+    raw["data"]["max_len"] = 50
+    with pytest.raises(MtrainError, match="prepared with other data.max_len or max_len_ratio"):
+        load_prepared(config_from_dict(raw), tmp_path / "prepared", log=lambda *_: None)
+
+
+def test_the_prepare_command(tmp_path, spm_model):
+    import yaml
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(two_corpora(tmp_path, spm_model)))
+    run = subprocess.run([sys.executable, "-m", "mtrain", "prepare", str(config), "-o", str(tmp_path / "p"),
+                          "--workers", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert f"{tmp_path / 'p'} is ready" in run.stdout and (tmp_path / "p" / MANIFEST).is_file()
+    bad = subprocess.run([sys.executable, "-m", "mtrain", "prepare", str(config), "--workers", "-1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and bad.stderr.strip() == "mtrain: --workers: must be >= 0, got -1"
