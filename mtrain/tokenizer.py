@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -84,28 +85,50 @@ class Tokenizers:
         return self.src.proto == self.tgt.proto
 
 
+def sample_lines(inputs: Sequence[Path | str], size: int, shuffle: bool, seed: int = 1) -> list[str]:
+    """The non-empty lines of `inputs` (stripped), all of them in order when they are at most `size`;
+    else `size` of them: a uniform sample (reservoir sampling, Vitter's algorithm R, from `seed`) in
+    one streaming pass, in input order, or the first `size` lines without `shuffle`. Memory is the
+    sample's, whatever the corpus's size."""
+    rng = random.Random(seed)
+    kept: list[tuple[int, str]] = []
+    seen = 0
+    for path in inputs:
+        for line in open_text(path):
+            line = line.strip()
+            if not line:
+                continue
+            if len(kept) < size:
+                kept.append((seen, line))
+            elif not shuffle:
+                return [x for _, x in kept]
+            else:
+                j = rng.randrange(seen + 1)
+                if j < size:
+                    kept[j] = (seen, line)
+            seen += 1
+    return [x for _, x in sorted(kept)]
+
+
 def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_prefix: Path | str) -> Path:
     """Train one SentencePiece model on the lines of `inputs` (plain or .gz); returns PREFIX.model."""
     output_prefix = Path(output_prefix)
     make_folder(output_prefix.parent, "tokenizer model")
-    with tempfile.TemporaryDirectory() as tmp:
-        # SentencePiece reads plain text only, so .gz inputs are streamed into one plain file.
+    # Beside the model, not in $TMPDIR, which may be too small for a large corpus's sample.
+    with tempfile.TemporaryDirectory(prefix=".spm-input.tmp", dir=output_prefix.parent) as tmp:
+        # SentencePiece reads plain text only: the lines it trains on, sampled in one streaming pass.
         joined = Path(tmp) / "input.txt"
-        n = 0
-        with open(joined, "w", encoding="utf-8") as out:
-            for path in inputs:
-                for line in open_text(path):
-                    if line.strip():
-                        out.write(line.strip() + "\n")
-                        n += 1
-        if n == 0:
+        lines = sample_lines(inputs, cfg.input_sentence_size, cfg.shuffle_input_sentence)
+        if not lines:
             raise MtrainError(f"{', '.join(map(str, inputs))}: no text to train a tokenizer on")
+        joined.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        del lines
         log = open(Path(tmp) / "spm.log", "w")  # SentencePiece needs a real file descriptor
         try:
             spm.SentencePieceTrainer.train(
                 input=str(joined), model_prefix=str(output_prefix), vocab_size=cfg.vocab_size,
                 model_type=cfg.model_type, character_coverage=cfg.character_coverage,
-                input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=cfg.shuffle_input_sentence,
+                input_sentence_size=0, shuffle_input_sentence=False,  # sampled above
                 user_defined_symbols=list(cfg.user_defined_symbols),
                 pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
                 num_threads=usable_cores(), minloglevel=2, logstream=log,

@@ -43,3 +43,33 @@ def test_mismatched_corpus_is_named_before_tokenizer_training(tmp_path, spm_mode
     with pytest.raises(MtrainError, match=r"line counts differ: .*train.en has 20 lines, .*short.de has 7"):
         fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+def test_the_tokenizer_trains_on_a_streamed_sample_beside_its_model(tmp_path, monkeypatch):
+    """At most input_sentence_size lines, sampled uniformly in one pass (or the first ones without
+    shuffling), written next to the model rather than in $TMPDIR, and removed after."""
+    import tempfile
+
+    from conftest import SAMPLE_DE, SAMPLE_EN
+
+    from mtrain.config import TokenizerConfig
+    from mtrain.tokenizer import sample_lines, train_tokenizer
+    lines = [x.strip() for x in SAMPLE_EN.read_text().splitlines() + SAMPLE_DE.read_text().splitlines() if x.strip()]
+    assert sample_lines([SAMPLE_EN, SAMPLE_DE], 1000, True) == lines  # all, in order
+    assert sample_lines([SAMPLE_EN, SAMPLE_DE], 7, False) == lines[:7]
+    picked = sample_lines([SAMPLE_EN, SAMPLE_DE], 7, True)
+    assert len(picked) == 7 and picked == [x for x in lines if x in picked]  # a subset, in input order
+    assert picked == sample_lines([SAMPLE_EN, SAMPLE_DE], 7, True)  # the same draw each time
+    assert {x for s in range(1, 30) for x in sample_lines([SAMPLE_EN, SAMPLE_DE], 7, True, seed=s)} != set(picked)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))  # $TMPDIR unusable
+    seen = []
+    real = tempfile.TemporaryDirectory
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    model = train_tokenizer([SAMPLE_EN, SAMPLE_DE], TokenizerConfig(vocab_size=60), tmp_path / "out" / "spm")
+    assert model.is_file() and seen == [tmp_path / "out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["spm.model", "spm.vocab"]
