@@ -308,15 +308,33 @@ def gather_rows(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray, pad: int
 def collate_corpus(corpus: EncodedCorpus, indices: np.ndarray, pad: int, bos: int, eos: int) -> Batch:
     """collate() of the pairs `indices` of a corpus, gathered straight from its flat arrays."""
     idx = np.asarray(indices, dtype=np.int64)
-    src = torch.from_numpy(gather_rows(corpus.src, corpus.src_offsets, idx, pad, eos))
-    tgt_out = gather_rows(corpus.tgt, corpus.tgt_offsets, idx, pad, eos)
-    lens = corpus.tgt_offsets[idx + 1] - corpus.tgt_offsets[idx]
+    return collate_parts([(corpus, idx, np.arange(len(idx)))], len(idx), pad, bos, eos)
+
+
+def collate_parts(parts: Sequence[tuple[EncodedCorpus, np.ndarray, np.ndarray]], n: int, pad: int, bos: int,
+                  eos: int) -> Batch:
+    """collate() of `n` pairs drawn from several corpora: (corpus, its pair indices, their rows in the
+    batch) for each; one gather per corpus and side."""
+    def side(flat_of, offsets_of) -> tuple[np.ndarray, np.ndarray]:
+        lens = np.zeros(n, dtype=np.int64)
+        for corpus, idx, rows in parts:
+            offsets = offsets_of(corpus)
+            lens[rows] = offsets[idx + 1] - offsets[idx]
+        out = np.full((n, int(lens.max(initial=0)) + 1), pad, dtype=np.int64)
+        for corpus, idx, rows in parts:
+            gathered = gather_rows(flat_of(corpus), offsets_of(corpus), idx, pad, eos)
+            out[rows, :gathered.shape[1]] = gathered
+        return out, lens
+
+    src, _ = side(lambda c: c.src, lambda c: c.src_offsets)
+    tgt_out, lens = side(lambda c: c.tgt, lambda c: c.tgt_offsets)
     # The decoder input is the output shifted right behind BOS, without the EOS.
     tgt_in = np.empty_like(tgt_out)
     tgt_in[:, 0], tgt_in[:, 1:] = bos, tgt_out[:, :-1]
     rows = np.flatnonzero(lens + 1 < tgt_out.shape[1])
     tgt_in[rows, lens[rows] + 1] = pad
-    return Batch(src, src == pad, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), int(lens.sum()) + len(idx))
+    src_t = torch.from_numpy(src)
+    return Batch(src_t, src_t == pad, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), int(lens.sum()) + n)
 
 
 class Corpora:
@@ -355,12 +373,11 @@ class Corpora:
         return np.concatenate(drawn).astype(np.int64)
 
     def collate(self, indices: np.ndarray, pad: int, bos: int, eos: int) -> Batch:
-        parts = self.part_of(indices)
-        if len(self.parts) == 1 or (parts == parts[0]).all():
-            c = int(parts[0])
-            return collate_corpus(self.parts[c], indices - self.starts[c], pad, bos, eos)
-        pairs = [self.parts[c].pair(int(i - self.starts[c])) for i, c in zip(indices, parts)]
-        return collate([s for s, _ in pairs], [t for _, t in pairs], pad, bos, eos)
+        indices = np.asarray(indices, dtype=np.int64)
+        part = self.part_of(indices)
+        pieces = [(self.parts[c], indices[part == c] - self.starts[c], np.flatnonzero(part == c))
+                  for c in np.unique(part).tolist()]
+        return collate_parts(pieces, len(indices), pad, bos, eos)
 
 
 @dataclass
@@ -522,7 +539,12 @@ class UpdateStream:
         return self.current.epochs_done if self.current else self.batches.epochs_done
 
     def close(self) -> None:
+        """Stop the thread at once: a put it waits in is freed by emptying the queue."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            while self._thread.is_alive():
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    self._thread.join(timeout=0.01)
             self._thread = None

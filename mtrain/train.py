@@ -487,10 +487,14 @@ def train(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: W
     if ckpt is not None:
         restore(ckpt, run_dir / "last.pt", trainer, cfg.train.seed)
         ckpt = None  # let the mapped file go: the model and optimizer hold their own copies now
-    try:
-        reason = trainer.run()
-    finally:
-        trainer.stream.close()
+    # Ctrl-C and SIGTERM ask the loop to stop after its update. The handlers stay until the batch
+    # thread has stopped too: torchrun's SIGTERM to the survivors of a lost process then cannot cut
+    # short the one line that says what happened.
+    with StopRequest() as interrupt:
+        try:
+            reason = trainer.run(interrupt)
+        finally:
+            trainer.stream.close()
     return trainer.end(reason, trust=trust)
 
 
@@ -611,7 +615,7 @@ class Trainer:
         self.nonfinite = 0  # non-finite updates in a row
         self.noted_epoch = 0  # the last epoch whose pairs per corpus were reported
 
-    def run(self) -> Stop:
+    def run(self, interrupt: StopRequest) -> Stop:
         """The loop: one iteration is one optimizer update over update_freq x processes batches."""
         tc, state = self.cfg.train, self.state
         # DDP broadcasts rank 0's weights, then averages gradients during backward.
@@ -619,26 +623,25 @@ class Trainer:
         self.report.start(self.run_dir, state.step, tc.max_steps)
         self.interval = Interval(self.dev.device, self.clock.elapsed())
         self.model.train()
-        with StopRequest() as interrupt:
-            while (reason := self.stop_reason(interrupt.requested)) is None:
-                lr = self.learning_rate()
-                grad_norm, n_tokens, loss = self.update(lr)
-                if not math.isfinite(grad_norm):
-                    self.skip_update()
-                    continue
-                self.nonfinite = 0
-                if self.ema is not None:
-                    self.ema.update_parameters(self.model)
-                state.step += 1
-                self.interval.add(loss, n_tokens, grad_norm)  # skipped updates stay out of the logged loss
-                self.report.bar.update(1)
-                record = self.log_interval(lr) if state.step % tc.log_every == 0 else {}
-                if self.valid is not None and state.step % tc.valid_every == 0:
-                    record = self.validate(record)
-                state.elapsed = self.clock.elapsed()
-                self.report.record(record, self.clock.session())
-                if state.step % tc.save_every == 0:
-                    self.save_checkpoint()
+        while (reason := self.stop_reason(interrupt.requested)) is None:
+            lr = self.learning_rate()
+            grad_norm, n_tokens, loss = self.update(lr)
+            if not math.isfinite(grad_norm):
+                self.skip_update()
+                continue
+            self.nonfinite = 0
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            state.step += 1
+            self.interval.add(loss, n_tokens, grad_norm)  # skipped updates stay out of the logged loss
+            self.report.bar.update(1)
+            record = self.log_interval(lr) if state.step % tc.log_every == 0 else {}
+            if self.valid is not None and state.step % tc.valid_every == 0:
+                record = self.validate(record)
+            state.elapsed = self.clock.elapsed()
+            self.report.record(record, self.clock.session())
+            if state.step % tc.save_every == 0:
+                self.save_checkpoint()
         return reason
 
     def stop_reason(self, interrupted: bool) -> Stop | None:
