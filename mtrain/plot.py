@@ -16,7 +16,7 @@ def plot_runs(run_dirs: Sequence[Path], output: Path) -> str:
     one line per run, labelled with the run directory's name. Returns a one-line summary."""
     from mtrain.attention import require_matplotlib
     from mtrain.files import check_parent
-    from mtrain.train import read_metrics
+    from mtrain.report import read_metrics
 
     if not run_dirs:
         raise MtrainError("plot: give at least one run directory")

@@ -6,12 +6,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import json
 import math
 import re
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from mtrain import checkpoint
 from mtrain.config import Config, config_to_dict, drop_removed, dump_config
@@ -30,6 +27,7 @@ from mtrain.errors import MtrainError
 from mtrain.files import check_folder, first_names, link_or_copy, make_folder
 from mtrain.loss import label_smoothed_loss, output_loss
 from mtrain.model import Transformer
+from mtrain.report import Report, progress, write_line
 from mtrain.score import bleu
 from mtrain.tokenizer import Tokenizers, get_tokenizers, save_to_run
 from mtrain.translate import decode_ids, drop_unknown
@@ -123,7 +121,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-# ---------------------------------------------------------------- state, stops, clock, reporting
+# ---------------------------------------------------------------- state, stops, clock
 
 
 @dataclass
@@ -198,96 +196,6 @@ class Clock:
 
     def session(self) -> float:
         return time.monotonic() - self.session_start
-
-
-def progress(elapsed_s: float, budget_s: float) -> str:
-    """Training time so far, against train.max_time when there is one: '12.5 of 60.0 min'."""
-    return f"{elapsed_s / 60:.1f}" + (f" of {budget_s / 60:.1f}" if math.isfinite(budget_s) else "") + " min"
-
-
-def write_line(text: str) -> None:
-    """The default report channel: a line above tqdm's bar (the bar is redrawn below it)."""
-    tqdm.write(text)
-    sys.stdout.flush()  # a log file sees each line as it happens
-
-
-class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard events (when tensorboard is installed)."""
-
-    def __init__(self, run_dir: Path):
-        path = run_dir / "metrics.jsonl"
-        torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-        self.file = open(path, "a", encoding="utf-8")
-        if torn:  # a kill -9 cut the last record: start ours on a fresh line
-            self.file.write("\n")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self):
-        self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut by a kill (or being written now) is skipped."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-class Report:
-    """The one way a run reports, on rank 0 only: lines through `log` (by default above tqdm's bar, which
-    they do not break), the progress bar on a terminal, and metrics.jsonl with TensorBoard."""
-
-    def __init__(self, log, main: bool):
-        self.log, self.main = log, main
-        self.bar: tqdm | None = None
-        self.metrics: MetricsLog | None = None
-
-    def line(self, text: str) -> None:
-        if self.main:
-            self.log(text)
-
-    def start(self, run_dir: Path, step: int, total: int) -> None:
-        if self.main:
-            self.metrics = MetricsLog(run_dir)
-        # disable=None: a bar on a terminal only; in a log file, lines say how far the run is
-        self.bar = tqdm(total=total or None, initial=step, unit="step", dynamic_ncols=True,
-                        disable=None if self.main else True)
-
-    @property
-    def on_terminal(self) -> bool:
-        return self.bar is not None and not self.bar.disable
-
-    def record(self, record: dict, session_s: float) -> None:
-        if record and self.metrics is not None:
-            self.metrics.write({**record, "wall_s": round(session_s, 2)})
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
 
 
 class Interval:

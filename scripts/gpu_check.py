@@ -44,7 +44,7 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
-    from mtrain.train import read_metrics
+    from mtrain.report import read_metrics
 
     dry = args.cpu_dry_run
     if not dry and not torch.cuda.is_available():

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 def summarize(run_dir: Path) -> dict:
     from mtrain import checkpoint
-    from mtrain.train import read_metrics
+    from mtrain.report import read_metrics
 
     records = read_metrics(run_dir / "metrics.jsonl")
     speeds = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)

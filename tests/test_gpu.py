@@ -12,7 +12,8 @@ from conftest import ROOT, SAMPLE_EN, tiny_raw
 from mtrain import checkpoint
 from mtrain.config import DecodeConfig, config_from_dict
 from mtrain.device import pick_device
-from mtrain.train import fit, read_metrics
+from mtrain.report import read_metrics
+from mtrain.train import fit
 from mtrain.translate import translate_lines
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

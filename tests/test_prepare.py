@@ -11,7 +11,8 @@ from mtrain import checkpoint
 from mtrain.config import config_from_dict
 from mtrain.errors import MtrainError
 from mtrain.prepare import MANIFEST, load_prepared, prepare
-from mtrain.train import fit, read_metrics
+from mtrain.report import read_metrics
+from mtrain.train import fit
 
 
 def two_corpora(tmp_path, spm_model, **train) -> dict:

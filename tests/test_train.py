@@ -16,8 +16,9 @@ from mtrain import checkpoint
 from mtrain.config import DecodeConfig
 from mtrain.device import pick_device
 from mtrain.errors import MtrainError
+from mtrain.report import read_metrics
 from mtrain.score import bleu
-from mtrain.train import fit, lr_at, read_metrics
+from mtrain.train import fit, lr_at
 from mtrain.translate import translate_lines
 
 
@@ -247,7 +248,7 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path, tiny_cfg, monkeypatch
 
     monkeypatch.setattr(train_module, "batch_loss", flaky)
     fit(tiny_cfg(max_steps=6, warmup=4), tmp_path / "ok", log=lambda *_: None)
-    records = [r for r in train_module.read_metrics(tmp_path / "ok" / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_metrics(tmp_path / "ok" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 7))  # skipped updates are not steps
     assert all(math.isfinite(r["loss"]) for r in records)
     assert [r["lr"] for r in records] == pytest.approx([lr_at(s, 4, 3e-3) for s in range(1, 7)])
@@ -415,7 +416,6 @@ def test_overwrite_touches_only_what_mtrain_wrote(tmp_path, tiny_cfg):
 
 
 def test_torn_metrics_line_is_skipped_and_not_continued(tmp_path, tiny_cfg):
-    from mtrain.train import read_metrics
     run = tmp_path / "run"
     fit(tiny_cfg(max_steps=2), run, log=lambda *_: None)
     with open(run / "metrics.jsonl", "a") as f:
@@ -475,7 +475,7 @@ def test_budget_schedules_decay_to_zero_at_the_plan():
 
 
 def test_log_lines_say_how_much_of_the_time_budget_is_spent(tmp_path, tiny_cfg, capsys):
-    from mtrain.train import progress
+    from mtrain.report import progress
     assert progress(750.0, 3600.0) == "12.5 of 60.0 min"
     assert progress(90.0, float("inf")) == "1.5 min"
     fit(tiny_cfg(max_steps=4, log_every=2, max_time="10m"), tmp_path / "run")  # the default channel
