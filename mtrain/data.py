@@ -316,6 +316,10 @@ def collate_parts(parts: Sequence[tuple[EncodedCorpus, np.ndarray, np.ndarray]],
     """collate() of `n` pairs drawn from several corpora: (corpus, its pair indices, their rows in the
     batch) for each; one gather per corpus and side."""
     def side(flat_of, offsets_of) -> tuple[np.ndarray, np.ndarray]:
+        if len(parts) == 1:  # one corpus, rows in order: its gather is the batch
+            corpus, idx, _ = parts[0]
+            offsets = offsets_of(corpus)
+            return gather_rows(flat_of(corpus), offsets, idx, pad, eos), offsets[idx + 1] - offsets[idx]
         lens = np.zeros(n, dtype=np.int64)
         for corpus, idx, rows in parts:
             offsets = offsets_of(corpus)
