@@ -20,7 +20,7 @@ from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import ReadStats, read_pairs
 from mtrain.errors import MtrainError
 from mtrain.files import make_folder
-from mtrain.tokenizer import Tokenizers
+from mtrain.tokenizer import PAD, Tokenizers
 
 CACHE_VERSION = 4  # 3: kept.npy, which pairs survived the filters; 4: uint16 ids where they fit
 CHUNK = 50_000  # lines encoded at once: bounds RAM for corpora of millions of pairs
@@ -259,13 +259,23 @@ class Batch:
     tgt_in: torch.Tensor  # (B, T) BOS + target
     tgt_out: torch.Tensor  # (B, T) target + EOS, padded with pad
     n_tgt_tokens: int
+    # The real target positions (flat, into B x T) and their ids, found on the host where the batch is
+    # made: selecting them on a GPU by a mask would make the host wait for the GPU once per batch.
+    tgt_index: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.tgt_index is None:
+            flat = self.tgt_out.flatten()
+            self.tgt_index = torch.nonzero(flat != PAD).flatten()
+            self.target = flat[self.tgt_index]
 
     def to(self, device: torch.device) -> "Batch":
         # Pinned host memory lets the copy overlap with GPU work.
         pin = device.type == "cuda"
         move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pin else (lambda t: t.to(device))
         return Batch(move(self.src), move(self.src_pad_mask), move(self.tgt_in), move(self.tgt_out),
-                     self.n_tgt_tokens)
+                     self.n_tgt_tokens, move(self.tgt_index), move(self.target))
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad: int, prefix: int | None = None, suffix: int | None = None) -> np.ndarray:

@@ -260,11 +260,13 @@ class Transformer(nn.Module):
         return self.output(self.decode_hidden(tgt_in, memory, src_pad_mask))
 
     def forward(self, src, src_pad_mask, tgt_in, select, project: bool = True) -> torch.Tensor:
-        """Training pass: logits (N, vocab) at the N target positions where `select` (B, T) is True; or
+        """Training pass: logits (N, vocab) at the N target positions `select` names: a (B, T) mask, or
+        their flat indices into B x T (`Batch.tgt_index`), which a GPU selects without waiting; or
         with project=False the decoder's output there (N, d_model), for `loss.output_loss`, which applies
         the output layer itself chunk by chunk. Only real tokens reach the output layer: the
         (tokens x vocab) logits are the largest tensor here."""
-        hidden = self.decode_hidden(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)[select]  # (N, d_model)
+        hidden = self.decode_hidden(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)
+        hidden = hidden[select] if select.dtype == torch.bool else hidden.flatten(0, 1).index_select(0, select)
         return self.output(hidden) if project else hidden
 
     def new_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int) -> KVCache:

@@ -72,10 +72,9 @@ PLAN_EVERY = 25  # updates between re-estimates of a time budget's plan
 # ---------------------------------------------------------------- one update
 
 
-def batch_loss(model, batch, eps: float, pad: int) -> torch.Tensor:
+def batch_loss(model, batch, eps: float) -> torch.Tensor:
     """Summed training loss of one batch; `model` may be wrapped in DistributedDataParallel."""
-    real = batch.tgt_out != pad
-    target = batch.tgt_out[real]
+    real, target = batch.tgt_index, batch.target  # found on the host: no GPU sync
     if batch.src.device.type == "cpu":
         # On a CPU the output layer and the loss go together in cache-sized chunks (0.55x the time).
         # A GPU keeps the whole logits: not measured there, and under fp16 autocast the gradients that
@@ -578,7 +577,7 @@ class Trainer:
     def update(self, lr: float) -> tuple[float, int, torch.Tensor]:
         """One optimizer update. Returns the gradient norm before clipping (not finite: nothing was
         applied), the target tokens of the whole update, and this process's summed loss."""
-        tc, world, dev, toks = self.cfg.train, self.world, self.dev, self.toks
+        tc, world, dev = self.cfg.train, self.world, self.dev
         update = self.stream.next()  # this process's share of the update's batches, collated ahead
         self.note_epoch(update)
         n_tokens = update.n_tokens  # all target tokens of the update, every process's share
@@ -590,7 +589,7 @@ class Trainer:
             sync = world.size == 1 or j == len(update.batches) - 1
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
                 with dev.autocast():
-                    summed = batch_loss(self.train_model, batch, tc.label_smoothing, toks.tgt.pad)
+                    summed = batch_loss(self.train_model, batch, tc.label_smoothing)
                 # DDP averages gradients over processes; * world.size makes that a sum.
                 dev.scaler.scale(summed * (world.size / n_tokens)).backward()
             loss += summed.detach()

@@ -134,7 +134,7 @@ def part_train(args) -> dict:
         src_tokens += int((~batch.src_pad_mask).sum())
         batch = batch.to(dev.device)
         with dev.autocast():
-            loss = batch_loss(model, batch, 0.1, pad) / batch.n_tgt_tokens
+            loss = batch_loss(model, batch, 0.1) / batch.n_tgt_tokens
         dev.scaler.scale(loss).backward()
         optimizer_update(opt, model.parameters(), dev.scaler, cfg.train.clip_norm)
     sync(dev.device)

@@ -85,3 +85,26 @@ def test_torchrun_one_process_on_cuda(tmp_path, spm_model):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "device: cuda:0" in out.stdout
     assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == 6
+
+
+def test_a_training_step_makes_no_host_sync(tmp_path):
+    """The loss finds the real target positions from indices made on the host: forward and backward
+    of a batch never make the host wait for the GPU (only the logged loss and the gradient norm do,
+    once per update)."""
+    from mtrain.config import ModelConfig
+    from mtrain.data import collate
+    from mtrain.model import Transformer
+    from mtrain.train import batch_loss
+    model = Transformer(ModelConfig(encoder_layers=1, decoder_layers=1, d_model=32, heads=2, ffn_dim=64), 50, 50,
+                        pad=0).cuda().train()
+    batch = collate([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15, 16]], pad=0, bos=2, eos=3).to(torch.device("cuda"))
+    batch_loss(model, batch, 0.1).backward()  # warm-up: kernels chosen, memory allocated
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
+            loss = batch_loss(model, batch, 0.1)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

@@ -108,7 +108,7 @@ def test_batch_loss_on_cpu_is_the_models_logits_then_the_loss():
     tgt_out = torch.tensor([[10, 11, 12, 2], [13, 14, 2, 0]])
     batch = Batch(src=src, src_pad_mask=src == 0, tgt_in=tgt_in, tgt_out=tgt_out, n_tgt_tokens=7)
     results = []
-    for fn in (lambda: batch_loss(model, batch, 0.1, 0),
+    for fn in (lambda: batch_loss(model, batch, 0.1),
                lambda: label_smoothed_loss(model(src, src == 0, tgt_in, tgt_out != 0), tgt_out[tgt_out != 0], 0.1)):
         model.zero_grad()
         value = fn()

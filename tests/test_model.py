@@ -88,3 +88,23 @@ def test_dropout_masks_any_shape_uniformly():
     out.sum().backward()
     assert torch.equal(grad_in.grad, out.detach())  # the gradient goes through the same mask and scale
     assert torch.equal(Dropout(0.0).train()(torch.ones(3)), torch.ones(3))
+
+
+def test_positions_selected_by_index_are_those_of_the_mask():
+    """forward() takes the real target positions as a (B, T) mask or as their flat indices (what a
+    batch carries, found on the host, so that a GPU selects them without a sync): the same rows."""
+    from mtrain.data import collate
+    model = make().train()
+    batch = collate([[5, 6, 7], [8]], [[9], [10, 11, 12]], pad=0, bos=2, eos=3)
+    assert batch.tgt_index.tolist() == [0, 1, 4, 5, 6, 7] and batch.target.tolist() == [9, 3, 10, 11, 12, 3]
+    args = batch.src, batch.src_pad_mask, batch.tgt_in
+    torch.manual_seed(0)
+    by_mask = model(*args, batch.tgt_out != 0)
+    torch.manual_seed(0)
+    by_index = model(*args, batch.tgt_index)
+    assert torch.equal(by_mask, by_index)
+    hidden = []
+    for select in (batch.tgt_out != 0, batch.tgt_index):
+        torch.manual_seed(0)  # the same dropout masks
+        hidden.append(model(*args, select, project=False))
+    assert torch.equal(hidden[0], hidden[1]) and hidden[0].shape == (6, model.cfg.d_model)

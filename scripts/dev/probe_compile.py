@@ -57,7 +57,7 @@ def main():
             start, tokens = time.perf_counter(), 0
         batch = stream.next().collate(PAD, BOS, EOS)
         tokens += batch.n_tgt_tokens
-        (batch_loss(forward, batch, 0.1, PAD) / batch.n_tgt_tokens).backward()
+        (batch_loss(forward, batch, 0.1) / batch.n_tgt_tokens).backward()
         optimizer_update(opt, model.parameters(), scaler, cfg.train.clip_norm)
     print(f"{args.mode}: {tokens / (time.perf_counter() - start):,.0f} target tokens/s after the first {FIRST} updates")
 
