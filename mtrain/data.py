@@ -22,7 +22,7 @@ from mtrain.errors import MtrainError
 from mtrain.files import make_folder
 from mtrain.tokenizer import PAD, Tokenizers
 
-CACHE_VERSION = 4  # 3: kept.npy, which pairs survived the filters; 4: uint16 ids where they fit
+CACHE_VERSION = 4  # 4: uint16 ids where they fit, no kept.npy (its reader, subword sampling, is gone)
 CHUNK = 50_000  # lines encoded at once: bounds RAM for corpora of millions of pairs
 
 
@@ -35,7 +35,6 @@ class EncodedCorpus:
     tgt: np.ndarray
     tgt_offsets: np.ndarray
     report: dict
-    kept: np.ndarray | None = None  # bool per non-empty pair read: True where the filters kept it
 
     def __len__(self) -> int:
         return len(self.src_offsets) - 1
@@ -132,8 +131,7 @@ def open_encoded(folder: Path) -> EncodedCorpus:
         return np.zeros(0, dtype=dtype) if path.stat().st_size == 0 else np.memmap(path, dtype=dtype, mode="r")
 
     return EncodedCorpus(array("src.bin"), np.load(folder / "src_offsets.npy", mmap_mode="r"),
-                         array("tgt.bin"), np.load(folder / "tgt_offsets.npy", mmap_mode="r"), report,
-                         np.load(folder / "kept.npy", mmap_mode="r"))
+                         array("tgt.bin"), np.load(folder / "tgt_offsets.npy", mmap_mode="r"), report)
 
 
 def length_filter(n_src: np.ndarray, n_tgt: np.ndarray, max_len: int, max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +163,6 @@ def encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cfg
     stats = ReadStats()
     too_long = bad_ratio = 0
     lengths = {"src": [], "tgt": []}  # one numpy array per chunk: no Python int per sentence is kept
-    kept_masks = []
     with open(tmp / "src.bin", "wb") as src_file, open(tmp / "tgt.bin", "wb") as tgt_file:
         files = {"src": src_file, "tgt": tgt_file}
         pairs = read_pairs(source, stats)
@@ -181,7 +178,6 @@ def encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cfg
                 long, ratio = length_filter(n["src"], n["tgt"], cfg.max_len, cfg.max_len_ratio)
                 too_long, bad_ratio = too_long + int(long.sum()), bad_ratio + int(ratio.sum())
                 keep = ~(long | ratio)
-            kept_masks.append(keep)
             for side in ("src", "tgt"):
                 kept_ids = [x for x, k in zip(ids[side], keep) if k]
                 flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=dtype,
@@ -191,7 +187,6 @@ def encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cfg
     for side in ("src", "tgt"):
         counts = np.concatenate(lengths[side]) if lengths[side] else np.zeros(0, dtype=np.int64)
         np.save(tmp / f"{side}_offsets.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-    np.save(tmp / "kept.npy", np.concatenate(kept_masks) if kept_masks else np.zeros(0, dtype=bool))
     kept = int(sum(len(x) for x in lengths["src"]))
     summary = (f"{stats.pairs + stats.empty} pairs read, {stats.empty} empty dropped, "
                f"{too_long} longer than {cfg.max_len} tokens dropped, "
