@@ -65,20 +65,27 @@ def content_sample(path: Path, span: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def encoding_settings(source: DataSource) -> dict:
+    """The settings of a source that decide its pairs: not its name, weight or how it is read
+    (streaming); a hub dataset's revision does (an updated dataset)."""
+    return {k: v for k, v in source.__dict__.items() if k not in ("name", "weight", "hf_streaming")}
+
+
+def source_files(source: DataSource) -> list[str]:
+    return [p for p in (source.src, source.tgt, source.tsv, *source.hf_data_files) if p]
+
+
 def _source_fingerprint(source: DataSource) -> dict:
     """What identifies the raw data: paths with size, mtime and a content sample, or the dataset coordinates."""
-    files = [p for p in (source.src, source.tgt, source.tsv, *source.hf_data_files) if p]
     stamp = []
-    for p in files:
+    for p in source_files(source):
         path = Path(p)
         if path.is_file():
             st = path.stat()
             stamp.append([str(path.resolve()), st.st_size, st.st_mtime_ns, content_sample(path)])
         else:
             stamp.append([str(path.resolve()), -1, -1, ""])
-    # name, weight and streaming do not change the encoding; the revision does (an updated hub dataset)
-    encoding = {k: v for k, v in source.__dict__.items() if k not in ("name", "weight", "hf_streaming")}
-    return {"source": json.dumps(encoding, sort_keys=True), "files": stamp}
+    return {"source": json.dumps(encoding_settings(source), sort_keys=True), "files": stamp}
 
 
 def cache_key(source: DataSource, toks: Tokenizers, max_len: int, max_ratio: float, filtered: bool) -> str:

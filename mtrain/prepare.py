@@ -17,7 +17,16 @@ import shutil
 from pathlib import Path
 
 from mtrain.config import Config, DataSource
-from mtrain.data import CACHE_VERSION, EncodedCorpus, content_sample, encode_to, open_encoded, tag_id
+from mtrain.data import (
+    CACHE_VERSION,
+    EncodedCorpus,
+    content_sample,
+    encode_to,
+    encoding_settings,
+    open_encoded,
+    source_files,
+    tag_id,
+)
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, make_folder
 from mtrain.tokenizer import Tokenizers, get_tokenizers
@@ -28,11 +37,9 @@ MANIFEST = "manifest.json"
 
 def source_fingerprint(source: DataSource) -> dict:
     """A source by what decides its pairs: its settings, and its files' sizes and content samples."""
-    settings = {k: v for k, v in source.__dict__.items() if k not in ("name", "weight", "hf_streaming")}
-    files = [p for p in (source.src, source.tgt, source.tsv, *source.hf_data_files) if p]
-    return {"settings": settings,
+    return {"settings": encoding_settings(source),
             "files": [[p, Path(p).stat().st_size if Path(p).is_file() else -1,
-                       content_sample(Path(p)) if Path(p).is_file() else ""] for p in files]}
+                       content_sample(Path(p)) if Path(p).is_file() else ""] for p in source_files(source)]}
 
 
 def expected_manifest(cfg: Config, toks: Tokenizers) -> dict:

@@ -27,6 +27,7 @@ from mtrain.errors import MtrainError
 from mtrain.files import check_folder, first_names, link_or_copy, make_folder
 from mtrain.loss import label_smoothed_loss, output_loss
 from mtrain.model import Transformer
+from mtrain.prepare import MANIFEST, load_prepared, prepare
 from mtrain.report import Report, progress, write_line
 from mtrain.score import bleu
 from mtrain.tokenizer import Tokenizers, get_tokenizers, save_to_run
@@ -437,7 +438,7 @@ class Data:
 
 def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report) -> Data:
     """Tokenizer and corpora (trained and encoded once, then cached); then the run directory fills."""
-    ready = bool(cfg.data.prepared) and (Path(cfg.data.prepared) / "manifest.json").is_file()
+    ready = bool(cfg.data.prepared) and (Path(cfg.data.prepared) / MANIFEST).is_file()
     if world.main and not ready:  # mismatched or missing files are named before anything slow (SentencePiece)
         for source in (*cfg.data.train, cfg.data.valid):
             if source.src:
@@ -471,7 +472,6 @@ def read_prepared(cfg: Config, *, world: World, report: Report):
     """data.prepared: rank 0 prepares it when it is missing (as `mtrain prepare` would); every process
     then reads it, and one that finds none (another node, without a shared filesystem) stops with one
     line rather than encode the corpus on its own."""
-    from mtrain.prepare import MANIFEST, load_prepared, prepare
     where = Path(cfg.data.prepared)
     if world.main and not (where / MANIFEST).is_file():
         prepare(cfg, where, report.line)
