@@ -109,7 +109,7 @@ def prepare(
     set_: List[str] = typer.Option([], "--set", help="Override a config key: --set data.max_len=200 (repeatable)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Prepared directory [data.prepared, else data/prepared/CONFIG_NAME]."),
-    workers: int = typer.Option(0, help="Encoding threads [0: every core this process may use]."),
+    workers: int = typer.Option(0, help="Encoding processes [0: one per core this process may use]."),
 ):
     """Train the tokenizer and encode every corpus once, into a directory that fit reads (data.prepared)."""
     from mtrain.config import load_config

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from mtrain.config import DataSource
 from mtrain.errors import MtrainError
 
@@ -43,8 +45,9 @@ def open_text(path: Path | str) -> Iterator[str]:
             raise MtrainError(f"{path}: cannot read ({e})") from None
 
 
-def _decode_lines(f, name) -> Iterator[str]:
-    for number, raw in enumerate(f, start=1):
+def _decode_lines(f, name, first: int = 1) -> Iterator[str]:
+    """Lines numbered from `first` (the number of the file's line the first one is)."""
+    for number, raw in enumerate(f, start=first):
         try:
             # utf-8-sig on the first line: a byte-order mark (Windows editors write one) is not text.
             yield raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
@@ -52,7 +55,32 @@ def _decode_lines(f, name) -> Iterator[str]:
             raise MtrainError(f"{name}:{number}: invalid UTF-8 (byte {e.start + 1} of the line)") from None
 
 
+def is_plain_file(path: Path | str) -> bool:
+    """A regular, uncompressed file: one whose lines can be found by byte offset."""
+    return Path(path).suffix != ".gz" and Path(path).is_file()
+
+
+def line_index(path: Path | str, every: int) -> tuple[list[int], int]:
+    """Pure over the file: the byte offsets where lines 0, every, 2 x every, ... of a plain file start,
+    and its number of lines (a last line without a newline counts), from the bytes alone, in blocks:
+    ~1 s a GB, without decoding a line."""
+    starts, lines, size, last = [0], 0, 0, 10
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            # the line after newline i of this block is line number lines + i + 1 of the file
+            first = -(lines + 1) % every
+            starts.extend((size + newlines[first::every] + 1).tolist())
+            lines, size, last = lines + len(newlines), size + len(block), block[-1]
+    if len(starts) > 1 and starts[-1] >= size:  # the end of the file, after its last newline: no line
+        starts.pop()
+    return starts, lines + (size > 0 and last != 10)
+
+
 def count_lines(path: Path | str) -> int:
+    if is_plain_file(path):
+        check_input(Path(path))
+        return line_index(path, 1 << 62)[1]
     with _open_binary(Path(path)) as f:
         try:
             return sum(1 for _ in f)
@@ -83,7 +111,7 @@ def read_pairs(source: DataSource, stats: ReadStats | None = None) -> Iterator[t
     stats = stats if stats is not None else ReadStats()
     if source.empty:
         raise MtrainError("data: no corpus given (set src and tgt, tsv, or hf)")
-    for src, tgt in _raw_pairs(source):
+    for src, tgt in raw_pairs(source):
         src, tgt = src.strip(), tgt.strip()
         if not src or not tgt:
             stats.empty += 1
@@ -92,7 +120,8 @@ def read_pairs(source: DataSource, stats: ReadStats | None = None) -> Iterator[t
         yield src, tgt
 
 
-def _raw_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
+def raw_pairs(source: DataSource) -> Iterator[tuple[str, str]]:
+    """Every line pair of a source as it is, empty ones included."""
     if source.tsv:
         yield from _tsv_pairs(Path(source.tsv))
     elif source.hf:

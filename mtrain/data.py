@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import queue
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,11 @@ import numpy as np
 import torch
 
 from mtrain.config import DataConfig, DataSource
-from mtrain.corpus import ReadStats, read_pairs
-from mtrain.errors import MtrainError
+from mtrain.encode import encode_to, tag_id
 from mtrain.files import make_folder
 from mtrain.tokenizer import PAD, Tokenizers
 
 CACHE_VERSION = 4  # 4: uint16 ids where they fit, no kept.npy (its reader, subword sampling, is gone)
-CHUNK = 50_000  # lines encoded at once: bounds RAM for corpora of millions of pairs
 
 
 @dataclass
@@ -96,31 +93,15 @@ def cache_key(source: DataSource, toks: Tokenizers, max_len: int, max_ratio: flo
     return h.hexdigest()[:20]
 
 
-def tag_id(source: DataSource, toks: Tokenizers) -> int | None:
-    """The source piece of the corpus's tag, which the tokenizer must hold as one piece."""
-    if not source.tag:
-        return None
-    piece = toks.src.sp.piece_to_id(source.tag)
-    if piece == toks.src.unk or piece not in toks.src.sp.encode(source.tag):  # known, and kept whole
-        raise MtrainError(f"{source.label}: tag {source.tag} is not one piece of the source tokenizer; train the "
-                          f"tokenizer with the tags of data.train (fit does when it trains one) or add it to "
-                          f"tokenizer.user_defined_symbols")
-    return piece
-
-
 def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered: bool = True,
-                log=print) -> EncodedCorpus:
+                log=print, workers: int = 0) -> EncodedCorpus:
     """Encode a corpus once and cache it; later runs with the same data and tokenizer map the cache."""
     tag_id(source, toks)  # checked before any encoding
     key = cache_key(source, toks, cfg.max_len, cfg.max_len_ratio, filtered)
     folder = Path(cfg.cache_dir) / key
     if not (folder / "report.json").is_file():
         make_folder(cfg.cache_dir, "data.cache_dir")
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        try:
-            encode_to(folder, tmp, source, toks, cfg, filtered)
-        finally:  # an error in the data (line 3 million) leaves no half-written cache behind
-            shutil.rmtree(tmp, ignore_errors=True)
+        encode_to(folder, source, toks, cfg, filtered, stamp={"key": key}, workers=workers)
     else:
         log(f"data: {source.describe()}: using cache {folder}")
     corpus = open_encoded(folder)
@@ -141,14 +122,6 @@ def open_encoded(folder: Path) -> EncodedCorpus:
                          array("tgt.bin"), np.load(folder / "tgt_offsets.npy", mmap_mode="r"), report)
 
 
-def length_filter(n_src: np.ndarray, n_tgt: np.ndarray, max_len: int, max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pure: (too long, bad length ratio) masks for pairs of piece counts, counted with the EOS each
-    side gets; a pair that is too long is not also counted as a bad ratio."""
-    longest, shortest = np.maximum(n_src, n_tgt) + 1, np.minimum(n_src, n_tgt) + 1
-    long = longest > max_len
-    return long, ~long & (longest > max_ratio * shortest)
-
-
 def from_ids(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> EncodedCorpus:
     """Pure: an in-memory EncodedCorpus from id lists (without EOS)."""
     def flat(ids):
@@ -157,54 +130,6 @@ def from_ids(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> Enco
         return data, np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
 
     return EncodedCorpus(*flat(src), *flat(tgt), report={})
-
-
-def encode_to(folder: Path, tmp: Path, source: DataSource, toks: Tokenizers, cfg: DataConfig,
-              filtered: bool, finish=None, threads: int = 0) -> None:
-    """Encode `source` into `tmp`, then put it in place as `folder` whole (`finish(tmp)` may add files
-    first): a failure or a kill never leaves a folder that looks complete."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # Two bytes a piece where the vocabularies allow (most do): half the disk and page cache of int32.
-    dtype = np.uint16 if max(toks.src.vocab_size, toks.tgt.vocab_size) <= 1 << 16 else np.int32
-    stats = ReadStats()
-    too_long = bad_ratio = 0
-    lengths = {"src": [], "tgt": []}  # one numpy array per chunk: no Python int per sentence is kept
-    with open(tmp / "src.bin", "wb") as src_file, open(tmp / "tgt.bin", "wb") as tgt_file:
-        files = {"src": src_file, "tgt": tgt_file}
-        pairs = read_pairs(source, stats)
-        tag = tag_id(source, toks)
-        while chunk := list(itertools.islice(pairs, CHUNK)):
-            ids = {"src": toks.src.encode_batch([s for s, _ in chunk], threads),
-                   "tgt": toks.tgt.encode_batch([t for _, t in chunk], threads)}
-            if tag is not None:  # the tag's id, not its text: the same piece whatever the sentence
-                ids["src"] = [[tag, *x] for x in ids["src"]]
-            n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(chunk)) for side in ids}
-            keep = np.ones(len(chunk), dtype=bool)
-            if filtered:
-                long, ratio = length_filter(n["src"], n["tgt"], cfg.max_len, cfg.max_len_ratio)
-                too_long, bad_ratio = too_long + int(long.sum()), bad_ratio + int(ratio.sum())
-                keep = ~(long | ratio)
-            for side in ("src", "tgt"):
-                kept_ids = [x for x, k in zip(ids[side], keep) if k]
-                flat = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=dtype,
-                                   count=int(n[side][keep].sum()))
-                files[side].write(flat.tobytes())
-                lengths[side].append(n[side][keep])
-    for side in ("src", "tgt"):
-        counts = np.concatenate(lengths[side]) if lengths[side] else np.zeros(0, dtype=np.int64)
-        np.save(tmp / f"{side}_offsets.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-    kept = int(sum(len(x) for x in lengths["src"]))
-    summary = (f"{stats.pairs + stats.empty} pairs read, {stats.empty} empty dropped, "
-               f"{too_long} longer than {cfg.max_len} tokens dropped, "
-               f"{bad_ratio} with length ratio > {cfg.max_len_ratio} dropped, {kept} kept")
-    report = {"read": stats.pairs + stats.empty, "empty": stats.empty, "too_long": too_long,
-              "bad_ratio": bad_ratio, "kept": kept, "summary": summary, "dtype": np.dtype(dtype).name}
-    (tmp / "report.json").write_text(json.dumps(report))
-    if finish is not None:
-        finish(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # the cache appears whole or not at all
 
 
 def cut_sorted(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:

@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 from mtrain.config import Config, DataSource
-from mtrain.data import (
-    CACHE_VERSION,
-    EncodedCorpus,
-    content_sample,
-    encode_to,
-    encoding_settings,
-    open_encoded,
-    source_files,
-    tag_id,
-)
+from mtrain.data import CACHE_VERSION, EncodedCorpus, content_sample, encoding_settings, open_encoded, source_files
+from mtrain.encode import encode_to, tag_id
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, make_folder
 from mtrain.tokenizer import Tokenizers, get_tokenizers
@@ -60,9 +50,9 @@ def _parts(cfg: Config) -> list[tuple[str, DataSource, bool]]:
 
 def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0) -> Path:
     """Tokenizer (trained into `out_dir` when tokenizer.model is not given or missing) and every corpus,
-    encoded by `workers` SentencePiece threads (0: every core this process may use; the result is the
-    same for any number); the manifest last. Corpora already encoded for the same source and
-    tokenizer are kept."""
+    encoded by `workers` processes (0: one per core this process may use; the result is the same for
+    any number); the manifest last. Corpora already encoded for the same source and tokenizer are
+    kept, and one that was interrupted continues from its last chunk."""
     out_dir = Path(out_dir)
     make_folder(out_dir, "prepared data")
     (out_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until written again, at the end
@@ -80,12 +70,8 @@ def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0) -> Pa
         if done.is_file() and json.loads(done.read_text()) == stamp:
             log(f"prepare: {source.label}: already encoded in {folder}")
             continue
-        tmp = folder.with_name(f".{name}.tmp{os.getpid()}")
-        try:
-            encode_to(folder, tmp, source, toks, cfg.data, filtered, threads=workers,
-                      finish=lambda t, s=stamp: (t / "prepared.json").write_text(json.dumps(s)))
-        finally:  # a failure leaves no half-written corpus behind
-            shutil.rmtree(tmp, ignore_errors=True)
+        encode_to(folder, source, toks, cfg.data, filtered, stamp, workers=workers,
+                  finish=lambda t, s=stamp: (t / "prepared.json").write_text(json.dumps(s)))
         log(f"prepare: {source.label}: {json.loads((folder / 'report.json').read_text())['summary']}")
     with atomic_write(out_dir / MANIFEST, "w", "manifest") as f:
         f.write(json.dumps(manifest, indent=1))
