@@ -234,10 +234,11 @@ def gather_rows(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray, pad: int
     gather without a Python loop over rows: the loader's cost per batch stays small next to a step."""
     starts = offsets[idx]
     lens = offsets[idx + 1] - starts
-    col = np.arange(max(int(lens.max(initial=0)) + 1, 1))[None, :]
-    pos = np.clip(starts[:, None] + col, 0, max(len(flat) - 1, 0))  # past a row's end: masked below
-    values = flat.take(pos) if len(flat) else np.zeros(pos.shape, dtype=np.int64)
-    out = np.where(col < lens[:, None], values, pad).astype(np.int64)
+    col = np.arange(max(int(lens.max(initial=0)) + 1, 1))
+    # clip: a position past the corpus's end (the last row's padding) reads its last id, padded below
+    out = flat.take(starts[:, None] + col, mode="clip").astype(np.int64) if len(flat) else \
+        np.zeros((len(idx), len(col)), dtype=np.int64)
+    out[col >= lens[:, None]] = pad
     out[np.arange(len(idx)), lens] = suffix
     return out
 
@@ -275,7 +276,9 @@ def collate_parts(parts: Sequence[tuple[EncodedCorpus, np.ndarray, np.ndarray]],
     rows = np.flatnonzero(lens + 1 < tgt_out.shape[1])
     tgt_in[rows, lens[rows] + 1] = pad
     src_t = torch.from_numpy(src)
-    return Batch(src_t, src_t == pad, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), int(lens.sum()) + n)
+    real = np.flatnonzero(tgt_out.reshape(-1) != pad)  # numpy finds them 3x as fast as torch.nonzero
+    return Batch(src_t, src_t == pad, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), int(lens.sum()) + n,
+                 torch.from_numpy(real), torch.from_numpy(tgt_out.reshape(-1)[real]))
 
 
 class Corpora:
@@ -338,28 +341,46 @@ class Share:
 
 class Batches:
     """Endless, resumable stream of batches over epochs; state is (epoch, index). A corpus given alone is
-    one of Corpora with weight 1."""
+    one of Corpora with weight 1. With `lookahead`, the next epoch's batches are made in a thread while
+    this one trains: at millions of pairs sorting them takes seconds, which the loop need not wait."""
 
-    def __init__(self, corpus: EncodedCorpus | Corpora, max_tokens: int, seed: int):
+    def __init__(self, corpus: EncodedCorpus | Corpora, max_tokens: int, seed: int, lookahead: bool = False):
         self.corpus = corpus if isinstance(corpus, Corpora) else Corpora([corpus])
-        self.max_tokens, self.seed = max_tokens, seed
+        self.max_tokens, self.seed, self.lookahead = max_tokens, seed, lookahead
         self.epoch, self.index = 1, 0
         self._epoch_batches: list[np.ndarray] | None = None
+        self._next: tuple[int, threading.Thread, dict] | None = None  # (epoch, its thread, where it puts them)
         self._lengths_digest: str | None = None
         self.epoch_pairs: dict[str, int] = {}  # pairs each corpus gave to the current epoch
 
+    def make_epoch(self, epoch: int) -> tuple[list[np.ndarray], dict[str, int]]:
+        """The batches of an epoch and the pairs each corpus gave to it: a function of (seed, epoch) alone."""
+        c = self.corpus
+        drawn = c.draw(self.seed, epoch)
+        if drawn is None:  # every pair once: the batches of the lengths as they are
+            batches = token_batches(c.src_lengths, c.tgt_lengths, self.max_tokens, self.seed, epoch)
+            counts = np.diff(c.starts)
+        else:
+            batches = [drawn[b] for b in token_batches(c.src_lengths[drawn], c.tgt_lengths[drawn], self.max_tokens,
+                                                       self.seed, epoch)]
+            counts = np.bincount(c.part_of(drawn), minlength=len(c.parts))
+        return batches, dict(zip(c.names, map(int, counts)))
+
     def epoch_batches(self) -> list[np.ndarray]:
         if self._epoch_batches is None:
-            c = self.corpus
-            drawn = c.draw(self.seed, self.epoch)
-            if drawn is None:  # every pair once: the batches of the lengths as they are
-                self._epoch_batches = token_batches(c.src_lengths, c.tgt_lengths, self.max_tokens, self.seed, self.epoch)
-                counts = np.diff(c.starts)
+            if self._next is not None and self._next[0] == self.epoch:
+                self._next[1].join()
+                made = self._next[2].get("made") or self.make_epoch(self.epoch)  # failed there: the error here
             else:
-                self._epoch_batches = [drawn[b] for b in token_batches(c.src_lengths[drawn], c.tgt_lengths[drawn],
-                                                                       self.max_tokens, self.seed, self.epoch)]
-                counts = np.bincount(c.part_of(drawn), minlength=len(c.parts))
-            self.epoch_pairs = dict(zip(c.names, map(int, counts)))
+                made = self.make_epoch(self.epoch)
+            self._next = None
+            self._epoch_batches, self.epoch_pairs = made
+            if self.lookahead:
+                box: dict = {}
+                thread = threading.Thread(target=lambda e=self.epoch + 1: box.update(made=self.make_epoch(e)),
+                                          name="mtrain-next-epoch", daemon=True)
+                thread.start()
+                self._next = (self.epoch + 1, thread, box)
         return self._epoch_batches
 
     def next(self) -> Share:
@@ -400,7 +421,7 @@ class Batches:
             return (f"the training data or tokenizer changed ({state['pairs']} pairs encoded then, "
                     f"{len(self.corpus)} now)")
         self.epoch, self.index, self._epoch_batches = int(state["epoch"]), int(state["index"]), None
-        return None
+        return None  # a lookahead for another epoch is left unused
 
 
 @dataclass

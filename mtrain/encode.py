@@ -79,16 +79,22 @@ class LineRange:
     tgt_bytes: tuple[int, int]
     first: int
 
-    def pairs(self) -> list[tuple[str, str]]:
-        def lines(path: str, span: tuple[int, int]) -> Iterator[str]:
+    def sides(self) -> tuple[list[str], list[str]]:
+        def lines(path: str, span: tuple[int, int]) -> list[str]:
             with open(path, "rb") as f:
                 f.seek(span[0])
                 data = f.read(span[1] - span[0])
             raw = data.split(b"\n")
             if data.endswith(b"\n"):
                 raw.pop()
-            return _decode_lines(raw, path, self.first)
-        return list(zip(lines(self.src, self.src_bytes), lines(self.tgt, self.tgt_bytes)))
+            try:  # the whole range at once: 2-3x as fast as line by line, which names a bad line
+                text = data.decode("utf-8").split("\n")[:len(raw)]
+            except UnicodeDecodeError:
+                return list(_decode_lines(raw, path, self.first))
+            if self.first == 1 and text and text[0].startswith("\ufeff"):  # a byte-order mark is not text
+                text[0] = text[0][1:]
+            return text
+        return lines(self.src, self.src_bytes), lines(self.tgt, self.tgt_bytes)
 
 
 @dataclass
@@ -115,18 +121,22 @@ def _start(settings: Settings) -> None:
     _worker = (settings, src, tgt)
 
 
-def _encode(job: LineRange | list[tuple[str, str]]) -> Chunk:
+def _encode(job: LineRange | tuple[list[str], list[str]]) -> Chunk:
     """One chunk, in a worker: read (a line range) or given, stripped, empty pairs dropped, encoded,
     filtered by length."""
     settings, src_sp, tgt_sp = _worker
-    raw = job.pairs() if isinstance(job, LineRange) else job
-    pairs = [(s, t) for s, t in ((s.strip(), t.strip()) for s, t in raw) if s and t]
-    ids = {"src": src_sp.encode([s for s, _ in pairs], out_type=int, num_threads=settings.threads),
-           "tgt": tgt_sp.encode([t for _, t in pairs], out_type=int, num_threads=settings.threads)}
+    src, tgt = job.sides() if isinstance(job, LineRange) else (job[0], job[1])
+    read = len(src)
+    src, tgt = [x.strip() for x in src], [x.strip() for x in tgt]
+    if not all(src) or not all(tgt):  # pairs with an empty side are dropped
+        kept = [(s, t) for s, t in zip(src, tgt) if s and t]
+        src, tgt = [s for s, _ in kept], [t for _, t in kept]
+    ids = {"src": src_sp.encode(src, out_type=int, num_threads=settings.threads),
+           "tgt": tgt_sp.encode(tgt, out_type=int, num_threads=settings.threads)}
     if settings.tag is not None:  # the tag's id, not its text: the same piece whatever the sentence
         ids["src"] = [[settings.tag, *x] for x in ids["src"]]
-    n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(pairs)) for side in ids}
-    keep, too_long, bad_ratio = np.ones(len(pairs), dtype=bool), 0, 0
+    n = {side: np.fromiter(map(len, ids[side]), dtype=np.int64, count=len(src)) for side in ids}
+    keep, too_long, bad_ratio = np.ones(len(src), dtype=bool), 0, 0
     if settings.filtered:
         long, ratio = length_filter(n["src"], n["tgt"], settings.max_len, settings.max_ratio)
         too_long, bad_ratio, keep = int(long.sum()), int(ratio.sum()), ~(long | ratio)
@@ -135,11 +145,11 @@ def _encode(job: LineRange | list[tuple[str, str]]) -> Chunk:
         kept = ids[side] if keep.all() else itertools.compress(ids[side], keep)
         flat[side] = np.fromiter(itertools.chain.from_iterable(kept), dtype=settings.dtype,
                                  count=int(n[side][keep].sum()))
-    return Chunk(flat["src"], flat["tgt"], n["src"][keep], n["tgt"][keep], read=len(raw),
-                 empty=len(raw) - len(pairs), too_long=too_long, bad_ratio=bad_ratio)
+    return Chunk(flat["src"], flat["tgt"], n["src"][keep], n["tgt"][keep], read=read, empty=read - len(src),
+                 too_long=too_long, bad_ratio=bad_ratio)
 
 
-def _jobs(source: DataSource, skip: int) -> Iterator[LineRange | list[tuple[str, str]]]:
+def _jobs(source: DataSource, skip: int) -> Iterator[LineRange | tuple[list[str], list[str]]]:
     """The chunks of a source from chunk `skip` on: byte ranges of a plain file pair (both files' line
     counts checked first), else lists of line pairs read here."""
     if source.src and is_plain_file(source.src) and is_plain_file(source.tgt):
@@ -158,7 +168,7 @@ def _jobs(source: DataSource, skip: int) -> Iterator[LineRange | list[tuple[str,
     for _ in itertools.islice(pairs, skip * CHUNK):  # chunks done before an interruption: read past, not encoded
         pass
     while chunk := list(itertools.islice(pairs, CHUNK)):
-        yield chunk
+        yield [s for s, _ in chunk], [t for _, t in chunk]
 
 
 def _encoded(jobs: Iterator, settings: Settings, workers: int) -> Iterator[Chunk]:

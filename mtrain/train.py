@@ -465,7 +465,8 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
         dump_config(cfg, run_dir / "config.yaml")
         save_to_run(toks, run_dir)
     valid_refs = [t for _, t in read_pairs(cfg.data.valid)] if valid is not None else []
-    return Data(toks, Batches(train_data, cfg.train.batch_tokens, cfg.train.seed), valid, valid_refs)
+    batches = Batches(train_data, cfg.train.batch_tokens, cfg.train.seed, lookahead=cfg.train.prefetch > 0)
+    return Data(toks, batches, valid, valid_refs)
 
 
 def read_prepared(cfg: Config, *, world: World, report: Report):

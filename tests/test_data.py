@@ -156,6 +156,19 @@ def test_weights_draw_each_corpus_their_share_per_epoch():
     assert "weights of data.train were [2.0, 1.0, 0.5], now [1.0, 1.0, 0.5]" in other.load_state_dict(state)
 
 
+def test_the_next_epoch_made_ahead_in_a_thread_is_the_epoch_made_in_place():
+    plain, ahead = (Batches(small_corpora([40, 30, 20], [2.0, 1.0, 0.5]), 60, seed=5, lookahead=flag)
+                    for flag in (False, True))
+    for _ in range(200):  # several epochs
+        a, b = plain.next(), ahead.next()
+        assert np.array_equal(a.indices, b.indices) and plain.epoch_pairs == ahead.epoch_pairs
+    assert ahead.epoch > 3 and ahead._next is not None and ahead._next[0] == ahead.epoch + 1
+    resumed = Batches(small_corpora([40, 30, 20], [2.0, 1.0, 0.5]), 60, seed=5, lookahead=True)
+    resumed.next()  # makes epoch 1, and epoch 2 ahead, which the resumed position does not want
+    assert resumed.load_state_dict(plain.state_dict()) is None
+    assert all(np.array_equal(plain.next().indices, resumed.next().indices) for _ in range(100))
+
+
 def test_a_batch_across_corpora_collates_each_pair_from_its_own():
     corpora = small_corpora([5, 4], [1.0, 1.0])
     indices = np.array([7, 1, 4, 5])
