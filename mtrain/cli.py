@@ -113,7 +113,6 @@ def prepare(
 ):
     """Train the tokenizer and encode every corpus once, into a directory that fit reads (data.prepared)."""
     from mtrain.config import load_config
-    from mtrain.corpus import check_line_counts
     from mtrain.prepare import prepare as prepare_fn
     with user_errors():
         if workers < 0:
@@ -121,9 +120,6 @@ def prepare(
         cfg = load_config(config, set_)
         if not cfg.data.train:
             raise MtrainError(f"{config}: data.train: no training corpus given")
-        for source in (*cfg.data.train, cfg.data.valid):  # named before SentencePiece's slow work
-            if source.src:
-                check_line_counts(Path(source.src), Path(source.tgt))
         where = output or Path(cfg.data.prepared or Path("data") / "prepared" / config.stem)
         prepare_fn(cfg, where, typer.echo, workers=workers)
 

@@ -72,6 +72,7 @@ class DataConfig:
     max_len_ratio: float = 3.0  # drop pairs whose token lengths differ more than this factor
     cache_dir: str = "data/cache"  # encoded corpora, keyed by data + tokenizer
     prepared: str = ""  # a directory `mtrain prepare` wrote (fit makes it when missing); "" = cache_dir
+    prepare: str = "global"  # who makes a missing `prepared` under torchrun: global rank 0, or per_node
     valid_max_sentences: int = 0  # 0 = decode the whole validation set for BLEU
 
     def __post_init__(self):
@@ -90,6 +91,8 @@ class DataConfig:
                                  f"distinct name")
         if self.valid.weight != 1:
             raise ValueError("valid.weight: only training corpora are weighted")
+        if self.prepare not in ("global", "per_node"):
+            raise ValueError(f"prepare must be global or per_node, got {self.prepare!r}")
 
     @property
     def tags(self) -> list[str]:

@@ -72,22 +72,19 @@ def source_files(source: DataSource) -> list[str]:
     return [p for p in (source.src, source.tgt, source.tsv, *source.hf_data_files) if p]
 
 
-def _source_fingerprint(source: DataSource) -> dict:
-    """What identifies the raw data: paths with size, mtime and a content sample, or the dataset coordinates."""
-    stamp = []
-    for p in source_files(source):
-        path = Path(p)
-        if path.is_file():
-            st = path.stat()
-            stamp.append([str(path.resolve()), st.st_size, st.st_mtime_ns, content_sample(path)])
-        else:
-            stamp.append([str(path.resolve()), -1, -1, ""])
-    return {"source": json.dumps(encoding_settings(source), sort_keys=True), "files": stamp}
+def source_fingerprint(source: DataSource) -> dict:
+    """A source by what decides its pairs: its settings (paths as written, a dataset's revision), and
+    its files' sizes and content samples, not their absolute paths or modification times: a copy of
+    the data in another folder or on another node is the same source."""
+    return {"settings": encoding_settings(source),
+            "files": [[p, Path(p).stat().st_size if Path(p).is_file() else -1,
+                       content_sample(Path(p)) if Path(p).is_file() else ""] for p in source_files(source)]}
 
 
 def cache_key(source: DataSource, toks: Tokenizers, max_len: int, max_ratio: float, filtered: bool) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, _source_fingerprint(source), max_len, max_ratio, filtered]).encode())
+    h.update(json.dumps([CACHE_VERSION, source_fingerprint(source), max_len, max_ratio, filtered],
+                        sort_keys=True).encode())
     h.update(toks.src.proto)
     h.update(toks.tgt.proto)
     return h.hexdigest()[:20]

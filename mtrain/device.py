@@ -113,6 +113,10 @@ class World:
         if self.main:
             self._wait_for_main()
 
+    def wait_for_preparation(self) -> None:
+        """Every process waits here until all have arrived, however long one prepares the data."""
+        self._wait_for_main()
+
     def _wait_for_main(self) -> None:
         if self.size > 1:
             import torch.distributed as dist

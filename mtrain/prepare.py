@@ -2,8 +2,8 @@
 encoded into one directory, with a manifest written last, which `fit` reads (`data.prepared`).
 
 A prepared directory does not depend on where it was made: its manifest identifies each source by
-its settings and, for files, by their size and a sample of their content (not their absolute path
-or modification time), so a copy of the data on another machine matches it. An interrupted
+its settings and, for files, by their size and a sample of their content (`data.source_fingerprint`:
+not their absolute path or modification time), so a copy of the data on another machine matches it. An interrupted
 `prepare` keeps the corpora it finished and redoes the one it was writing; without the manifest,
 `fit` never takes a directory as complete.
 """
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from mtrain.config import Config, DataSource
-from mtrain.data import CACHE_VERSION, EncodedCorpus, content_sample, encoding_settings, open_encoded, source_files
+from mtrain.data import CACHE_VERSION, EncodedCorpus, open_encoded, source_fingerprint
 from mtrain.encode import encode_to, tag_id
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, make_folder
@@ -23,13 +23,6 @@ from mtrain.tokenizer import Tokenizers, get_tokenizers
 
 FORMAT = 1  # of the prepared directory, beside the encoded corpora's own CACHE_VERSION
 MANIFEST = "manifest.json"
-
-
-def source_fingerprint(source: DataSource) -> dict:
-    """A source by what decides its pairs: its settings, and its files' sizes and content samples."""
-    return {"settings": encoding_settings(source),
-            "files": [[p, Path(p).stat().st_size if Path(p).is_file() else -1,
-                       content_sample(Path(p)) if Path(p).is_file() else ""] for p in source_files(source)]}
 
 
 def expected_manifest(cfg: Config, toks: Tokenizers) -> dict:

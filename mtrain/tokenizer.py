@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import itertools
 import os
 import random
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from mtrain.config import Config, DataSource, TokenizerConfig
-from mtrain.corpus import open_text, read_pairs
+from mtrain.corpus import check_line_counts, open_text, read_pairs
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, make_folder
 
@@ -85,44 +84,84 @@ class Tokenizers:
         return self.src.proto == self.tgt.proto
 
 
+class Reservoir:
+    """The non-empty lines offered (stripped), all of them in order when they are at most `size`; else
+    `size` of them: a uniform sample (reservoir sampling, Vitter's algorithm R, from `seed`) kept in the
+    order offered, or the first `size` without `shuffle`. Memory is the sample's, whatever the corpus's."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 1):
+        self.size, self.shuffle, self.rng = size, shuffle, random.Random(seed)
+        self.kept: list[tuple[int, str]] = []
+        self.seen = 0
+
+    @property
+    def full(self) -> bool:
+        """True when no line offered now would be kept."""
+        return not self.shuffle and len(self.kept) >= self.size
+
+    def offer(self, line: str) -> None:
+        line = line.strip()
+        if not line or self.full:
+            return
+        if len(self.kept) < self.size:
+            self.kept.append((self.seen, line))
+        else:
+            j = self.rng.randrange(self.seen + 1)
+            if j < self.size:
+                self.kept[j] = (self.seen, line)
+        self.seen += 1
+
+    def lines(self) -> list[str]:
+        return [x for _, x in sorted(self.kept)]
+
+
 def sample_lines(inputs: Sequence[Path | str], size: int, shuffle: bool, seed: int = 1) -> list[str]:
-    """The non-empty lines of `inputs` (stripped), all of them in order when they are at most `size`;
-    else `size` of them: a uniform sample (reservoir sampling, Vitter's algorithm R, from `seed`) in
-    one streaming pass, in input order, or the first `size` lines without `shuffle`. Memory is the
-    sample's, whatever the corpus's size."""
-    rng = random.Random(seed)
-    kept: list[tuple[int, str]] = []
-    seen = 0
+    """A Reservoir's sample of the lines of `inputs`, in one streaming pass."""
+    sample = Reservoir(size, shuffle, seed)
     for path in inputs:
         for line in open_text(path):
-            line = line.strip()
-            if not line:
-                continue
-            if len(kept) < size:
-                kept.append((seen, line))
-            elif not shuffle:
-                return [x for _, x in kept]
-            else:
-                j = rng.randrange(seen + 1)
-                if j < size:
-                    kept[j] = (seen, line)
-            seen += 1
-    return [x for _, x in sorted(kept)]
+            if sample.full:
+                return sample.lines()
+            sample.offer(line)
+    return sample.lines()
 
 
-def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_prefix: Path | str) -> Path:
-    """Train one SentencePiece model on the lines of `inputs` (plain or .gz); returns PREFIX.model."""
+def sample_sources(sources: Sequence[DataSource], tc: TokenizerConfig) -> list[list[str]]:
+    """What SentencePiece trains on, taken from the training corpora in one streaming pass, with nothing
+    written out: one sample of both sides for a joint model, else one per side. A file pair is read as
+    its two files, source then target."""
+    size, shuffle = tc.input_sentence_size, tc.shuffle_input_sentence
+    if len(sources) == 1 and sources[0].src:
+        paths = [sources[0].src, sources[0].tgt]
+        if tc.joint:
+            return [sample_lines(paths, size, shuffle)]
+        return [sample_lines(paths[:1], size, shuffle), sample_lines(paths[1:], size, shuffle)]
+    samples = [Reservoir(size, shuffle)] if tc.joint else [Reservoir(size, shuffle), Reservoir(size, shuffle)]
+    for source in sources:
+        for src, tgt in read_pairs(source):
+            if all(sample.full for sample in samples):
+                break
+            samples[0].offer(src)
+            samples[-1].offer(tgt)
+    return [sample.lines() for sample in samples]
+
+
+def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_prefix: Path | str,
+                    sample: list[str] | None = None) -> Path:
+    """Train one SentencePiece model on the lines of `inputs` (plain or .gz files), or on `sample` (lines
+    taken from `inputs`, which then only name them); returns PREFIX.model."""
     output_prefix = Path(output_prefix)
     make_folder(output_prefix.parent, "tokenizer model")
     # Beside the model, not in $TMPDIR, which may be too small for a large corpus's sample.
     with tempfile.TemporaryDirectory(prefix=".spm-input.tmp", dir=output_prefix.parent) as tmp:
         # SentencePiece reads plain text only: the lines it trains on, sampled in one streaming pass.
         joined = Path(tmp) / "input.txt"
-        lines = sample_lines(inputs, cfg.input_sentence_size, cfg.shuffle_input_sentence)
+        lines = sample if sample is not None else sample_lines(inputs, cfg.input_sentence_size,
+                                                               cfg.shuffle_input_sentence)
         if not lines:
             raise MtrainError(f"{', '.join(map(str, inputs))}: no text to train a tokenizer on")
         joined.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        del lines
+        del lines, sample
         log = open(Path(tmp) / "spm.log", "w")  # SentencePiece needs a real file descriptor
         try:
             spm.SentencePieceTrainer.train(
@@ -147,13 +186,12 @@ def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_p
     return Path(f"{output_prefix}.model")  # not with_suffix: prefixes like "spm.en" have dots
 
 
-def tokenizer_stats(tok: Tokenizer, path: Path | str, limit: int = 200_000) -> dict:
-    """Pieces per sentence and unknown-piece rate over the first `limit` lines of a file."""
-    lines = []
-    for line in open_text(path):
-        lines.append(line.strip())
-        if len(lines) >= limit:
-            break
+def tokenizer_stats(tok: Tokenizer, path: Path | str, limit: int = 200_000, lines: list[str] | None = None) -> dict:
+    """Pieces per sentence and unknown-piece rate over the first `limit` lines of a file (or of `lines`,
+    which `path` then names)."""
+    if lines is None:
+        lines = [line.strip() for line in itertools.islice(open_text(path), limit)]
+    lines = lines[:limit]
     ids = tok.encode_batch(lines)
     pieces = sum(len(x) for x in ids)
     unk = sum(x.count(tok.unk) for x in ids)
@@ -195,55 +233,35 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
     output = Path(output)
     if output.suffix == ".model":  # `-o spm.model` means the file spm.model, not spm.model.model
         output = output.with_suffix("")
-    if sources:
-        make_folder(output.parent, "tokenizer model")
-        with _plain_text(sources, output.parent) as sides:
-            yield from _train_groups(list(sides), output, tc, per_language)
+    if sources:  # one model, or one a side: sampled from the corpora as they are read
+        samples = sample_sources(sources, dataclasses.replace(tc, joint=not per_language))
+        names = ", ".join(source.label for source in sources)
+        groups = [([f"{names} ({side})"], Path(f"{output}.{side}")) for side in ("src", "tgt")] if per_language else \
+            [([f"{names} (both sides)"], output)]
+        yield from _train_groups(groups, tc, samples)
     else:
-        yield from _train_groups(inputs, output, tc, per_language)
+        groups = [([p], Path(f"{output}.{_language(p)}")) for p in inputs] if per_language else [(inputs, output)]
+        yield from _train_groups(groups, tc)
 
 
-def _train_groups(inputs: list[Path], output: Path, tc: TokenizerConfig, per_language: bool) -> Iterator[str]:
-    """One model of all inputs, or one per input (--per-language); report lines."""
-    groups = [([p], Path(f"{output}.{_language(p)}")) for p in inputs] if per_language else [(inputs, output)]
+def _train_groups(groups: list[tuple[list, Path]], tc: TokenizerConfig, samples: list[list[str]] | None = None
+                  ) -> Iterator[str]:
+    """One model per group of inputs (files, or the names of `samples`, one for each); report lines."""
     prefixes = [prefix for _, prefix in groups]
     for n, (files, prefix) in enumerate(groups):
         if prefix in prefixes[:n]:  # the second model would replace the first
             first = groups[prefixes.index(prefix)][0][0]
             raise MtrainError(f"--per-language: {first} and {files[0]} would both write {prefix}.model; "
                               f"give one file per language")
-    for files, prefix in groups:
+    for n, (files, prefix) in enumerate(groups):
         start = time.time()
-        model = train_tokenizer(files, tc, prefix)
+        model = train_tokenizer(files, tc, prefix, sample=None if samples is None else samples[n])
         tok = Tokenizer.load(model)
         yield f"wrote {model} and {prefix}.vocab ({tok.vocab_size} pieces, {time.time() - start:.1f} s)"
         for path in files:
-            s = tokenizer_stats(tok, path)
+            s = tokenizer_stats(tok, path, lines=None if samples is None else samples[n])
             yield (f"  {s['file']}: {s['pieces_per_sentence']:.2f} pieces/sentence, "
                    f"unknown rate {100 * s['unk_rate']:.3f}% (first {s['sentences']} lines)")
-
-
-@contextlib.contextmanager
-def _plain_text(sources: Sequence[DataSource], beside: Path) -> Iterator[tuple[Path, Path]]:
-    """Both sides of the corpora as plain files, for SentencePiece: one file pair as it is; TSV, datasets
-    or several corpora copied into a hidden folder in `beside` (not /tmp, which may be too small for a
-    large corpus), removed after. Its name matches what `--overwrite` may clean, should a crash leave
-    it behind."""
-    if len(sources) == 1 and sources[0].src:
-        yield Path(sources[0].src), Path(sources[0].tgt)
-        return
-    folder = beside / f".train-text.tmp{os.getpid()}"
-    make_folder(folder, "tokenizer model")
-    try:
-        paths = folder / "train.src.txt", folder / "train.tgt.txt"
-        with open(paths[0], "w", encoding="utf-8") as fs, open(paths[1], "w", encoding="utf-8") as ft:
-            for source in sources:
-                for s, t in read_pairs(source):
-                    fs.write(s + "\n")
-                    ft.write(t + "\n")
-        yield paths
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def with_tags(tc: TokenizerConfig, tags: Sequence[str]) -> TokenizerConfig:
@@ -262,15 +280,17 @@ def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) ->
     if write and (not main.is_file() or not tgt_path.is_file()):
         if not cfg.data.train:
             raise MtrainError("data.train: no training corpus given")
+        for source in (*cfg.data.train, cfg.data.valid):  # mismatched or missing files: named before SentencePiece
+            if source.src:
+                check_line_counts(Path(source.src), Path(source.tgt))
         tc = with_tags(tc, cfg.data.tags)
         log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on "
             f"{', '.join(s.label for s in cfg.data.train)}")
-        with _plain_text(cfg.data.train, main.parent) as sides:
-            if tc.joint:
-                train_tokenizer(sides, tc, main.with_suffix(""))
-            else:
-                train_tokenizer(sides[:1], tc, main.with_suffix(""))
-                train_tokenizer(sides[1:], tc, tgt_path.with_suffix(""))
+        samples = sample_sources(cfg.data.train, tc)
+        names = [source.label for source in cfg.data.train]
+        train_tokenizer(names, tc, main.with_suffix(""), sample=samples[0])
+        if not tc.joint:
+            train_tokenizer(names, tc, tgt_path.with_suffix(""), sample=samples[1])
     src_tok = Tokenizer.load(main)
     return Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
 

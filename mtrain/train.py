@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mtrain import checkpoint
 from mtrain.config import Config, config_to_dict, drop_removed, dump_config
-from mtrain.corpus import check_line_counts, read_pairs
+from mtrain.corpus import read_pairs
 from mtrain.data import Batches, Corpora, EncodedCorpus, UpdateStream, collate_corpus, load_corpus, token_batches
 from mtrain.device import Device, World, init_world, pick_device, rng_state, seed_everything, set_rng_state
 from mtrain.errors import MtrainError
@@ -389,6 +389,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: W
     """The body of `fit`, for one process of `world`."""
     clock = Clock()
     dev, ckpt = start_run(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report)
+    if cfg.data.prepared:
+        make_prepared(cfg, world=world, report=report)
     with world.main_first():  # rank 0 trains the tokenizer and encodes the corpus; the others read its files
         data = prepare_data(cfg, run_dir, world=world, ckpt=ckpt, report=report)
     trainer = Trainer(cfg, run_dir, world=world, dev=dev, data=data, report=report, clock=clock)
@@ -438,13 +440,8 @@ class Data:
 
 def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report) -> Data:
     """Tokenizer and corpora (trained and encoded once, then cached); then the run directory fills."""
-    ready = bool(cfg.data.prepared) and (Path(cfg.data.prepared) / MANIFEST).is_file()
-    if world.main and not ready:  # mismatched or missing files are named before anything slow (SentencePiece)
-        for source in (*cfg.data.train, cfg.data.valid):
-            if source.src:
-                check_line_counts(Path(source.src), Path(source.tgt))
     if cfg.data.prepared:
-        toks, parts, valid = read_prepared(cfg, world=world, report=report)
+        toks, parts, valid = load_prepared(cfg, Path(cfg.data.prepared), report.line)
     else:
         toks = get_tokenizers(cfg, run_dir, report.line, write=world.main)
         parts = [load_corpus(source, toks, cfg.data, filtered=True, log=report.line) for source in cfg.data.train]
@@ -469,14 +466,16 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
     return Data(toks, batches, valid, valid_refs)
 
 
-def read_prepared(cfg: Config, *, world: World, report: Report):
-    """data.prepared: rank 0 prepares it when it is missing (as `mtrain prepare` would); every process
-    then reads it, and one that finds none (another node, without a shared filesystem) stops with one
-    line rather than encode the corpus on its own."""
+def make_prepared(cfg: Config, *, world: World, report: Report) -> None:
+    """data.prepared, made when it is missing (as `mtrain prepare` would) by global rank 0, or with
+    data.prepare: per_node by the first process of each node (each node's own disk); every process
+    waits for it, then reads it. One that still finds none (another node, without a shared
+    filesystem) stops with one line rather than encode the corpus on its own."""
     where = Path(cfg.data.prepared)
-    if world.main and not (where / MANIFEST).is_file():
+    maker = world.local_rank == 0 if cfg.data.prepare == "per_node" else world.main
+    if maker and not (where / MANIFEST).is_file():
         prepare(cfg, where, report.line)
-    return load_prepared(cfg, where, report.line)
+    world.wait_for_preparation()
 
 
 def check_valid(valid: EncodedCorpus, cfg: Config, toks: Tokenizers, report: Report) -> None:

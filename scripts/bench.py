@@ -7,7 +7,9 @@
 
 Each part runs in its own process so that its peak RSS is its own. Needs data/multi30k
 (scripts/get_multi30k.sh) unless --synthetic-vocab makes random batches (lengths 10-60, the
-model's shape and batch_tokens from the config). Run it on an otherwise idle machine.
+model's shape and batch_tokens from the config) or --wmt-like stores a corpus of WMT-like lengths.
+--loader premade against stream measures what the loader costs a step. Run it on an otherwise idle
+machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def peak_rss_mb() -> float:
@@ -91,6 +94,24 @@ class SyntheticCorpus:
                 self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]])
 
 
+def wmt_like(pairs: int, vocab: int):
+    """A corpus with WMT-like lengths (scripts/bench_data.py's), stored as `mtrain prepare` stores one
+    (uint16 ids, offsets) and memory-mapped: what the loader reads in a real run."""
+    import numpy as np
+    from bench_data import synthetic
+
+    from mtrain.data import open_encoded
+    folder = ROOT / "runs" / "bench" / f"wmt_like_{pairs}_{vocab}"
+    if not (folder / "report.json").is_file():
+        corpus = synthetic(pairs, vocab=vocab)
+        folder.mkdir(parents=True, exist_ok=True)
+        for side in ("src", "tgt"):
+            (folder / f"{side}.bin").write_bytes(getattr(corpus, side).tobytes())
+            np.save(folder / f"{side}_offsets.npy", getattr(corpus, f"{side}_offsets"))
+        (folder / "report.json").write_text(json.dumps({"dtype": corpus.src.dtype.name, "summary": f"{pairs} pairs"}))
+    return open_encoded(folder)
+
+
 def config_tokenizers(cfg):
     """The config's tokenizer (trained from its training data when the model file is missing)."""
     from mtrain.tokenizer import get_tokenizers
@@ -104,7 +125,7 @@ def part_train(args) -> dict:
     import torch
 
     from mtrain.config import load_config
-    from mtrain.data import Batches, Corpora, load_corpus
+    from mtrain.data import Batches, Corpora, UpdateStream, load_corpus
     from mtrain.device import pick_device
     from mtrain.model import Transformer
     from mtrain.tokenizer import BOS, EOS, PAD
@@ -112,31 +133,47 @@ def part_train(args) -> dict:
 
     cfg = load_config(args.config, args.set)
     dev = pick_device(args.device, args.precision, cfg.train.threads)
-    if args.synthetic_vocab:
+    if args.wmt_like:
+        vocab = args.synthetic_vocab or 32000
+        corpus = wmt_like(args.wmt_like, vocab)
+    elif args.synthetic_vocab:
         corpus, vocab = SyntheticCorpus(args.synthetic_vocab), args.synthetic_vocab
     else:
         toks = config_tokenizers(cfg)
         parts = [load_corpus(source, toks, cfg.data, log=lambda *_: None) for source in cfg.data.train]
         corpus = Corpora(parts, [s.weight for s in cfg.data.train], [s.label for s in cfg.data.train])
         vocab = toks.tgt.vocab_size
-    stream = Batches(corpus, cfg.train.batch_tokens, cfg.train.seed)
+    stream = Batches(corpus, cfg.train.batch_tokens, cfg.train.seed, lookahead=args.loader == "stream")
     torch.manual_seed(0)
     model = Transformer(cfg.model, vocab, vocab, PAD).to(dev.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)  # as mtrain fit
-    pad, bos, eos = PAD, BOS, EOS
-    tokens = src_tokens = 0
+    specials = (PAD, BOS, EOS)
+    updates = None
+    if args.loader == "premade":  # batches collated and on the device before the clock starts: no loader cost
+        premade = [stream.next().collate(*specials).to(dev.device) for _ in range(20)]
+        next_batch = lambda i: premade[i % len(premade)]
+    elif args.loader == "stream":  # as fit: collated ahead by a thread (train.prefetch: 2)
+        updates = UpdateStream(stream, 1, slice(0, 1), specials, dev.device, ahead=2)
+        next_batch = lambda i: updates.next().batches[0]
+    else:  # collated in the loop, then copied
+        next_batch = lambda i: stream.next().collate(*specials).to(dev.device)
+    tokens = 0
+    src_tokens = torch.zeros((), dtype=torch.long, device=dev.device)  # counted on the device: no sync a step
     for i in range(args.warmup_steps + args.steps):
         if i == args.warmup_steps:
             sync(dev.device)
-            start, tokens, src_tokens = time.perf_counter(), 0, 0
-        batch = stream.next().collate(pad, bos, eos)
+            start, tokens = time.perf_counter(), 0
+            src_tokens.zero_()
+        batch = next_batch(i)
         tokens += batch.n_tgt_tokens
-        src_tokens += int((~batch.src_pad_mask).sum())
-        batch = batch.to(dev.device)
+        src_tokens += (~batch.src_pad_mask).sum()
         with dev.autocast():
             loss = batch_loss(model, batch, 0.1) / batch.n_tgt_tokens
         dev.scaler.scale(loss).backward()
         optimizer_update(opt, model.parameters(), dev.scaler, cfg.train.clip_norm)
+    if updates is not None:
+        updates.close()
+    src_tokens = int(src_tokens)
     sync(dev.device)
     seconds = time.perf_counter() - start
     tok_s = tokens / seconds
@@ -152,7 +189,7 @@ def part_train(args) -> dict:
             "params": model.num_parameters(), "train_tok_s": tok_s, "flops_per_tok": flops,
             "achieved_gflops": tok_s * flops / 1e9, "peak_gflops": peak, "peak_source": peak_source,
             "mfu": tok_s * flops / 1e9 / peak, "train_rss_mb": peak_rss_mb(), "gpu_peak_mb": gpu_mb,
-            "batch_tokens": cfg.train.batch_tokens}
+            "batch_tokens": cfg.train.batch_tokens, "loader": args.loader}
 
 
 def part_decode(args) -> dict:
@@ -260,6 +297,12 @@ def main():
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--synthetic-vocab", type=int, default=0,
                    help="train on random batches with this vocabulary instead of the config's corpus")
+    p.add_argument("--wmt-like", type=int, default=0, metavar="PAIRS",
+                   help="train on a stored corpus of PAIRS pairs with WMT-like lengths and random ids "
+                        "(--synthetic-vocab, default 32000) instead of the config's corpus")
+    p.add_argument("--loader", choices=["stream", "inline", "premade"], default="stream",
+                   help="stream: batches collated ahead by a thread, as fit does; inline: collated in the loop; "
+                        "premade: 20 batches collated before the clock starts (no loader cost)")
     p.add_argument("--json", action="store_true", help="print the train part's figures as one JSON line")
     p.add_argument("--part", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -277,6 +320,7 @@ def main():
     rows += [("device", r["device"]), ("threads", r["threads"]), ("precision (train)", r["precision"]),
              ("config", args.config + (" " + " ".join(args.set) if args.set else "")
               + (f" (random batches, vocabulary {args.synthetic_vocab})" if args.synthetic_vocab else "")),
+             ("loader", r["loader"]),
              ("parameters", f"{r['params']:,}"),
              ("train target tokens/s", f"{r['train_tok_s']:,.0f}"),
              ("model FLOPs per target token", f"{r['flops_per_tok'] / 1e6:.1f} M"),

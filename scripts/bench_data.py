@@ -21,8 +21,9 @@ Preparation (`mtrain prepare`) and `fit`'s start-up, on raw text written to --wo
 a fixed stand-in for its source word, with a word now and then inserted or dropped; a 32k joint
 SentencePiece model trained once on a sample:
 - prepare: pairs/s with 1 and 2 worker processes, against SentencePiece's own encode rate on the
-  same cores and sentences (both sides, in memory, `encode(..., num_threads=N)`); peak RSS of the
-  main process and of the largest worker; bytes on disk per piece;
+  same cores (both sides of the first 200,000 pairs, in memory, `encode(..., num_threads=N)`,
+  measured just before and after each prepare: this shared machine's speed drifts); peak RSS of
+  the main process and of the largest worker; bytes on disk per piece;
 - fit: seconds from the start of `fit` on the prepared data to the end of its first update (a tiny
   model), and the peak RSS of the process then.
 Run it on an otherwise idle machine.
@@ -31,6 +32,7 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -44,13 +46,13 @@ import torch
 from mtrain.data import Batches, EncodedCorpus, UpdateStream, collate, collate_corpus
 
 
-def synthetic(pairs: int, seed: int = 0) -> EncodedCorpus:
+def synthetic(pairs: int, seed: int = 0, vocab: int = 32000) -> EncodedCorpus:
     rng = np.random.default_rng(seed)
     src_n = np.clip(rng.lognormal(3.2, 0.55, pairs), 1, 250).astype(np.int64)  # mean ~29, a long tail
     tgt_n = np.clip(src_n * rng.normal(1.05, 0.15, pairs), 1, 250).astype(np.int64)
 
     def flat(n):
-        return (rng.integers(4, 32000, int(n.sum()), dtype=np.int32).astype(np.uint16),
+        return (rng.integers(4, vocab, int(n.sum()), dtype=np.int32).astype(np.uint16 if vocab <= 1 << 16 else np.int32),
                 np.concatenate([[0], np.cumsum(n)]).astype(np.int64))
 
     return EncodedCorpus(*flat(src_n), *flat(tgt_n), report={})
@@ -148,26 +150,51 @@ def write_corpus(folder: Path, pairs: int, seed: int = 0) -> tuple[Path, Path]:
     return src, tgt
 
 
-PREPARE = """
-import json, resource, sys, time
+# Peak RSS from /proc (VmHWM): ru_maxrss survives exec, so a child would report its parent's peak.
+PEAK = """
+import os, threading, time
+def peak_mb(pid="self"):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+workers_peak = [0.0]
+def watch():  # the worker processes' peaks, read while they live
+    while True:
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == os.getpid():
+                workers_peak[0] = max(workers_peak[0], peak_mb(pid))
+        time.sleep(0.2)
+threading.Thread(target=watch, daemon=True).start()
+"""
+
+PREPARE = PEAK + """
+import json, sys
 from mtrain.config import config_from_dict
 from mtrain.prepare import prepare
 cfg = config_from_dict(json.loads(sys.argv[1]))
 start = time.perf_counter()
 prepare(cfg, sys.argv[2], log=lambda *_: None, workers=int(sys.argv[3]))
-print(json.dumps({"s": time.perf_counter() - start, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "worker_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+print(json.dumps({"s": time.perf_counter() - start, "rss": peak_mb(), "worker_rss": workers_peak[0]}))
 """
 
 FIRST_UPDATE = """
-import json, os, resource, sys, time
+import time
 start = time.perf_counter()
+""" + PEAK + """
+import json, sys
 from mtrain import train
 from mtrain.config import config_from_dict
 update = train.Trainer.update
 def first(self, lr):
     out = update(self, lr)
-    print(json.dumps({"s": time.perf_counter() - start, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"s": time.perf_counter() - start, "rss": peak_mb()}))
     sys.stdout.flush()
     os._exit(0)  # the start-up is what is measured
 train.Trainer.update = first
@@ -182,9 +209,19 @@ def run_json(script: str, *args: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def measure_prepare(pairs: int, work: Path) -> dict:
+def spm_rate(model: Path, src: Path, tgt: Path, threads: int, n: int = 200_000) -> float:
+    """SentencePiece's own pairs/s on the first `n` pairs, both sides, from memory."""
     import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    with open(src) as fs, open(tgt) as ft:
+        sides = [line.strip() for line in itertools.islice(fs, n)], [line.strip() for line in itertools.islice(ft, n)]
+    start = time.perf_counter()
+    for side in sides:
+        sp.encode(side, out_type=int, num_threads=threads)
+    return len(sides[0]) / (time.perf_counter() - start)
 
+
+def measure_prepare(pairs: int, work: Path) -> dict:
     from mtrain.config import TokenizerConfig
     from mtrain.tokenizer import train_tokenizer
     src, tgt = write_corpus(work, pairs)
@@ -205,26 +242,18 @@ def measure_prepare(pairs: int, work: Path) -> dict:
     for workers in (1, 2):
         folder = work / f"prepared{pairs}_{workers}"
         subprocess.run(["rm", "-rf", str(folder)], check=True)
+        spm_before = spm_rate(model, src, tgt, workers)
         got = run_json(PREPARE, json.dumps(raw), str(folder), str(workers))
+        out[f"spm_{workers}"] = (spm_before + spm_rate(model, src, tgt, workers)) / 2
         out[f"prepare_{workers}"] = pairs / got["s"]
-        out[f"prepare_rss_{workers}"] = got["rss"] / 1024, got["worker_rss"] / 1024
+        out[f"prepare_rss_{workers}"] = got["rss"], got["worker_rss"]
     report = json.loads((folder / "train0" / "report.json").read_text())
     pieces = sum(int(np.load(folder / "train0" / f"{side}_offsets.npy")[-1]) for side in ("src", "tgt"))
     out["bytes_per_piece"] = sum((folder / "train0" / f"{side}.bin").stat().st_size for side in ("src", "tgt")) / pieces
     out["kept"] = report["kept"]
-    # SentencePiece alone, on the first 200,000 pairs, both sides, in memory.
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    n = min(pairs, 200_000)
-    with open(src) as fs, open(tgt) as ft:
-        lines = [next(fs).strip() for _ in range(n)], [next(ft).strip() for _ in range(n)]
-    for workers in (1, 2):
-        start = time.perf_counter()
-        for side in lines:
-            sp.encode(side, out_type=int, num_threads=workers)
-        out[f"spm_{workers}"] = n / (time.perf_counter() - start)
     got = run_json(FIRST_UPDATE, json.dumps({**raw, "data": {**raw["data"], "prepared": str(folder)}}),
                    str(work / f"run{pairs}"))
-    out["first_update_s"], out["fit_rss"] = got["s"], got["rss"] / 1024
+    out["first_update_s"], out["fit_rss"] = got["s"], got["rss"]
     return out
 
 

@@ -4,7 +4,9 @@
     bash scripts/gpu_check.sh --cpu-dry-run   # the same steps on the CPU with tiny sizes (tests the script)
 
 Steps: the GPU tests (pytest -m gpu); scripts/bench.py on the transformer-base shape (6+6 layers,
-d_model 512, FFN 2048, 8 heads, 32k vocabulary, random 25k-token batches) in bf16 and fp16; and, when
+d_model 512, FFN 2048, 8 heads, 32k vocabulary, random 25k-token batches) in bf16 and fp16; the
+loader's cost: the same in bf16 on a stored corpus of WMT-like lengths, batches collated ahead as in
+`fit` against batches made before the clock starts; and, when
 data/multi30k holds the corpus (scripts/get_multi30k.sh, or a copy), `mtrain fit` of
 configs/multi30k_en_de.yaml for 3 minutes, beam-5 translation of test_2016_flickr and its BLEU.
 """
@@ -41,6 +43,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-dry-run", action="store_true", help="run every step on the CPU with tiny sizes")
     p.add_argument("--fit-time", default="3m", help="train.max_time of the Multi30k fit")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the fit and its outputs go [runs/]")
     args = p.parse_args()
     import torch
 
@@ -90,12 +93,31 @@ def main() -> int:
                   f"{r['peak_source']})", f"{100 * r['mfu']:.1f}%"),
                  (f"transformer-base {precision}: peak GPU memory", f"{r['gpu_peak_mb'] / 1024:,.1f} GiB")]
 
-    # 3. Multi30k: fit, translate with beam 5, score.
+    # 3. What the loader costs a step: transformer-base on a stored corpus of WMT-like lengths, batches
+    # collated ahead by a thread as in fit, against the same kind of batches made before the clock starts.
+    loader_speed = {}
+    for loader in ("premade", "stream"):
+        code, out, secs = run([PY, "scripts/bench.py", *shape, "--precision", precisions[0], "--loader", loader,
+                               "--wmt-like", "20000" if dry else "300000"], 300)
+        try:
+            loader_speed[loader] = json.loads(out.strip().splitlines()[-1])["train_tok_s"]
+        except (ValueError, IndexError, KeyError):
+            failures.append(f"bench --loader {loader}:\n{tail(out, 30)}")
+    if len(loader_speed) == 2:
+        cost = 1 - loader_speed["stream"] / loader_speed["premade"]
+        rows.append((f"transformer-base {precisions[0]}, WMT-like batches: the loader's cost (tokens/s with it / premade)",
+                     f"{100 * cost:.1f}% ({loader_speed['stream']:,.0f} / {loader_speed['premade']:,.0f})"))
+    else:
+        rows.append(("transformer-base, WMT-like batches: the loader's cost", "FAILED"))
+
+    # 4. Multi30k: fit, translate with beam 5, score.
     data = ROOT / "data" / "multi30k"
     if not (data / "train.en.gz").is_file():
         rows.append(("Multi30k fit", f"skipped: no {data}/train.en.gz (run scripts/get_multi30k.sh)"))
     else:
-        run_dir = ROOT / "runs" / "gpu_check"
+        run_dir = args.runs / "gpu_check"
+        outputs = args.runs / "gpu_check_outputs"  # beside the run: fit --overwrite refuses a folder with others' files
+        outputs.mkdir(parents=True, exist_ok=True)
         fit = [PY, "-m", "mtrain", "fit", "configs/multi30k_en_de.yaml", "--output", str(run_dir), "--overwrite",
                "--set", f"train.device={device}", "--set", f"train.max_time={'20s' if dry else args.fit_time}"]
         code, out, secs = run(fit, 600)
@@ -113,7 +135,7 @@ def main() -> int:
                      ("Multi30k fit: median target tokens/s", f"{sorted(speeds)[len(speeds) // 2]:,.0f}"
                       if speeds else "-"),
                      ("Multi30k fit: best valid BLEU (greedy)", f"{max(valid):.2f}" if valid else "-")]
-            hyp = run_dir / "test.hyp.de"
+            hyp = outputs / "test.hyp.de"
             src = data / "test_2016_flickr.en.gz"
             code, out, secs = run([PY, "-m", "mtrain", "translate", "-c", str(run_dir / "final.pt"), "-i", str(src),
                                    "-o", str(hyp), "--beam", "5", "--device", device], 300)
@@ -123,7 +145,7 @@ def main() -> int:
             else:
                 n = len(hyp.read_text().splitlines())
                 rows.append(("Multi30k beam 5: sentences/s (whole command, load included)", f"{n / secs:.1f}"))
-                ref = run_dir / "test.ref.de"
+                ref = outputs / "test.ref.de"
                 subprocess.run(f"gzip -cd {data / 'test_2016_flickr.de.gz'} > {ref}", shell=True, check=True)
                 code, out, _ = run([PY, "-m", "mtrain", "score", "--ref", str(ref), str(hyp), "--json"], 120)
                 if code:

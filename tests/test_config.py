@@ -50,6 +50,7 @@ def test_overrides_with_dotted_keys(tmp_path):
     ("data:\n  train: [{src: a, tgt: b}, {}]\n", "cfg.yaml: data: train[1] gives no corpus"),
     ("data:\n  train: [{src: a, tgt: b, wieght: 2}]\n", "cfg.yaml: data.train[0].wieght: unknown key (did you mean 'weight'?)"),
     ("data:\n  valid: {src: a, tgt: b, weight: 2}\n", "valid.weight: only training corpora are weighted"),
+    ("data:\n  prepare: each_node\n", "cfg.yaml: data: prepare must be global or per_node, got 'each_node'"),
     # options the sweeps did not adopt, since removed: on, they are refused by name
     ("model:\n  output_vocab: seen\n", "cfg.yaml: model.output_vocab: seen is an option this version of mtrain removed"),
     ("train:\n  rdrop: 5.0\n", "cfg.yaml: train.rdrop: 5.0 is an option this version of mtrain removed"),

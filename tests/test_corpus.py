@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE_DE, SAMPLE_EN
 
 from mtrain.config import DataSource
 from mtrain.corpus import ReadStats, open_text, read_pairs
@@ -92,3 +93,24 @@ def test_a_datasets_revision_is_part_of_the_cache_key(toks):
     streamed = DataSource(hf="wmt14", hf_config="de-en", hf_streaming=True, name="wmt", weight=2.0)
     assert cache_key(a, toks, 128, 3.0, True) != cache_key(b, toks, 128, 3.0, True)
     assert cache_key(a, toks, 128, 3.0, True) == cache_key(streamed, toks, 128, 3.0, True)  # same records
+
+
+def test_a_copy_of_the_data_in_another_folder_with_other_times_finds_the_cache(tmp_path, toks, monkeypatch):
+    """Nodes with their own copy of the data: the same paths as written, other absolute paths and
+    modification times, the same content: one cache key. Other content: another."""
+    import os
+
+    from mtrain.data import cache_key
+    for node in ("a", "b"):
+        (tmp_path / node / "data").mkdir(parents=True)
+        for side, sample in (("en", SAMPLE_EN), ("de", SAMPLE_DE)):
+            (tmp_path / node / "data" / f"c.{side}").write_bytes(sample.read_bytes())
+    os.utime(tmp_path / "b" / "data" / "c.en", (1, 1))
+    source = DataSource(src="data/c.en", tgt="data/c.de")
+    keys = []
+    for node in ("a", "b"):
+        monkeypatch.chdir(tmp_path / node)
+        keys.append(cache_key(source, toks, 128, 3.0, True))
+    assert keys[0] == keys[1]
+    (tmp_path / "b" / "data" / "c.en").write_text(SAMPLE_EN.read_text().replace("a", "e"))  # same size, new text
+    assert cache_key(source, toks, 128, 3.0, True) != keys[0]

@@ -145,8 +145,8 @@ def two_nodes(tmp_path, cfg_path, run, cwds, timeout=240):
 
 def test_a_node_without_the_prepared_data_stops_with_one_line_and_shared_data_trains(tmp_path, spm_model):
     """Nodes without a shared filesystem: the second finds no prepared data where the config points
-    and stops, naming it, instead of encoding the corpus itself. With the directory shared, two nodes
-    train like one process with update_freq 2."""
+    and stops, naming it, instead of encoding the corpus itself. With the directory shared, or with
+    data.prepare: per_node, two nodes train like one process with update_freq 2."""
     raw = tiny_raw(tmp_path, spm_model, batch_tokens=120, max_steps=4, save_every=4, valid_every=4, threads=1,
                    dist_timeout=30)
     raw["model"]["dropout"] = 0.0
@@ -173,3 +173,15 @@ def test_a_node_without_the_prepared_data_stops_with_one_line_and_shared_data_tr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+
+    # data.prepare: per_node: the first process of each node prepares the node's own copy.
+    per_node = {**raw, "data": {**raw["data"], "prepare": "per_node"}}
+    cfg.write_text(yaml.safe_dump(per_node))
+    for node in ("node2", "node3"):
+        (tmp_path / node).mkdir()
+    results = two_nodes(tmp_path, cfg, tmp_path / "three", [tmp_path / "node2", tmp_path / "node3"])
+    assert all(rc == 0 for rc, _, _ in results), results[0][2][-2000:] + results[1][2][-2000:]
+    assert (tmp_path / "node2" / "prepared" / "train0" / "src.bin").read_bytes() == \
+        (tmp_path / "node3" / "prepared" / "train0" / "src.bin").read_bytes()
+    c = losses(tmp_path / "three")
+    assert sorted(c) == [1, 2, 3, 4] and all(c[s] == pytest.approx(a[s], rel=1e-5) for s in a)

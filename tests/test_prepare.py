@@ -29,9 +29,12 @@ def files_of(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_prepared_data_trains_as_the_cache_does_and_is_the_same_for_any_worker_count(tmp_path, spm_model):
+def test_prepared_data_trains_as_the_cache_does_and_is_the_same_for_any_worker_count(tmp_path, spm_model,
+                                                                                   monkeypatch):
+    from mtrain import encode
     raw = two_corpora(tmp_path, spm_model, max_steps=6)
     cfg = config_from_dict(raw)
+    monkeypatch.setattr(encode, "CHUNK", 7)  # several chunks: two workers share them
     one, two = prepare(cfg, tmp_path / "one", log=lambda *_: None, workers=1), \
         prepare(cfg, tmp_path / "two", log=lambda *_: None, workers=2)
     assert files_of(one) == files_of(two)  # byte for byte
@@ -76,6 +79,23 @@ def test_fit_prepares_what_is_missing_and_refuses_a_directory_for_other_data(tmp
     assert not (tmp_path / "run2").exists()
     raw["data"]["max_len"] = 50
     with pytest.raises(MtrainError, match="prepared with other data.max_len or max_len_ratio"):
+        load_prepared(config_from_dict(raw), tmp_path / "prepared", log=lambda *_: None)
+    del raw["data"]["max_len"]
+    manifest = tmp_path / "prepared" / MANIFEST
+    (tmp_path / "half.de").write_text("\n".join(SAMPLE_DE.read_text().splitlines()[:10]) + "\n")
+    load_prepared(config_from_dict(raw), tmp_path / "prepared", log=lambda *_: None)  # the data it was made for
+    from mtrain.config import TokenizerConfig
+    from mtrain.tokenizer import train_tokenizer
+    other = train_tokenizer([SAMPLE_DE], TokenizerConfig(vocab_size=60), tmp_path / "other" / "spm")
+    with pytest.raises(MtrainError, match=rf"prepared: prepared with another tokenizer than {other}; run mtrain "
+                                          r"prepare again"):
+        load_prepared(config_from_dict({**raw, "tokenizer": {"model": str(other)}}), tmp_path / "prepared",
+                      log=lambda *_: None)
+    manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 0'))
+    with pytest.raises(MtrainError, match="prepared: prepared with another mtrain format; run mtrain prepare again"):
+        load_prepared(config_from_dict(raw), tmp_path / "prepared", log=lambda *_: None)
+    manifest.write_text("{not json")
+    with pytest.raises(MtrainError, match="manifest.json: not a readable manifest; run mtrain prepare again"):
         load_prepared(config_from_dict(raw), tmp_path / "prepared", log=lambda *_: None)
 
 

@@ -73,3 +73,35 @@ def test_the_tokenizer_trains_on_a_streamed_sample_beside_its_model(tmp_path, mo
     model = train_tokenizer([SAMPLE_EN, SAMPLE_DE], TokenizerConfig(vocab_size=60), tmp_path / "out" / "spm")
     assert model.is_file() and seen == [tmp_path / "out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["spm.model", "spm.vocab"]
+
+
+def test_tsv_and_several_corpora_are_sampled_as_read_without_a_copy(tmp_path, monkeypatch):
+    """A TSV file and a file pair train one joint model (and one a side) from the pairs as they are
+    read: nothing is written out but the sample SentencePiece reads, beside the model."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT
+
+    from mtrain import tokenizer as tokenizer_module
+    from mtrain.config import DataSource, TokenizerConfig
+    en, de = SAMPLE_EN.read_text().splitlines(), SAMPLE_DE.read_text().splitlines()
+    (tmp_path / "c.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in zip(en[:10], de[:10])) + "\t\n")
+    sources = [DataSource(tsv=str(tmp_path / "c.tsv")), DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE), name="b")]
+    joint, = tokenizer_module.sample_sources(sources, TokenizerConfig(input_sentence_size=1000))
+    pairs = [*zip(en[:10], de[:10]), *zip(en, de)]
+    assert joint == [x.strip() for pair in pairs for x in pair]  # every line, both sides, in the order read
+    src, tgt = tokenizer_module.sample_sources(sources, TokenizerConfig(joint=False, input_sentence_size=1000))
+    assert (src, tgt) == ([s.strip() for s, _ in pairs], [t.strip() for _, t in pairs])
+    few = tokenizer_module.sample_sources(sources, TokenizerConfig(input_sentence_size=5, shuffle_input_sentence=False))
+    assert few == [joint[:5]]
+    raw = {"data": {"train": [{"tsv": str(tmp_path / "c.tsv")}, {"src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE)}]},
+           "tokenizer": {"vocab_size": 60, "model": str(tmp_path / "tok" / "spm.model")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    run = subprocess.run([sys.executable, "-m", "mtrain", "tokenize", "--config", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "pieces/sentence" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["spm.model", "spm.vocab"]
+    assert Tokenizer.load(tmp_path / "tok" / "spm.model").vocab_size == 60
