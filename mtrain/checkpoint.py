@@ -141,6 +141,20 @@ def load_for_inference(paths: Sequence[Path | str], trust: bool = False):
     return model.eval(), toks, config_from_dict(state["config"], f"{paths[0]} config", training=False)
 
 
+def load_models(paths: Sequence[Path | str], trust: bool = False):
+    """(model in eval mode, tokenizers, config) of one checkpoint, or an Ensemble of several, which must
+    share both vocabularies (one line otherwise); the config is the first one's."""
+    from mtrain.ensemble import Ensemble
+    loaded = [load_for_inference([path], trust) for path in paths]
+    model, toks, cfg = loaded[0]
+    for path, (_, other, _) in zip(paths[1:], loaded[1:]):
+        for side, mine, theirs in (("source", toks.src, other.src), ("target", toks.tgt, other.tgt)):
+            if mine.proto != theirs.proto:
+                raise MtrainError(f"{path}: another {side} vocabulary than {paths[0]}; the models of an ensemble "
+                                  f"must share both (mtrain average makes one model of checkpoints of one run)")
+    return (model if len(loaded) == 1 else Ensemble([m for m, _, _ in loaded])), toks, cfg
+
+
 def model_and_tokenizers(state: dict, path: Path | str) -> tuple[Transformer, Tokenizers]:
     """Rebuild what a loaded checkpoint describes; a missing part is named in one line."""
     try:
@@ -164,6 +178,8 @@ def describe(path: Path | str, trust: bool = False) -> dict:
         "valid_bleu": state.get("valid_bleu", train_state.get("best_bleu")),
         "chosen": state.get("chosen"), "averaged_from": state.get("averaged_from"),
         "data_position": state.get("data"), "resumable": "optimizer" in state,
+        "tags": config_from_dict(state["config"], f"{path} config", training=False).data.tags,
+        "init_from": state.get("init_from"),
         "config": state["config"],
     }
 
@@ -183,4 +199,5 @@ def describe_text(d: dict) -> str:
         "valid BLEU:   " + (f"{d['valid_bleu']:.2f}" if d["valid_bleu"] is not None else "-")
         + (f" ({d['chosen']})" if d["chosen"] else ""),
         f"averaged:     {', '.join(d['averaged_from']) if d['averaged_from'] else 'no'}",
-    ])
+        f"tags:         {', '.join(d['tags']) if d['tags'] else 'none'}",
+    ] + ([f"initialised:  from {d['init_from']}"] if d["init_from"] else []))

@@ -59,13 +59,16 @@ def user_errors():
 CHECKPOINT_OPT_HELP = "The checkpoint, as `translate` takes it (instead of the argument)."
 
 
-def _one_checkpoint(argument: Optional[Path], option: Optional[Path]) -> Path:
-    """`info` and `export` take the checkpoint as an argument, or as -c/--checkpoint like `translate` does."""
-    if argument is not None and option is not None and argument != option:
-        raise click.UsageError(f"two checkpoints given ({argument} and -c {option}): give one")
-    if argument is None and option is None:
+def _one_checkpoint(argument: Optional[Path], options: List[Path], command: str) -> Path:
+    """`info` and `export` take one checkpoint as an argument, or as -c/--checkpoint like `translate`
+    does (where several make an ensemble, which these do not take)."""
+    given = list(dict.fromkeys([*([argument] if argument is not None else []), *options]))
+    if len(given) > 1:
+        raise click.UsageError(f"{len(given)} checkpoints given ({', '.join(map(str, given))}): {command} takes one "
+                               f"(an ensemble is for translate; mtrain average makes one model of several)")
+    if not given:
         raise click.UsageError("Missing argument 'CHECKPOINT' (or -c/--checkpoint).")
-    return argument if argument is not None else option
+    return given[0]
 
 
 def _read_lines(path: Optional[Path]) -> list[str]:
@@ -132,6 +135,8 @@ def fit(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start again, deleting the run's checkpoints."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start a new run from this checkpoint's weights and "
+                                        "tokenizer (fine-tuning); the optimizer, schedule and data order start afresh."),
 ):
     """Train a Transformer; the run directory gets checkpoints, metrics.jsonl, config.yaml and the tokenizer."""
     from mtrain.config import load_config
@@ -143,12 +148,13 @@ def fit(
         if not cfg.data.train:  # before any work: the device, the run directory
             raise MtrainError(f"{config}: data.train: no training corpus given; write e.g. "
                               "data: {train: {src: train.en, tgt: train.de}}")
-        fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust)
+        fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust, init=init)
 
 
 @app.command()
 def translate(
-    checkpoint: List[Path] = typer.Option(..., "--checkpoint", "-c", help="Checkpoint; several are averaged."),
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", "-c", help="Checkpoint; several decode as an "
+                                          "ensemble (mtrain average makes one model of several)."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Source text [stdin]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Translations [stdout]."),
     beam: Optional[int] = typer.Option(None, help="Beam size (1 = greedy) [config decode.beam]."),
@@ -177,6 +183,8 @@ def translate(
     attention_limit: Optional[int] = typer.Option(None, help="Heatmaps for the first N input lines [20]."),
     keep_unknown: bool = typer.Option(False, "--keep-unknown", help="Keep source characters the tokenizer does "
                                       "not know, as <unk>, instead of translating without them."),
+    tag: Optional[str] = typer.Option(None, help="A tag the model was trained with, put before every source line "
+                                                "(e.g. '<2de>'); mtrain info lists them."),
     buffer_lines: Optional[int] = typer.Option(
         None, help="Lines read, translated (sorted by length) and written at a time [2000; 1 when stdin is "
                    "a terminal]. 1 answers each line before reading the next (a program feeding a pipe)."),
@@ -194,7 +202,7 @@ def translate(
                                         max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len,
                                         no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk or None),
                       sampling=sampling, trust=trust, inspect=inspect, buffer_lines=buffer_lines,
-                      keep_unknown=keep_unknown)
+                      keep_unknown=keep_unknown, tag=tag)
 
 
 @app.command()
@@ -249,13 +257,13 @@ def average(
 @app.command()
 def info(
     checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint (.pt) written by mtrain."),
-    checkpoint_opt: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=CHECKPOINT_OPT_HELP),
+    checkpoint_opt: List[Path] = typer.Option([], "--checkpoint", "-c", help=CHECKPOINT_OPT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, the full config included."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
     """What a checkpoint holds: model settings, parameters, step, vocabularies, validation BLEU, averaging."""
     from mtrain.checkpoint import describe, describe_text
-    checkpoint = _one_checkpoint(checkpoint, checkpoint_opt)
+    checkpoint = _one_checkpoint(checkpoint, checkpoint_opt, "info")
     with user_errors():
         d = describe(checkpoint, trust)
         typer.echo(json.dumps(d, indent=1) if as_json else describe_text(d))
@@ -275,14 +283,14 @@ def plot(
 @app.command()
 def export(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to export (final.pt, or any other)."),
-    checkpoint_opt: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=CHECKPOINT_OPT_HELP),
+    checkpoint_opt: List[Path] = typer.Option([], "--checkpoint", "-c", help=CHECKPOINT_OPT_HELP),
     ctranslate2: Path = typer.Option(..., "--ctranslate2", help="Output directory of the CTranslate2 model."),
     quantization: Optional[str] = typer.Option(None, help="CTranslate2 weight type: int8, int8_float16, float16..."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
     """Export to CTranslate2 for fast inference (needs the ctranslate2 package)."""
     from mtrain.export import export_ctranslate2
-    checkpoint = _one_checkpoint(checkpoint, checkpoint_opt)
+    checkpoint = _one_checkpoint(checkpoint, checkpoint_opt, "export")
     with user_errors():
         typer.echo(export_ctranslate2(checkpoint, ctranslate2, quantization, trust))
 

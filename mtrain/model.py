@@ -288,6 +288,15 @@ class Transformer(nn.Module):
         cache.pos += 1
         return self.output(self.decoder_norm(x))[:, 0]
 
+    def start(self, src: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int, repeat: int = 1) -> KVCache:
+        """Decoding's start: the source encoded once, and a cache with each sentence `repeat` times (beams)."""
+        memory = self.encode(src, src_pad_mask)
+        return self.new_cache(memory.repeat_interleave(repeat, 0), src_pad_mask.repeat_interleave(repeat, 0), max_len)
+
+    def log_probs(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step's log-probabilities (N, vocab), in fp32."""
+        return self.decode_step(tokens, cache).float().log_softmax(-1)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -41,7 +41,7 @@ def _parts(cfg: Config) -> list[tuple[str, DataSource, bool]]:
     return parts + ([] if cfg.data.valid.empty else [("valid", cfg.data.valid, False)])
 
 
-def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0) -> Path:
+def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0, toks: Tokenizers | None = None) -> Path:
     """Tokenizer (trained into `out_dir` when tokenizer.model is not given or missing) and every corpus,
     encoded by `workers` processes (0: one per core this process may use; the result is the same for
     any number); the manifest last. Corpora already encoded for the same source and tokenizer are
@@ -49,7 +49,7 @@ def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0) -> Pa
     out_dir = Path(out_dir)
     make_folder(out_dir, "prepared data")
     (out_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until written again, at the end
-    toks = get_tokenizers(cfg, out_dir, log)
+    toks = toks or get_tokenizers(cfg, out_dir, log)
     toks.src.save(out_dir / ("spm.model" if toks.joint else "spm.src.model"))
     if not toks.joint:
         toks.tgt.save(out_dir / "spm.tgt.model")

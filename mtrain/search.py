@@ -1,4 +1,7 @@
-"""Decoding: one batched beam search (beam 1 is greedy) and ancestral sampling, both on the KV cache."""
+"""Decoding: one batched beam search (beam 1 is greedy) and ancestral sampling, both on the KV cache.
+
+Both ask the model for two things only: `start` (encode the source, make the cache) and `log_probs`
+(one step): a Transformer or an Ensemble of them."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtrain.ensemble import Ensemble
 from mtrain.model import Transformer
 
 
@@ -41,7 +45,7 @@ def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
 
 
 @torch.no_grad()
-def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, *, beam: int = 5,
+def beam_search(model: Transformer | Ensemble, src: torch.Tensor, src_pad_mask: torch.Tensor, *, beam: int = 5,
                 lenpen: float = 0.6, lenpen_type: str = "gnmt", max_len_a: float = 1.5, max_len_b: int = 10,
                 min_len: int = 1, nbest: int = 1, no_repeat_ngram: int = 0,
                 bos: int, eos: int, pad: int, unk: int | None = None) -> list[list[Hypothesis]]:
@@ -53,9 +57,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
     B, k = src.shape[0], beam
     device = src.device
     max_len = max_lengths(src_pad_mask, max_len_a, max_len_b, model.cfg.max_positions - 1)
-    memory = model.encode(src, src_pad_mask)
-    cache = model.new_cache(memory.repeat_interleave(k, 0), src_pad_mask.repeat_interleave(k, 0),
-                            int(max_len.max()) + 1)
+    cache = model.start(src, src_pad_mask, int(max_len.max()) + 1, repeat=k)
     tokens = torch.full((B * k, 1), bos, dtype=torch.long, device=device)  # (N*k, t+1), BOS first
     scores = torch.zeros(B, k, device=device)  # summed log-probs of live hypotheses
     scores[:, 1:] = float("-inf")  # step 0 expands one hypothesis per sentence, not k copies
@@ -66,7 +68,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
 
     for t in range(int(max_len.max())):
         n = len(alive)
-        logp = model.decode_step(tokens[:, -1], cache).float().log_softmax(-1)  # (n*k, V)
+        logp = model.log_probs(tokens[:, -1], cache)  # (n*k, V)
         V = logp.shape[1]
         eos_logp = logp[:, eos].clone()
         logp[:, pad] = logp[:, bos] = float("-inf")
@@ -126,7 +128,7 @@ def beam_search(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tenso
 
 
 @torch.no_grad()
-def sample(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, *, temperature: float = 1.0,
+def sample(model: Transformer | Ensemble, src: torch.Tensor, src_pad_mask: torch.Tensor, *, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 1,
            bos: int, eos: int, pad: int, unk: int | None = None,
            generator: torch.Generator | None = None) -> list[Hypothesis]:
@@ -135,13 +137,13 @@ def sample(model: Transformer, src: torch.Tensor, src_pad_mask: torch.Tensor, *,
     temperature > 0, top_k >= 0 (0 = all) and 0 < top_p <= 1 are the caller's to check."""
     B, device = src.shape[0], src.device
     max_len = max_lengths(src_pad_mask, max_len_a, max_len_b, model.cfg.max_positions - 1)
-    cache = model.new_cache(model.encode(src, src_pad_mask), src_pad_mask, int(max_len.max()) + 1)
+    cache = model.start(src, src_pad_mask, int(max_len.max()) + 1)
     last = torch.full((B,), bos, dtype=torch.long, device=device)
     out = torch.full((B, int(max_len.max())), pad, dtype=torch.long, device=device)
     total = torch.zeros(B, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(int(max_len.max())):
-        logits = model.decode_step(last, cache).float()
+        logits = model.log_probs(last, cache)  # logits up to a constant a row: the same distribution
         logits[:, pad] = logits[:, bos] = float("-inf")
         if unk is not None:
             logits[:, unk] = float("-inf")

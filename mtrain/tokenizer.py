@@ -21,6 +21,13 @@ from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, make_folder
 
 
+def is_one_piece(text: str, tok: "Tokenizer") -> bool:
+    """True when the tokenizer holds `text` (a tag such as <2de>) as one piece of its own, which encoding
+    the text keeps whole (SentencePiece may put a word-boundary piece before it)."""
+    piece = tok.sp.piece_to_id(text)
+    return piece != tok.unk and piece in tok.sp.encode(text)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
     try:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mtrain import checkpoint
-from mtrain.config import Config, config_to_dict, drop_removed, dump_config
+from mtrain.config import Config, config_from_dict, config_to_dict, drop_removed, dump_config
 from mtrain.corpus import read_pairs
 from mtrain.data import Batches, Corpora, EncodedCorpus, UpdateStream, collate_corpus, load_corpus, token_batches
 from mtrain.device import Device, World, init_world, pick_device, rng_state, seed_everything, set_rng_state
@@ -30,7 +30,7 @@ from mtrain.model import Transformer
 from mtrain.prepare import MANIFEST, load_prepared, prepare
 from mtrain.report import Report, progress, write_line
 from mtrain.score import bleu
-from mtrain.tokenizer import Tokenizers, get_tokenizers, save_to_run
+from mtrain.tokenizer import Tokenizers, get_tokenizers, is_one_piece, save_to_run
 from mtrain.translate import decode_ids, drop_unknown
 
 # ---------------------------------------------------------------- the learning rate
@@ -135,6 +135,7 @@ class TrainState:
     elapsed: float = 0.0  # training seconds of the run, earlier sessions included (train.max_time)
     kept: list[str] = field(default_factory=list)  # periodic checkpoints on disk, oldest first
     plan: int = 0  # the update a linear or cosine decay ends at; 0 until a time budget has an estimate
+    init_from: str = ""  # the checkpoint whose weights the run started from (fit --init), if any
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -358,15 +359,19 @@ def resume_advice(run_dir: Path) -> str:
 
 
 def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False, log=write_line,
-        trust: bool = False) -> Path:
+        trust: bool = False, init: Path | str | None = None) -> Path:
     """Train a model as `cfg` says; returns the path of the checkpoint to translate with. `log` takes
     each line the run reports. Under torchrun each process trains one shard of every update
-    (DistributedDataParallel)."""
+    (DistributedDataParallel). `init`: a checkpoint whose weights a new run starts from."""
+    if init is not None and resume:
+        raise MtrainError("--init starts a new run from a checkpoint's weights and --resume continues this run: "
+                          "give one of them")
     run_dir = Path(run_dir)
     world = init_world(cfg.train.device, cfg.train.dist_timeout)
     report = Report(log, world.main)
     try:
-        final = train(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report)
+        final = train(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report,
+                      init=init)
     except torch.OutOfMemoryError:
         tc = cfg.train
         raise MtrainError(f"process {world.rank}: out of memory on {tc.device}; lower train.batch_tokens (now "
@@ -385,15 +390,17 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
 
 
 def train(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: World, trust: bool,
-          report: Report) -> Path:
+          report: Report, init: Path | str | None = None) -> Path:
     """The body of `fit`, for one process of `world`."""
     clock = Clock()
+    start = load_init(Path(init), cfg, trust) if init is not None else None
     dev, ckpt = start_run(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report)
+    toks = start.toks if start else None
     if cfg.data.prepared:
-        make_prepared(cfg, world=world, report=report)
+        make_prepared(cfg, world=world, report=report, toks=toks)
     with world.main_first():  # rank 0 trains the tokenizer and encodes the corpus; the others read its files
-        data = prepare_data(cfg, run_dir, world=world, ckpt=ckpt, report=report)
-    trainer = Trainer(cfg, run_dir, world=world, dev=dev, data=data, report=report, clock=clock)
+        data = prepare_data(cfg, run_dir, world=world, ckpt=ckpt, report=report, toks=toks)
+    trainer = Trainer(cfg, run_dir, world=world, dev=dev, data=data, report=report, clock=clock, init=start)
     if ckpt is not None:
         restore(ckpt, run_dir / "last.pt", trainer, cfg.train.seed)
         ckpt = None  # let the mapped file go: the model and optimizer hold their own copies now
@@ -431,6 +438,40 @@ def start_run(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, worl
 
 
 @dataclass
+class Init:
+    """fit --init: the weights a new run starts from, and the tokenizers they were trained with."""
+
+    path: Path
+    weights: dict
+    toks: Tokenizers
+
+
+def load_init(path: Path, cfg: Config, trust: bool) -> Init:
+    """The checkpoint a new run starts from, checked against the config before anything is created: the
+    same model (dropouts aside), its own tokenizer (a config naming another is refused), and every tag
+    of the data one piece of it."""
+    state = checkpoint.load(path, trust=trust, mmap=True)
+    toks = checkpoint.model_and_tokenizers(state, path)[1]
+    saved = config_from_dict(state["config"], f"{path} config", training=False).model
+    for key, now in dataclasses.asdict(cfg.model).items():
+        was = getattr(saved, key)
+        if "dropout" not in key and now != was:
+            raise MtrainError(f"--init {path}: model.{key} is {now} in the config and {was} in the checkpoint; a "
+                              f"run that starts from its weights needs its model (dropouts may differ)")
+    for key, mine in (("model", toks.src), ("tgt_model", toks.tgt)):
+        configured = getattr(cfg.tokenizer, key)
+        if configured and Path(configured).is_file() and Path(configured).read_bytes() != mine.proto:
+            raise MtrainError(f"tokenizer.{key}: {configured} is not the tokenizer of {path}; a run that starts "
+                              f"from its weights uses the checkpoint's (leave tokenizer.{key} empty)")
+    missing = [tag for tag in cfg.data.tags if not is_one_piece(tag, toks.src)]
+    if missing:
+        raise MtrainError(f"--init {path}: its tokenizer lacks the tag{'s' * (len(missing) > 1)} "
+                          f"{', '.join(missing)} of the data; a model for them must learn them from the start "
+                          f"(a tokenizer trained with them)")
+    return Init(path, state["model"], toks)
+
+
+@dataclass
 class Data:
     toks: Tokenizers
     batches: Batches  # the training corpus as an endless, resumable stream of batches
@@ -438,12 +479,18 @@ class Data:
     valid_refs: list[str]
 
 
-def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report) -> Data:
-    """Tokenizer and corpora (trained and encoded once, then cached); then the run directory fills."""
+def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report,
+                 toks: Tokenizers | None = None) -> Data:
+    """Tokenizer (`toks`, or the config's, trained when missing) and corpora (encoded once, then cached);
+    then the run directory fills."""
     if cfg.data.prepared:
+        given = toks
         toks, parts, valid = load_prepared(cfg, Path(cfg.data.prepared), report.line)
+        if given is not None and (given.src.proto, given.tgt.proto) != (toks.src.proto, toks.tgt.proto):
+            raise MtrainError(f"{cfg.data.prepared}: prepared with another tokenizer than the one of the --init "
+                              f"checkpoint; prepare the data with that tokenizer (tokenizer.model)")
     else:
-        toks = get_tokenizers(cfg, run_dir, report.line, write=world.main)
+        toks = toks or get_tokenizers(cfg, run_dir, report.line, write=world.main)
         parts = [load_corpus(source, toks, cfg.data, filtered=True, log=report.line) for source in cfg.data.train]
         valid = None if cfg.data.valid.empty else load_corpus(cfg.data.valid, toks, cfg.data, filtered=False,
                                                               log=report.line)
@@ -466,7 +513,7 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
     return Data(toks, batches, valid, valid_refs)
 
 
-def make_prepared(cfg: Config, *, world: World, report: Report) -> None:
+def make_prepared(cfg: Config, *, world: World, report: Report, toks: Tokenizers | None = None) -> None:
     """data.prepared, made when it is missing (as `mtrain prepare` would) by global rank 0, or with
     data.prepare: per_node by the first process of each node (each node's own disk); every process
     waits for it, then reads it. One that still finds none (another node, without a shared
@@ -474,7 +521,7 @@ def make_prepared(cfg: Config, *, world: World, report: Report) -> None:
     where = Path(cfg.data.prepared)
     maker = world.local_rank == 0 if cfg.data.prepare == "per_node" else world.main
     if maker and not (where / MANIFEST).is_file():
-        prepare(cfg, where, report.line)
+        prepare(cfg, where, report.line, toks=toks)
     world.wait_for_preparation()
 
 
@@ -498,7 +545,7 @@ class Trainer:
     process; `run` is the loop, `end` the last validation, checkpoint and final.pt."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, world: World, dev: Device, data: Data, report: Report,
-                 clock: Clock):
+                 clock: Clock, init: Init | None = None):
         tc, toks = cfg.train, data.toks
         self.cfg, self.run_dir, self.world, self.dev, self.report = cfg, run_dir, world, dev, report
         self.toks, self.batches, self.valid, self.valid_refs = toks, data.batches, data.valid, data.valid_refs
@@ -508,6 +555,9 @@ class Trainer:
                                    (toks.tgt.pad, toks.tgt.bos, toks.tgt.eos), dev.device, ahead=tc.prefetch)
         self.model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
         report.line(f"model: {self.model.num_parameters():,} parameters")
+        if init is not None:  # before the optimizer and the moving average see the weights
+            self.model.load_state_dict(init.weights)
+            report.line(f"model: weights from {init.path}; optimizer, schedule and data order start afresh")
         # fused: one kernel over all parameters, on CPUs too (torch >= 2.4), instead of a Python loop over
         # them; the step of the Multi30k recipe went from 10.5 to 2.9 ms (of ~250 ms per update).
         self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=lr_at(1, tc.warmup, tc.lr),
@@ -515,7 +565,7 @@ class Trainer:
         # An exponential moving average of the weights (train.ema): a copy of the model, lerped towards it
         # after every update by torch's multi-tensor EMA; it starts as a copy at the first update.
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema)) if tc.ema else None
-        self.state = TrainState(plan=tc.max_steps)
+        self.state = TrainState(plan=tc.max_steps, init_from=str(init.path) if init else "")
         self.clock = clock
         clock.resume_from(0.0)  # training time starts now, once the data is ready
         self.saved_at = -1  # the step of the last checkpoint this session wrote
@@ -528,6 +578,8 @@ class Trainer:
         # DDP broadcasts rank 0's weights, then averages gradients during backward.
         self.train_model = self.model if self.world.size == 1 else self.world.wrap(self.model, self.dev.device)
         self.report.start(self.run_dir, state.step, tc.max_steps)
+        if state.step == 0 and state.init_from:  # where the weights came from, first in metrics.jsonl
+            self.report.record({"step": 0, "init_from": state.init_from}, self.clock.session())
         self.interval = Interval(self.dev.device, self.clock.elapsed())
         self.model.train()
         while (reason := self.stop_reason(interrupt.requested)) is None:
@@ -657,7 +709,8 @@ class Trainer:
                                "optimizer": self.opt.state_dict(), "scaler": self.dev.scaler.state_dict(),
                                "data": self.stream.state_dict(), "train_state": self.state.state_dict(),
                                "rng": rngs, "tokenizer_src": self.toks.src.proto,
-                               "tokenizer_tgt": self.toks.tgt.proto, "step": self.state.step, "ema": ema})
+                               "tokenizer_tgt": self.toks.tgt.proto, "step": self.state.step, "ema": ema,
+                               "init_from": self.state.init_from or None})
         return path
 
     def save_checkpoint(self) -> None:

@@ -16,11 +16,12 @@ import torch
 from mtrain.config import DecodeConfig
 from mtrain.data import cut_sorted, pad_batch
 from mtrain.device import Device
+from mtrain.ensemble import Ensemble
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_text, check_folder, check_parent
 from mtrain.model import Transformer
 from mtrain.search import Hypothesis, beam_search, sample
-from mtrain.tokenizer import Tokenizers
+from mtrain.tokenizer import Tokenizers, is_one_piece
 
 BLOCK = 2000  # lines read before decoding: enough to sort by length, small enough to stream a pipe
 
@@ -56,7 +57,7 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return [b.tolist() for b in cut_sorted(np.argsort(lengths, kind="stable"), lengths, max_tokens)]
 
 
-def decode_ids(model: Transformer, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
+def decode_ids(model: Transformer | Ensemble, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
                dev: Device, sampling: Sampling | None = None) -> list[list[Hypothesis]]:
     """n-best hypotheses for each id sequence (EOS is added here), in input order; with `sampling`
     one sampled hypothesis each instead. <unk> is never emitted unless cfg.allow_unk."""
@@ -115,16 +116,22 @@ def drop_unknown(ids: list[list[int]], unk: int) -> tuple[list[list[int]], list[
     return [[s[p] for p in k] for s, k in zip(ids, kept)], kept
 
 
-def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, cfg: DecodeConfig,
+def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
                     dev: Device, sampling: Sampling | None = None, inspect: Inspect | None = None,
-                    block: int = BLOCK, keep_unknown: bool = False) -> Iterator[str]:
+                    block: int = BLOCK, keep_unknown: bool = False, tag: int | None = None) -> Iterator[str]:
     """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1;
     `TEXT ||| ALIGNMENT` with inspect.alignment). Reads `block` lines at a time and yields all their
     outputs before reading more, so that block=1 answers each line before the next is read.
     Source pieces the tokenizer could only make <unk> are left out (said on stderr) unless keep_unknown;
-    a line of nothing else is copied through."""
+    a line of nothing else is copied through. `tag`: a piece put before every source line, as training
+    puts a corpus's tag."""
     if inspect and inspect.alignment and cfg.nbest > 1:
         raise MtrainError("--alignment works with one translation per line, not --nbest")
+    if inspect and isinstance(model, Ensemble):
+        raise MtrainError("--alignment and --attention show one model's attention; give one --checkpoint")
+    if inspect and tag is not None:
+        raise MtrainError("--alignment and --attention align the line as written, without --tag's piece; "
+                          "translate without one of them")
     model.eval()
     index = 0
     lines = iter(lines)
@@ -153,7 +160,8 @@ def translate_lines(lines: Iterable[str], model: Transformer, toks: Tokenizers, 
             print(f"mtrain: {long} input lines longer than {model.cfg.max_positions - 2} pieces were truncated",
                   file=sys.stderr)
         hyps: list[list[Hypothesis]] = [[] for _ in text]
-        for i, h in zip(todo, decode_ids(model, ids, cfg, toks, dev, sampling)):
+        tagged = ids if tag is None else [[tag, *x] for x in ids]
+        for i, h in zip(todo, decode_ids(model, tagged, cfg, toks, dev, sampling)):
             hyps[i] = h
         shown = [""] * len(text)
         if inspect and (inspect.alignment or inspect.attention_dir):
@@ -210,15 +218,24 @@ def translate_modes(*, sample: bool, beam_flags: dict, sampling_flags: dict, ali
     return sampling, inspect
 
 
+def tag_piece(tag: str, toks: Tokenizers, known: Sequence[str]) -> int:
+    """The source piece of a tag the model was trained with (data.train's tags); one line otherwise."""
+    if tag not in known or not is_one_piece(tag, toks.src):
+        raise MtrainError(f"--tag {tag}: not a tag this model was trained with "
+                          + (f"(its tags: {', '.join(known)})" if known else "(it was trained without tags)"))
+    return toks.src.sp.piece_to_id(tag)
+
+
 def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path | None, device: str,
                   precision: str, decode_flags: dict, sampling: Sampling | None, trust: bool = False,
-                  inspect: Inspect | None = None, buffer_lines: int | None = None, keep_unknown: bool = False) -> None:
-    """`mtrain translate`: load (and average) checkpoints, stream lines from a file or stdin.
+                  inspect: Inspect | None = None, buffer_lines: int | None = None, keep_unknown: bool = False,
+                  tag: str | None = None) -> None:
+    """`mtrain translate`: load a checkpoint or an ensemble of several, stream lines from a file or stdin.
     `buffer_lines` lines are read, translated and written at a time (None: one at a time when stdin
     is a terminal, so that each typed line is answered at once, else BLOCK).
     A file output appears whole when every line is translated, or not at all: an error on line 2000
     leaves no half-written file (and an older file of that name untouched)."""
-    from mtrain.checkpoint import load_for_inference
+    from mtrain.checkpoint import load_models
     from mtrain.corpus import check_input, open_text
     from mtrain.device import pick_device
 
@@ -232,13 +249,15 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
         check_parent(output, "output")
     if input is not None:
         check_input(input)
-    model, toks, cfg = load_for_inference(checkpoints, trust)
+    model, toks, cfg = load_models(checkpoints, trust)
+    tag_id = None if tag is None else tag_piece(tag, toks, cfg.data.tags)
     dev = pick_device(device, precision, setting="--")
     model.to(dev.device)
     decode = with_overrides(cfg.decode, **decode_flags)
     lines = open_text(input if input is not None else "-")
     with atomic_text(output) if output is not None else contextlib.nullcontext(sys.stdout) as out:
-        for line in translate_lines(lines, model, toks, decode, dev, sampling, inspect, buffer_lines, keep_unknown):
+        for line in translate_lines(lines, model, toks, decode, dev, sampling, inspect, buffer_lines, keep_unknown,
+                                    tag_id):
             out.write(line + "\n")
             if out is sys.stdout:
                 out.flush()  # each block reaches the next command of the pipe at once

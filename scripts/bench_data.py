@@ -264,10 +264,11 @@ def main():
     p.add_argument("--work", type=Path, default=Path("/tmp/mtrain-bench-data"),
                    help="where the raw text, prepared data and runs go [/tmp/mtrain-bench-data]")
     p.add_argument("--skip-prepare", action="store_true", help="the loader only")
+    p.add_argument("--skip-loader", action="store_true", help="preparation and fit's start-up only")
     args = p.parse_args()
     sizes = args.pairs or [1_000_000, 4_500_000]
     torch.set_num_threads(1)
-    rows = [measure(n, args.step_ms) for n in sizes]
+    rows = [] if args.skip_loader else [measure(n, args.step_ms) for n in sizes]
     print("| pairs | collate 25k-token batches: gathered / row by row, M target tokens/s | 2,048-token batches "
           "| epoch made, s | longest wait across an epoch boundary, s | loop's wait with prefetch, share of a "
           f"{args.step_ms:.0f} ms step | peak RSS, MB |")

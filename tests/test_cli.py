@@ -119,7 +119,10 @@ def test_info_and_plot_of_a_run(tmp_path, spm_model):
     assert r2.returncode == 0 and r2.stdout == r.stdout
     assert mtrain("info", final, "--checkpoint", final).stdout == r.stdout
     assert_one_line_error(mtrain("info"), "Missing argument 'CHECKPOINT'", "-c/--checkpoint")
-    assert_one_line_error(mtrain("info", final, "-c", last), "two checkpoints given", "give one")
+    assert_one_line_error(mtrain("info", final, "-c", last), "2 checkpoints given", "info takes one")
+    assert_one_line_error(mtrain("export", "-c", final, "-c", last, "--ctranslate2", tmp_path / "ct2"),
+                          "2 checkpoints given", "export takes one (an ensemble is for translate")
+    assert "tags:         none" in r.stdout
     info = json.loads(mtrain("info", tmp_path / "run" / "last.pt", "--json").stdout)
     assert info["step"] == 4 and info["resumable"] and info["data_position"]["batch_tokens"] == 200
     assert info["vocabulary"] == {"joint": True, "source_size": 100, "target_size": 100}

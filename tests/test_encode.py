@@ -116,3 +116,13 @@ def test_a_killed_encoding_continues_from_its_last_chunk_to_the_same_bytes(tmp_p
     encode.encode_to(tmp_path / "other", source, toks, cfg, True, stamp={"run": 2}, workers=1)
     assert len(calls) == 6 + 9  # another stamp (other data or tokenizer): everything again
     assert files_of(tmp_path / "other") == files_of(out)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 2500])
+def test_offsets_written_a_block_at_a_time_are_the_cumulative_lengths(tmp_path, n):
+    import numpy as np
+    lengths = np.random.default_rng(n).integers(1, 200, n).astype(np.int32)
+    (tmp_path / "len").write_bytes(lengths.tobytes())
+    encode.write_offsets(tmp_path / "len", tmp_path / "offsets.npy", block=7)
+    offsets = np.load(tmp_path / "offsets.npy")
+    assert offsets.dtype == np.int64 and offsets.tolist() == [0, *np.cumsum(lengths, dtype=np.int64).tolist()]

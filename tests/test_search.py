@@ -90,13 +90,10 @@ class TableModel:
 
     cfg = ModelConfig(max_positions=64)
 
-    def encode(self, src, mask):
-        return torch.zeros(src.shape[0], 1, 1)
+    def start(self, src, mask, max_len, repeat=1):
+        return TableCache([[] for _ in range(src.shape[0] * repeat)])
 
-    def new_cache(self, memory, mask, max_len):
-        return TableCache([[] for _ in range(memory.shape[0])])
-
-    def decode_step(self, tokens, cache):
+    def log_probs(self, tokens, cache):
         probs = torch.full((len(tokens), 6), 1e-9)
         for i, tok in enumerate(tokens.tolist()):
             if tok != BOS:
@@ -164,16 +161,13 @@ class TokenBias:
     def __init__(self, model, bias, token=EOS):
         self.model, self.cfg, self.bias, self.token = model, model.cfg, bias, token
 
-    def encode(self, src, mask):
-        return self.model.encode(src, mask)
+    def start(self, *args, **kwargs):
+        return self.model.start(*args, **kwargs)
 
-    def new_cache(self, *args):
-        return self.model.new_cache(*args)
-
-    def decode_step(self, tokens, cache):
+    def log_probs(self, tokens, cache):
         logits = self.model.decode_step(tokens, cache).clone()
         logits[:, self.token] += self.bias
-        return logits
+        return logits.float().log_softmax(-1)
 
 
 def test_output_length_limit_is_a_times_source_plus_b():

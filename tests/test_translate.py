@@ -238,3 +238,37 @@ def test_a_line_of_unknown_characters_alone_is_copied_through(trained, capsys):
     assert nbest[2].startswith("1 ||| ") and float(nbest[2].split(" ||| ")[2]) < 0
     kept = list(translate_lines(lines[:1], model, toks, dec, dev, keep_unknown=True))
     assert kept[0] != lines[0]  # --keep-unknown translates the <unk> pieces as before
+
+
+def test_a_tag_chooses_the_target_a_model_learned_for_it(tmp_path, spm_model):
+    """Two tagged corpora with the same sources and two targets (German, and the English itself): a
+    tiny model learns both, and --tag picks which it writes; an unknown tag is one line naming those
+    it knows."""
+    from conftest import SAMPLE_DE, tiny_raw
+
+    from mtrain.config import config_from_dict
+    from mtrain.errors import MtrainError
+    from mtrain.translate import tag_piece
+    raw = tiny_raw(tmp_path, spm_model, max_steps=600, lr=3e-3, warmup=40, batch_tokens=600, valid_every=600,
+                   save_every=600, log_every=100, label_smoothing=0.0)
+    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, ffn_dim=128, dropout=0.0)
+    raw["data"]["train"] = [{"name": "de", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE), "tag": "<2de>"},
+                            {"name": "en", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_EN), "tag": "<2en>"}]
+    raw["data"]["valid"]["tag"] = "<2de>"
+    raw["tokenizer"] = {"vocab_size": 100}
+    final = fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+    model, toks, cfg = checkpoint.load_for_inference([final])
+    assert cfg.data.tags == ["<2de>", "<2en>"]
+    sources = SAMPLE_EN.read_text().splitlines()
+    for tag, targets in (("<2de>", SAMPLE_DE.read_text().splitlines()), ("<2en>", sources)):
+        out = list(translate_lines(sources, model, toks, DecodeConfig(beam=1), pick_device("cpu", "fp32"),
+                                   tag=tag_piece(tag, toks, cfg.data.tags)))
+        assert out == targets, tag
+    with pytest.raises(MtrainError, match=r"--tag <2fr>: not a tag this model was trained with \(its tags: <2de>, "
+                                          r"<2en>\)"):
+        tag_piece("<2fr>", toks, cfg.data.tags)
+    r = subprocess.run([sys.executable, "-m", "mtrain", "translate", "-c", str(final), "--tag", "<2en>", "--beam", "1"],
+                       input=sources[0] + "\n", capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout == sources[0] + "\n", r.stderr
+    info = subprocess.run([sys.executable, "-m", "mtrain", "info", str(final)], capture_output=True, text=True, cwd=ROOT)
+    assert "tags:         <2de>, <2en>" in info.stdout
