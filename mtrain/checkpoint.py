@@ -155,11 +155,12 @@ def load_models(paths: Sequence[Path | str], trust: bool = False):
     return (model if len(loaded) == 1 else Ensemble([m for m, _, _ in loaded])), toks, cfg
 
 
-def model_and_tokenizers(state: dict, path: Path | str) -> tuple[Transformer, Tokenizers]:
-    """Rebuild what a loaded checkpoint describes; a missing part is named in one line."""
+def model_and_tokenizers(state: dict, path: Path | str, model: bool = True) -> tuple[Transformer | None, Tokenizers]:
+    """Rebuild what a loaded checkpoint describes (the tokenizers alone without `model`); a missing part
+    is named in one line."""
     try:
         toks = Tokenizers(Tokenizer(state["tokenizer_src"]), Tokenizer(state["tokenizer_tgt"]))
-        return build_model(state, toks, str(path)), toks
+        return build_model(state, toks, str(path)) if model else None, toks
     except (KeyError, RuntimeError, ValueError) as e:
         raise MtrainError(f"{path}: incomplete checkpoint ({type(e).__name__}: {e})") from None
 

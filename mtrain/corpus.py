@@ -35,17 +35,17 @@ def open_text(path: Path | str) -> Iterator[str]:
     """Lines of a plain or .gz UTF-8 file ("-" = stdin) without their newline; bad bytes are an
     error naming the line."""
     if str(path) == "-":
-        yield from _decode_lines(sys.stdin.buffer, "stdin")
+        yield from decode_lines(sys.stdin.buffer, "stdin")
         return
     path = Path(path)
     with _open_binary(path) as f:
         try:
-            yield from _decode_lines(f, path)
+            yield from decode_lines(f, path)
         except (OSError, EOFError) as e:  # truncated or not-really-gzip files
             raise MtrainError(f"{path}: cannot read ({e})") from None
 
 
-def _decode_lines(f, name, first: int = 1) -> Iterator[str]:
+def decode_lines(f, name, first: int = 1) -> Iterator[str]:
     """Lines numbered from `first` (the number of the file's line the first one is)."""
     for number, raw in enumerate(f, start=first):
         try:

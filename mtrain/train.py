@@ -401,6 +401,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: W
     with world.main_first():  # rank 0 trains the tokenizer and encodes the corpus; the others read its files
         data = prepare_data(cfg, run_dir, world=world, ckpt=ckpt, report=report, toks=toks)
     trainer = Trainer(cfg, run_dir, world=world, dev=dev, data=data, report=report, clock=clock, init=start)
+    start = None  # the model holds its own copy of the weights now: let the mapped file go
     if ckpt is not None:
         restore(ckpt, run_dir / "last.pt", trainer, cfg.train.seed)
         ckpt = None  # let the mapped file go: the model and optimizer hold their own copies now
@@ -451,7 +452,7 @@ def load_init(path: Path, cfg: Config, trust: bool) -> Init:
     same model (dropouts aside), its own tokenizer (a config naming another is refused), and every tag
     of the data one piece of it."""
     state = checkpoint.load(path, trust=trust, mmap=True)
-    toks = checkpoint.model_and_tokenizers(state, path)[1]
+    toks = checkpoint.model_and_tokenizers(state, path, model=False)[1]  # the weights load into the Trainer's
     saved = config_from_dict(state["config"], f"{path} config", training=False).model
     for key, now in dataclasses.asdict(cfg.model).items():
         was = getattr(saved, key)

@@ -16,4 +16,6 @@ def test_the_gpu_check_dry_run_measures_every_row(tmp_path):
                      run.stdout)
     assert cost, run.stdout
     with_it, premade = (float(x.replace(",", "")) for x in cost.groups()[1:])
-    assert with_it > 0 and premade > 0 and abs(float(cost[1]) - 100 * (1 - with_it / premade)) < 0.2
+    # the printed speeds are whole tokens/s and the share has one decimal: allow for both roundings
+    slack = 100 * (0.5 / premade + 0.5 * with_it / premade ** 2) + 0.05 + 1e-9
+    assert with_it > 0 and premade > 0 and abs(float(cost[1]) - 100 * (1 - with_it / premade)) <= slack
