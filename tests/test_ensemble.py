@@ -35,6 +35,16 @@ def test_a_model_ensembled_with_itself_translates_and_scores_as_it_does(two_mode
         assert list(translate_lines(lines, Ensemble([model, model]), toks, cfg, CPU)) == alone
 
 
+def test_an_ensemble_samples_as_its_one_model_does(two_models):
+    from mtrain.translate import Sampling
+    model, toks, _ = checkpoint.load_for_inference([two_models[0]])
+    lines = SAMPLE_EN.read_text().splitlines()[:6]
+    cfg = DecodeConfig(max_len_b=8)
+    alone = list(translate_lines(lines, model, toks, cfg, CPU, Sampling(temperature=2.0, seed=3)))
+    twice = list(translate_lines(lines, Ensemble([model, model]), toks, cfg, CPU, Sampling(temperature=2.0, seed=3)))
+    assert twice == alone
+
+
 def test_an_ensemble_scores_the_mean_of_its_models_log_probabilities(two_models):
     (a, toks, _), (b, _, _) = (checkpoint.load_for_inference([p]) for p in two_models)
     ensemble = Ensemble([a, b])
