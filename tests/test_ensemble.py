@@ -27,6 +27,18 @@ def two_models(tmp_path_factory, spm_model):
     return sorted((tmp / "run").glob("ckpt_*.pt"))
 
 
+@pytest.fixture(scope="module")
+def wider(tmp_path_factory, spm_model):
+    """A model of another size (2+2 layers, width 48) with the same tokenizer."""
+    from conftest import tiny_raw
+
+    from mtrain.config import config_from_dict
+    tmp = tmp_path_factory.mktemp("wider")
+    raw = tiny_raw(tmp, spm_model, max_steps=6)
+    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=48, heads=4, ffn_dim=96, max_positions=256)
+    return fit(config_from_dict(raw), tmp / "run", log=lambda *_: None)
+
+
 def test_a_model_ensembled_with_itself_translates_and_scores_as_it_does(two_models):
     model, toks, _ = checkpoint.load_for_inference([two_models[0]])
     lines = SAMPLE_EN.read_text().splitlines()[:8]
@@ -45,9 +57,12 @@ def test_an_ensemble_samples_as_its_one_model_does(two_models):
     assert twice == alone
 
 
-def test_an_ensemble_scores_the_mean_of_its_models_log_probabilities(two_models):
-    (a, toks, _), (b, _, _) = (checkpoint.load_for_inference([p]) for p in two_models)
+@pytest.mark.parametrize("pair", ["one run", "two sizes"])
+def test_an_ensemble_scores_the_mean_of_its_models_log_probabilities(two_models, wider, pair):
+    (a, toks, _), (b, _, _) = (checkpoint.load_for_inference([p])
+                               for p in (two_models if pair == "one run" else [two_models[0], wider]))
     ensemble = Ensemble([a, b])
+    assert ensemble.cfg.max_positions == min(a.cfg.max_positions, b.cfg.max_positions)
     ids = toks.src.encode_batch(SAMPLE_EN.read_text().splitlines()[:5])
     cfg = DecodeConfig(beam=1, lenpen=0.0, max_len_b=8, allow_unk=True)
     hyps = decode_ids(ensemble, ids, cfg, toks, CPU)
@@ -60,12 +75,12 @@ def test_an_ensemble_scores_the_mean_of_its_models_log_probabilities(two_models)
             with torch.no_grad():
                 logits = model(src_t, src_t == toks.src.pad, tgt_in, torch.ones_like(tgt_in, dtype=torch.bool))
             by_hand.append(float(logits.float().log_softmax(-1).gather(1, torch.tensor(out)[:, None]).sum()))
-        assert hyp.score == pytest.approx(sum(by_hand) / 2, abs=1e-4)
+        assert hyp.score == pytest.approx(sum(by_hand) / 2, rel=1e-5, abs=1e-4)
         assert by_hand[0] != pytest.approx(by_hand[1], abs=1e-3)  # two different models
     # batched as one equals each line alone
     for line, (hyp,) in zip(ids, hyps):
         (alone,), = decode_ids(ensemble, [line], cfg, toks, CPU)
-        assert alone.tokens == hyp.tokens and alone.score == pytest.approx(hyp.score, abs=1e-5)
+        assert alone.tokens == hyp.tokens and alone.score == pytest.approx(hyp.score, rel=1e-5, abs=1e-5)
 
 
 def test_ensembles_need_one_vocabulary_and_show_no_attention(two_models, tmp_path, spm_model):
