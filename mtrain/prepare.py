@@ -10,11 +10,13 @@ not their absolute path or modification time), so a copy of the data on another 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 from mtrain.config import Config, DataSource
+from mtrain.corpus import raw_pairs
 from mtrain.data import CACHE_VERSION, EncodedCorpus, open_encoded, source_fingerprint
 from mtrain.encode import encode_to, tag_id
 from mtrain.errors import MtrainError
@@ -41,6 +43,33 @@ def _parts(cfg: Config) -> list[tuple[str, DataSource, bool]]:
     return parts + ([] if cfg.data.valid.empty else [("valid", cfg.data.valid, False)])
 
 
+def stream_once(source: DataSource, folder: Path, fingerprint: dict) -> DataSource:
+    """A streamed Hugging Face source, read once into plain text in the prepared directory, so that
+    training the tokenizer and encoding (in parallel, by byte ranges) do not stream it twice; returns
+    the files' source. A copy that was finished for the same fingerprint is kept."""
+    src, tgt, done = folder / "src.txt", folder / "tgt.txt", folder / "complete.json"
+    if not (done.is_file() and json.loads(done.read_text()) == fingerprint):
+        make_folder(folder, "prepared data")
+        done.unlink(missing_ok=True)
+        with open(src, "w", encoding="utf-8") as fs, open(tgt, "w", encoding="utf-8") as ft:
+            for s, t in raw_pairs(source):  # a line break inside a record is a space: one record, one line
+                fs.write(s.replace("\r", " ").replace("\n", " ") + "\n")
+                ft.write(t.replace("\r", " ").replace("\n", " ") + "\n")
+        done.write_text(json.dumps(fingerprint))
+    return DataSource(src=str(src), tgt=str(tgt), name=source.label, weight=source.weight, tag=source.tag)
+
+
+def _streamed_once(cfg: Config, out_dir: Path) -> Config:
+    """`cfg` with each streamed Hugging Face source replaced by its copy in `out_dir/raw/`."""
+    def local(source: DataSource, name: str) -> DataSource:
+        if not (source.hf and source.hf_streaming):
+            return source
+        return stream_once(source, out_dir / "raw" / name, source_fingerprint(source))
+    train = [local(s, f"train{n}") for n, s in enumerate(cfg.data.train)]
+    valid = cfg.data.valid if cfg.data.valid.empty else local(cfg.data.valid, "valid")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train, valid=valid))
+
+
 def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0, toks: Tokenizers | None = None) -> Path:
     """Tokenizer (trained into `out_dir` when tokenizer.model is not given or missing) and every corpus,
     encoded by `workers` processes (0: one per core this process may use; the result is the same for
@@ -49,12 +78,13 @@ def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0, toks:
     out_dir = Path(out_dir)
     make_folder(out_dir, "prepared data")
     (out_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until written again, at the end
-    toks = toks or get_tokenizers(cfg, out_dir, log)
+    local = _streamed_once(cfg, out_dir)  # what is read from here on: files for streamed sources
+    toks = toks or get_tokenizers(local, out_dir, log)
     toks.src.save(out_dir / ("spm.model" if toks.joint else "spm.src.model"))
     if not toks.joint:
         toks.tgt.save(out_dir / "spm.tgt.model")
     manifest = expected_manifest(cfg, toks)
-    for (name, source, filtered), fingerprint in zip(_parts(cfg), [*manifest["train"], manifest["valid"]]):
+    for (name, source, filtered), fingerprint in zip(_parts(local), [*manifest["train"], manifest["valid"]]):
         tag_id(source, toks)  # a tag the tokenizer lacks: named before any encoding
         folder = out_dir / name
         stamp = {"source": fingerprint, "tokenizer": manifest["tokenizer"], "filters": manifest["filters"],

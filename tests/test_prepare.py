@@ -110,3 +110,42 @@ def test_the_prepare_command(tmp_path, spm_model):
     bad = subprocess.run([sys.executable, "-m", "mtrain", "prepare", str(config), "--workers", "-1"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and bad.stderr.strip() == "mtrain: --workers: must be >= 0, got -1"
+
+
+def test_a_streamed_dataset_is_read_once_into_the_prepared_directory(tmp_path, spm_model, monkeypatch):
+    """A streamed Hugging Face source (a local json loader here) is read once, into raw/ in the
+    prepared directory, which the tokenizer's sample and the encoding then read: the encoded corpus
+    is the one the same records give unstreamed, and a second prepare reads the stream no more."""
+    import datasets
+
+    from mtrain import corpus as corpus_module
+    en, de = SAMPLE_EN.read_text().splitlines(), SAMPLE_DE.read_text().splitlines()
+    rows = [{"translation": {"en": s, "de": t}} for s, t in zip(en, de)]
+    datasets.Dataset.from_list(rows).to_json(tmp_path / "d.json")
+    reads = []
+    real = corpus_module._hf_pairs
+
+    def counted(source):
+        reads.append(source.hf_streaming)
+        yield from real(source)
+
+    monkeypatch.setattr(corpus_module, "_hf_pairs", counted)
+
+    def config(streaming: bool, **tokenizer):
+        raw = tiny_raw(tmp_path, spm_model)
+        raw["data"]["train"] = {"hf": "json", "hf_data_files": [str(tmp_path / "d.json")], "hf_streaming": streaming,
+                                "name": "d"}
+        raw["tokenizer"].update(tokenizer)
+        return config_from_dict(raw)
+
+    prepared = {streaming: prepare(config(streaming), tmp_path / f"p{streaming}", log=lambda *_: None)
+                for streaming in (True, False)}
+    assert reads == [True, False]  # with the tokenizer given: encoding alone reads it
+    assert (prepared[True] / "raw" / "train0" / "src.txt").read_text().splitlines() == en
+    for name in ("train0/src.bin", "train0/tgt.bin", "train0/src_offsets.npy", "train0/tgt_offsets.npy"):
+        assert (prepared[True] / name).read_bytes() == (prepared[False] / name).read_bytes(), name
+    trained = prepare(config(True, model="", vocab_size=100), tmp_path / "trained", log=lambda *_: None)
+    assert reads == [True, False, True]  # once, for the tokenizer's sample and the encoding both
+    assert (trained / "spm.model").is_file() and (trained / MANIFEST).is_file()
+    prepare(config(True, model="", vocab_size=100), trained, log=lambda *_: None)
+    assert reads == [True, False, True]  # the finished copy and corpus are kept
