@@ -238,13 +238,13 @@ def _encode_into(partial: Path, source: DataSource, toks: Tokenizers, cfg: DataC
     # Two bytes a piece where the vocabularies allow (most do): half the disk and page cache of int32.
     dtype = np.dtype(np.uint16 if max(toks.src.vocab_size, toks.tgt.vocab_size) <= 1 << 16 else np.int32)
     files = {name: partial / name for name in ("src.bin", "tgt.bin", "src.len", "tgt.len")}
-    zero = {"stamp": stamp, "chunks": 0, "read": 0, "empty": 0, "too_long": 0, "bad_ratio": 0,
+    zero = {"stamp": stamp, "chunk": CHUNK, "chunks": 0, "read": 0, "empty": 0, "too_long": 0, "bad_ratio": 0,
             "bytes": dict.fromkeys(files, 0)}
     try:
         progress = json.loads((partial / PROGRESS).read_text())
     except (OSError, ValueError):
         progress = zero
-    if progress.get("stamp") != stamp:
+    if (progress.get("stamp"), progress.get("chunk")) != (stamp, CHUNK):  # chunks of another size: counted anew
         progress = zero
     for name, path in files.items():  # what was written after the last recorded chunk is cut off
         with open(path, "ab") as f:

@@ -98,7 +98,7 @@ def test_a_killed_encoding_continues_from_its_last_chunk_to_the_same_bytes(tmp_p
     cfg = DataConfig(max_len=64)
     encode.encode_to(tmp_path / "fresh", source, toks, cfg, True, stamp={}, workers=1)
     out = tmp_path / "out"
-    for killed in (out, tmp_path / "other"):
+    for killed in (out, tmp_path / "other", tmp_path / "resized"):
         script = KILLED_MIDWAY.format(tests=str(ROOT / "tests"), model=str(spm_model), out=str(killed),
                                       src=source.src, tgt=source.tgt)
         run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
@@ -116,6 +116,9 @@ def test_a_killed_encoding_continues_from_its_last_chunk_to_the_same_bytes(tmp_p
     encode.encode_to(tmp_path / "other", source, toks, cfg, True, stamp={"run": 2}, workers=1)
     assert len(calls) == 6 + 9  # another stamp (other data or tokenizer): everything again
     assert files_of(tmp_path / "other") == files_of(out)
+    monkeypatch.setattr(encode, "CHUNK", 5)  # chunks of another size than the kill's (a newer mtrain)
+    encode.encode_to(tmp_path / "resized", source, toks, cfg, True, stamp={"run": 1}, workers=1)
+    assert len(calls) == 15 + 12 and files_of(tmp_path / "resized") == files_of(out)  # counted anew
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 2500])
