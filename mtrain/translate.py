@@ -129,9 +129,6 @@ def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: T
         raise MtrainError("--alignment works with one translation per line, not --nbest")
     if inspect and isinstance(model, Ensemble):
         raise MtrainError("--alignment and --attention show one model's attention; give one --checkpoint")
-    if inspect and tag is not None:
-        raise MtrainError("--alignment and --attention align the line as written, without --tag's piece; "
-                          "translate without one of them")
     model.eval()
     index = 0
     lines = iter(lines)
@@ -167,7 +164,8 @@ def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: T
         if inspect and (inspect.alignment or inspect.attention_dir):
             from mtrain.attention import annotate
             notes = annotate(model, toks, ids, [hyps[i][0].tokens for i in todo], [index + i + 1 for i in todo],
-                             inspect.alignment, inspect.attention_dir, inspect.attention_limit, src_positions=kept)
+                             inspect.alignment, inspect.attention_dir, inspect.attention_limit, src_positions=kept,
+                             tag=tag)
             for i, note in zip(todo, notes):
                 shown[i] = note
         for i, (h, note) in enumerate(zip(hyps, shown)):

@@ -264,6 +264,16 @@ def test_a_tag_chooses_the_target_a_model_learned_for_it(tmp_path, spm_model):
         out = list(translate_lines(sources, model, toks, DecodeConfig(beam=1), pick_device("cpu", "fp32"),
                                    tag=tag_piece(tag, toks, cfg.data.tags)))
         assert out == targets, tag
+    # Alignments number the line's own pieces (the tag left out); heatmaps show the tag too.
+    tag = tag_piece("<2de>", toks, cfg.data.tags)
+    shown = list(translate_lines(sources[:3], model, toks, DecodeConfig(beam=1), pick_device("cpu", "fp32"),
+                                 inspect=Inspect("pieces", tmp_path / "maps", 2), tag=tag))
+    for line, out in zip(sources, shown):
+        text, pairs = out.split(" ||| ")
+        links = [tuple(map(int, x.split("-"))) for x in pairs.split()]
+        assert len(links) == len(toks.tgt.encode_batch([text])[0])  # one link per output piece
+        assert all(0 <= i < len(toks.src.encode_batch([line])[0]) for i, _ in links)
+    assert sorted(x.name for x in (tmp_path / "maps").iterdir()) == ["line1.png", "line2.png"]
     with pytest.raises(MtrainError, match=r"--tag <2fr>: not a tag this model was trained with \(its tags: <2de>, "
                                           r"<2en>\)"):
         tag_piece("<2fr>", toks, cfg.data.tags)
