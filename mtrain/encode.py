@@ -18,6 +18,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +120,19 @@ def _start(settings: Settings) -> None:
     _worker = (settings, src, tgt)
 
 
+def _start_worker(settings: Settings, parent: int) -> None:
+    """A worker process's start: its tokenizers, and a watch that ends it when the process that started it
+    is gone (killed before it could shut the pool down), instead of leaving it waiting for work forever."""
+    _start(settings)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mtrain-parent-watch", daemon=True).start()
+
+
 def _encode(job: LineRange | tuple[list[str], list[str]]) -> Chunk:
     """One chunk, in a worker: read (a line range) or given, stripped, empty pairs dropped, encoded,
     filtered by length."""
@@ -177,8 +192,8 @@ def _encoded(jobs: Iterator, settings: Settings, workers: int) -> Iterator[Chunk
         yield from map(_encode, itertools.chain(first, jobs))
         return
     # spawn, not fork: a forked copy of a process that runs torch's threads can deadlock
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-                               initargs=(Settings(**{**settings.__dict__, "threads": 1}),))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(Settings(**{**settings.__dict__, "threads": 1}), os.getpid()))
     try:
         pending = collections.deque()
         for job in itertools.chain(first, jobs):

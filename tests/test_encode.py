@@ -129,3 +129,41 @@ def test_offsets_written_a_block_at_a_time_are_the_cumulative_lengths(tmp_path, 
     encode.write_offsets(tmp_path / "len", tmp_path / "offsets.npy", block=7)
     offsets = np.load(tmp_path / "offsets.npy")
     assert offsets.dtype == np.int64 and offsets.tolist() == [0, *np.cumsum(lengths, dtype=np.int64).tolist()]
+
+
+ORPHANED = """
+import multiprocessing, sys, time
+sys.path.insert(0, {tests!r})
+from mtrain import encode
+proto = open({model!r}, "rb").read()
+settings = encode.Settings(proto, proto, None, False, 100, 3.0, "uint16", 1)
+results = encode._encoded(iter([(["a man ."], ["ein Mann ."])] * 3), settings, 2)
+next(results)  # the pool is up
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+time.sleep(120)
+"""
+
+
+def test_worker_processes_end_when_the_process_that_started_them_is_killed(spm_model):
+    """A kill (no cleanup) of prepare must not leave its workers waiting for work forever."""
+    import os
+    import signal
+    import time
+    main = subprocess.Popen([sys.executable, "-c", ORPHANED.format(tests=str(ROOT / "tests"), model=str(spm_model))],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in main.stdout.readline().split()]
+    assert len(workers) == 2
+    os.kill(main.pid, signal.SIGKILL)
+    main.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers))
