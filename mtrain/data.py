@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mtrain.config import DataConfig, DataSource
-from mtrain.encode import encode_to, tag_id
+from mtrain.encode import encode_to
 from mtrain.files import make_folder
 from mtrain.tokenizer import PAD, Tokenizers
 
@@ -93,7 +93,6 @@ def cache_key(source: DataSource, toks: Tokenizers, max_len: int, max_ratio: flo
 def load_corpus(source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered: bool = True,
                 log=print, workers: int = 0) -> EncodedCorpus:
     """Encode a corpus once and cache it; later runs with the same data and tokenizer map the cache."""
-    tag_id(source, toks)  # checked before any encoding
     key = cache_key(source, toks, cfg.max_len, cfg.max_len_ratio, filtered)
     folder = Path(cfg.cache_dir) / key
     if not (folder / "report.json").is_file():

@@ -84,8 +84,9 @@ def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0, toks:
     if not toks.joint:
         toks.tgt.save(out_dir / "spm.tgt.model")
     manifest = expected_manifest(cfg, toks)
+    for _, source, _ in _parts(local):  # a tag the tokenizer lacks: named before any corpus is encoded
+        tag_id(source, toks)
     for (name, source, filtered), fingerprint in zip(_parts(local), [*manifest["train"], manifest["valid"]]):
-        tag_id(source, toks)  # a tag the tokenizer lacks: named before any encoding
         folder = out_dir / name
         stamp = {"source": fingerprint, "tokenizer": manifest["tokenizer"], "filters": manifest["filters"],
                  "filtered": filtered, "encoding": CACHE_VERSION}

@@ -23,6 +23,7 @@ from mtrain.config import Config, config_from_dict, config_to_dict, drop_removed
 from mtrain.corpus import read_pairs
 from mtrain.data import Batches, Corpora, EncodedCorpus, UpdateStream, collate_corpus, load_corpus, token_batches
 from mtrain.device import Device, World, init_world, pick_device, rng_state, seed_everything, set_rng_state
+from mtrain.encode import tag_id
 from mtrain.errors import MtrainError
 from mtrain.files import check_folder, first_names, link_or_copy, make_folder
 from mtrain.loss import label_smoothed_loss, output_loss
@@ -492,6 +493,8 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
                               f"checkpoint; prepare the data with that tokenizer (tokenizer.model)")
     else:
         toks = toks or get_tokenizers(cfg, run_dir, report.line, write=world.main)
+        for source in (*cfg.data.train, cfg.data.valid):  # a tag the tokenizer lacks: named before any encoding
+            tag_id(source, toks)
         parts = [load_corpus(source, toks, cfg.data, filtered=True, log=report.line) for source in cfg.data.train]
         valid = None if cfg.data.valid.empty else load_corpus(cfg.data.valid, toks, cfg.data, filtered=False,
                                                               log=report.line)

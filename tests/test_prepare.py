@@ -149,3 +149,16 @@ def test_a_streamed_dataset_is_read_once_into_the_prepared_directory(tmp_path, s
     assert (trained / "spm.model").is_file() and (trained / MANIFEST).is_file()
     prepare(config(True, model="", vocab_size=100), trained, log=lambda *_: None)
     assert reads == [True, False, True]  # the finished copy and corpus are kept
+
+
+def test_a_tag_the_tokenizer_lacks_is_named_before_any_corpus_is_encoded(tmp_path, spm_model):
+    """The second corpus's tag is not a piece of the given tokenizer: prepare and fit say so before
+    encoding the first corpus (hours on a large one), and leave nothing encoded."""
+    raw = two_corpora(tmp_path, spm_model)
+    raw["data"]["train"][1]["tag"] = "<2xx>"
+    with pytest.raises(MtrainError, match="half: tag <2xx> is not one piece of the source tokenizer"):
+        prepare(config_from_dict(raw), tmp_path / "p", log=lambda *_: None)
+    assert not (tmp_path / "p" / "train0").exists()
+    with pytest.raises(MtrainError, match="half: tag <2xx> is not one piece of the source tokenizer"):
+        fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
