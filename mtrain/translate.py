@@ -116,15 +116,64 @@ def drop_unknown(ids: list[list[int]], unk: int) -> tuple[list[list[int]], list[
     return [[s[p] for p in k] for s, k in zip(ids, kept)], kept
 
 
+@dataclass
+class Translated:
+    """One input line's result: its n-best texts and scores (best first), the hypotheses behind them,
+    and the source ids the model read besides the tag (`kept`: where each stood in the line's
+    encoding, when translate left <unk> pieces out). An empty line has nothing; a line copied
+    through (unknown characters alone) has no hypotheses and itself as its one text, scored 0."""
+
+    texts: list[str]
+    scores: list[float]
+    hyps: list[Hypothesis]
+    src_ids: list[int]
+    kept: list[int] | None = None
+
+
+def translate_texts(text: Sequence[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
+                    dev: Device, sampling: Sampling | None = None, keep_unknown: bool = False,
+                    tag: int | None = None, first_line: int = 1) -> list[Translated]:
+    """Translate stripped lines in one go (sorted by length and batched inside). Source pieces the
+    tokenizer could only make <unk> are left out (said on stderr, counting lines from `first_line`)
+    unless keep_unknown; a line of nothing else is copied through. `tag`: a piece put before every
+    source line, as training puts a corpus's tag."""
+    todo = [i for i, t in enumerate(text) if t]  # empty lines stay empty, and cost nothing
+    ids = toks.src.encode_batch([text[i] for i in todo])
+    kept, copied = None, set()
+    unknown = [n for n, x in enumerate(ids) if toks.src.unk in x]
+    if unknown:
+        first = todo[unknown[0]]
+        if not keep_unknown:
+            ids, kept = drop_unknown(ids, toks.src.unk)
+            # A line of unknown characters alone (an emoji) has nothing left to translate, and the
+            # model would make a sentence up from a lone '▁': it is copied through instead.
+            copied = {todo[n] for n in unknown if not toks.src.sp.decode(ids[n]).strip()}
+            rest = [n for n, i in enumerate(todo) if i not in copied]
+            todo, ids, kept = [todo[n] for n in rest], [ids[n] for n in rest], [kept[n] for n in rest]
+        print(f"mtrain: {len(unknown)} input line{'s' * (len(unknown) > 1)} held characters the source "
+              f"tokenizer does not know (line {first_line + first}: {toks.src.unknown_chars(text[first])!r}); "
+              + ("kept as <unk>" if keep_unknown else "translated without them"
+                 + (f", {len(copied)} copied through for holding nothing else" if copied else "")
+                 + " (--keep-unknown keeps them as <unk>)"), file=sys.stderr)
+    long = sum(len(x) >= model.cfg.max_positions - 1 for x in ids)
+    if long:
+        print(f"mtrain: {long} input lines longer than {model.cfg.max_positions - 2} pieces were truncated",
+              file=sys.stderr)
+    out = [Translated([text[i]], [0.0], [], []) if i in copied else Translated([], [], [], [])
+           for i in range(len(text))]
+    tagged = ids if tag is None else [[tag, *x] for x in ids]
+    for n, (i, h) in enumerate(zip(todo, decode_ids(model, tagged, cfg, toks, dev, sampling))):
+        out[i] = Translated(toks.tgt.decode_batch([x.tokens for x in h]), [x.score for x in h], h, ids[n],
+                            kept[n] if kept else None)
+    return out
+
+
 def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
                     dev: Device, sampling: Sampling | None = None, inspect: Inspect | None = None,
                     block: int = BLOCK, keep_unknown: bool = False, tag: int | None = None) -> Iterator[str]:
     """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1;
     `TEXT ||| ALIGNMENT` with inspect.alignment). Reads `block` lines at a time and yields all their
-    outputs before reading more, so that block=1 answers each line before the next is read.
-    Source pieces the tokenizer could only make <unk> are left out (said on stderr) unless keep_unknown;
-    a line of nothing else is copied through. `tag`: a piece put before every source line, as training
-    puts a corpus's tag."""
+    outputs before reading more, so that block=1 answers each line before the next is read."""
     if inspect and inspect.alignment and cfg.nbest > 1:
         raise MtrainError("--alignment works with one translation per line, not --nbest")
     if inspect and isinstance(model, Ensemble):
@@ -134,49 +183,23 @@ def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: T
     lines = iter(lines)
     while chunk := list(itertools.islice(lines, block)):
         text = [line.rstrip("\r\n").strip() for line in chunk]
-        todo = [i for i, t in enumerate(text) if t]  # empty lines stay empty, and cost nothing
-        ids = toks.src.encode_batch([text[i] for i in todo])
-        kept, copied = None, set()
-        unknown = [n for n, x in enumerate(ids) if toks.src.unk in x]
-        if unknown:
-            first = todo[unknown[0]]
-            if not keep_unknown:
-                ids, kept = drop_unknown(ids, toks.src.unk)
-                # A line of unknown characters alone (an emoji) has nothing left to translate, and the
-                # model would make a sentence up from a lone '▁': it is copied through instead.
-                copied = {todo[n] for n in unknown if not toks.src.sp.decode(ids[n]).strip()}
-                rest = [n for n, i in enumerate(todo) if i not in copied]
-                todo, ids, kept = [todo[n] for n in rest], [ids[n] for n in rest], [kept[n] for n in rest]
-            print(f"mtrain: {len(unknown)} input line{'s' * (len(unknown) > 1)} held characters the source "
-                  f"tokenizer does not know (line {index + first + 1}: {toks.src.unknown_chars(text[first])!r}); "
-                  + ("kept as <unk>" if keep_unknown else "translated without them"
-                     + (f", {len(copied)} copied through for holding nothing else" if copied else "")
-                     + " (--keep-unknown keeps them as <unk>)"), file=sys.stderr)
-        long = sum(len(x) >= model.cfg.max_positions - 1 for x in ids)
-        if long:
-            print(f"mtrain: {long} input lines longer than {model.cfg.max_positions - 2} pieces were truncated",
-                  file=sys.stderr)
-        hyps: list[list[Hypothesis]] = [[] for _ in text]
-        tagged = ids if tag is None else [[tag, *x] for x in ids]
-        for i, h in zip(todo, decode_ids(model, tagged, cfg, toks, dev, sampling)):
-            hyps[i] = h
+        done = translate_texts(text, model, toks, cfg, dev, sampling, keep_unknown, tag, first_line=index + 1)
         shown = [""] * len(text)
         if inspect and (inspect.alignment or inspect.attention_dir):
             from mtrain.attention import annotate
-            notes = annotate(model, toks, ids, [hyps[i][0].tokens for i in todo], [index + i + 1 for i in todo],
-                             inspect.alignment, inspect.attention_dir, inspect.attention_limit, src_positions=kept,
-                             tag=tag)
+            todo = [i for i, d in enumerate(done) if d.hyps]
+            notes = annotate(model, toks, [done[i].src_ids for i in todo], [done[i].hyps[0].tokens for i in todo],
+                             [index + i + 1 for i in todo], inspect.alignment, inspect.attention_dir,
+                             inspect.attention_limit, src_positions=[done[i].kept for i in todo], tag=tag)
             for i, note in zip(todo, notes):
                 shown[i] = note
-        for i, (h, note) in enumerate(zip(hyps, shown)):
-            decoded = [text[i]] if i in copied else toks.tgt.decode_batch([x.tokens for x in h]) if h else []
-            scores = [0.0] if i in copied else [x.score for x in h]
+        for d, note in zip(done, shown):
             if cfg.nbest == 1:
-                text_out = decoded[0] if decoded else ""
-                yield f"{text_out} ||| {note}" if inspect and inspect.alignment else text_out
+                best = d.texts[0] if d.texts else ""
+                yield f"{best} ||| {note}" if inspect and inspect.alignment else best
             else:
                 for j in range(cfg.nbest):
-                    out, sc = (decoded[j], scores[j]) if j < len(decoded) else ("", float("-inf"))
+                    out, sc = (d.texts[j], d.scores[j]) if j < len(d.texts) else ("", float("-inf"))
                     yield f"{index} ||| {out} ||| {sc:.4f}"
             index += 1
 
