@@ -8,7 +8,7 @@ softmax(q k^T / sqrt(d)) from the very inputs that layer received.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -125,31 +125,39 @@ def heatmap(weights: torch.Tensor, src_pieces: Sequence[str], out_pieces: Sequen
     plt.close(fig)
 
 
-def annotate(model: Transformer, toks, src_ids: Sequence[Sequence[int]], out_ids: Sequence[Sequence[int]],
-             line_numbers: Sequence[int], alignment: str | None, attention_dir: Path | None,
-             attention_limit: int, batch: int = 32,
-             src_positions: Sequence[Sequence[int]] | None = None, tag: int | None = None) -> list[str]:
-    """Alignments (`alignment` = "pieces" or "words", else "") for each translated line, and heatmaps
-    `attention_dir/line<N>.png` for lines N <= attention_limit (1-based input line numbers).
-    `src_positions`: for each line, where its source pieces stood before translate left some out.
-    `tag`: the piece translate put before each line; the heatmaps show it, the alignments (which
-    number the line's own pieces) leave it out."""
+def line_attention(model: Transformer, toks, src_ids: Sequence[Sequence[int]], out_ids: Sequence[Sequence[int]],
+                   tag: int | None = None, batch: int = 32) -> Iterator[tuple[torch.Tensor, list[str], list[str]]]:
+    """For each line in order: its (layers, heads, T + 1, S + 1) cross-attention weights (EOS row and
+    column included), the source pieces the model read (`tag`, the piece translate put before each
+    line, first) and the output pieces."""
     limit = model.cfg.max_positions - 1
     first = [] if tag is None else [tag]
     model_ids = [([*first, *s])[:limit - 1] for s in src_ids]  # what decoding saw: tagged, truncated
-    piece = toks.src.sp.id_to_piece
-    out = []
     for start in range(0, len(model_ids), batch):
         chunk = range(start, min(start + batch, len(model_ids)))
         weights = cross_attention(model, [model_ids[i] for i in chunk], [out_ids[i] for i in chunk],
                                   toks.tgt.bos, toks.tgt.eos, toks.tgt.pad)
         for b, i in enumerate(chunk):
-            w = weights[b, :, :, :len(out_ids[i]) + 1, :len(model_ids[i]) + 1]
-            shown = [piece(x) for x in model_ids[i]]
-            out_pieces = [toks.tgt.sp.id_to_piece(x) for x in out_ids[i]]
-            out.append(align(w[..., len(first):], shown[len(first):], out_pieces, words=alignment == "words",
-                             src_positions=src_positions[i] if src_positions else None) if alignment else "")
-            if attention_dir is not None and line_numbers[i] <= attention_limit:
-                heatmap(w, shown, out_pieces, attention_dir / f"line{line_numbers[i]}.png",
-                        title=f"line {line_numbers[i]}: cross-attention")
+            yield (weights[b, :, :, :len(out_ids[i]) + 1, :len(model_ids[i]) + 1],
+                   [toks.src.sp.id_to_piece(x) for x in model_ids[i]],
+                   [toks.tgt.sp.id_to_piece(x) for x in out_ids[i]])
+
+
+def annotate(model: Transformer, toks, src_ids: Sequence[Sequence[int]], out_ids: Sequence[Sequence[int]],
+             line_numbers: Sequence[int], alignment: str | None, attention_dir: Path | None,
+             attention_limit: int, batch: int = 32,
+             src_positions: Sequence[Sequence[int] | None] | None = None, tag: int | None = None) -> list[str]:
+    """Alignments (`alignment` = "pieces" or "words", else "") for each translated line, and heatmaps
+    `attention_dir/line<N>.png` for lines N <= attention_limit (1-based input line numbers).
+    `src_positions`: for each line, where its source pieces stood before translate left some out.
+    `tag`: the piece translate put before each line; the heatmaps show it, the alignments (which
+    number the line's own pieces) leave it out."""
+    first = 0 if tag is None else 1
+    out = []
+    for i, (w, shown, out_pieces) in enumerate(line_attention(model, toks, src_ids, out_ids, tag, batch)):
+        out.append(align(w[..., first:], shown[first:], out_pieces, words=alignment == "words",
+                         src_positions=src_positions[i] if src_positions else None) if alignment else "")
+        if attention_dir is not None and line_numbers[i] <= attention_limit:
+            heatmap(w, shown, out_pieces, attention_dir / f"line{line_numbers[i]}.png",
+                    title=f"line {line_numbers[i]}: cross-attention")
     return out

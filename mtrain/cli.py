@@ -12,6 +12,7 @@ import click
 import typer
 
 from mtrain.errors import MtrainError
+from mtrain.serve import Limits
 
 # Newer Typer releases carry their own copy of click, with their own exception classes.
 USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
@@ -293,6 +294,30 @@ def export(
     checkpoint = _one_checkpoint(checkpoint, checkpoint_opt, "export")
     with user_errors():
         typer.echo(export_ctranslate2(checkpoint, ctranslate2, quantization, trust))
+
+
+@app.command()
+def serve(
+    checkpoints: List[Path] = typer.Argument(..., help="Checkpoint; several decode as an ensemble."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    beam: Optional[int] = typer.Option(None, help="Default beam size of a request [config decode.beam]."),
+    max_batch_tokens: int = typer.Option(4000, help="Source pieces one batched beam search gathers at most."),
+    max_wait_ms: float = typer.Option(10.0, help="How long the first request of a batch waits for others."),
+    max_lines: int = typer.Option(Limits.max_lines, help="Lines per request, at most."),
+    max_chars: int = typer.Option(Limits.max_chars, help="Characters per line, at most."),
+    max_body_bytes: int = typer.Option(Limits.max_body_bytes, help="Request body size, at most."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
+    trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
+):
+    """Serve translations: a JSON API (POST /translate, GET /health, /info, /docs) and a web page at /
+    that shows what the model attended to. Ctrl-C or SIGTERM finish the requests in flight, then exit."""
+    from mtrain.serve import run_server
+    with user_errors():
+        run_server(checkpoints, host, port, beam, max_batch_tokens, max_wait_ms,
+                   Limits(max_body_bytes=max_body_bytes, max_lines=max_lines, max_chars=max_chars), device,
+                   precision, trust)
 
 
 def main() -> None:

@@ -239,10 +239,10 @@ def translate_modes(*, sample: bool, beam_flags: dict, sampling_flags: dict, ali
     return sampling, inspect
 
 
-def tag_piece(tag: str, toks: Tokenizers, known: Sequence[str]) -> int:
+def tag_piece(tag: str, toks: Tokenizers, known: Sequence[str], option: str = "--tag") -> int:
     """The source piece of a tag the model was trained with (data.train's tags); one line otherwise."""
     if tag not in known or not is_one_piece(tag, toks.src):
-        raise MtrainError(f"--tag {tag}: not a tag this model was trained with "
+        raise MtrainError(f"{option} {tag}: not a tag this model was trained with "
                           + (f"(its tags: {', '.join(known)})" if known else "(it was trained without tags)"))
     return toks.src.sp.piece_to_id(tag)
 

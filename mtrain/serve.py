@@ -1,0 +1,431 @@
+"""`mtrain serve`: a JSON translation API and a web page on FastAPI/uvicorn.
+
+Requests are answered by one worker thread that owns the model. It takes the oldest waiting request,
+gathers others with the same decoding options for up to --max-wait-ms (or until --max-batch-tokens
+source pieces), and translates all their lines in one batched beam search through the same code as
+`mtrain translate` (translate_texts), then hands each request its own lines. The event loop only
+parses, validates and waits, so a slow batch never stops the server from accepting or refusing.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time,
+# and a string 'Request' naming a class imported inside make_app cannot be resolved.
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from mtrain.errors import MtrainError
+
+log = logging.getLogger("mtrain.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; more is refused with a 4xx that names the limit."""
+
+    max_body_bytes: int = 1_000_000
+    max_lines: int = 64
+    max_chars: int = 2000
+    max_beam: int = 32
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if value < 1:
+                raise MtrainError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+
+
+class RequestError(Exception):
+    """A bad request: the HTTP status and one line that names the problem."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# The options a request may set, with their JSON types: `mtrain translate`'s beam-search flags.
+# Sampling is left out: a sampled line depends on the random stream of the whole batch it lands in.
+OPTIONS = {"beam": int, "nbest": int, "lenpen": float, "max_len_a": float, "max_len_b": int, "min_len": int,
+           "no_repeat_ngram": int, "allow_unk": bool}
+
+
+@dataclass
+class Job:
+    """One request waiting for the worker: its lines, the options that decide which others it may
+    share a batch with, and where its answer goes."""
+
+    lines: list[str]
+    key: tuple
+    tokens: int
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    lines: int = 0
+    batches: int = 0
+    largest_batch: int = 0  # the most requests one batched beam search served
+    batched_requests: int = 0  # requests that shared their batch with at least one other
+    errors: int = 0
+
+
+class Batcher:
+    """The worker thread: gathers jobs into batches and runs `work(jobs)` on them, one batch at a time."""
+
+    def __init__(self, work: Callable[[list[Job]], list], max_wait_ms: float, max_batch_tokens: int):
+        self.work, self.max_wait, self.max_tokens = work, max_wait_ms / 1000, max_batch_tokens
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.waiting: list[Job] = []  # taken from the queue, but with other options than the batch then built
+        self.counters = Counters()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="mtrain-serve-worker", daemon=True)
+        self.stopping = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish every job already submitted, then end the thread."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        self.queue.put(job)
+        return job.future
+
+    def _next(self, timeout: float | None) -> Job | None:
+        try:
+            job = self.queue.get(timeout=timeout) if timeout is None or timeout > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+        if job is None:
+            self.stopping = True
+        return job
+
+    def _gather(self) -> list[Job]:
+        """The oldest job and those that may share its batch, waiting at most max_wait for more."""
+        first = self.waiting.pop(0) if self.waiting else self._next(None)
+        if first is None:
+            return []
+        batch, tokens = [first], first.tokens
+        for job in list(self.waiting):  # jobs set aside earlier come first
+            if job.key == first.key and tokens + job.tokens <= self.max_tokens:
+                self.waiting.remove(job)
+                batch.append(job)
+                tokens += job.tokens
+        deadline = time.monotonic() + self.max_wait
+        while tokens < self.max_tokens and not self.stopping:
+            job = self._next(deadline - time.monotonic())
+            if job is None:
+                break
+            if job.key == first.key and tokens + job.tokens <= self.max_tokens:
+                batch.append(job)
+                tokens += job.tokens
+            else:
+                self.waiting.append(job)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._gather()
+            if not batch:
+                if self.stopping and not self.waiting:
+                    return
+                continue
+            try:
+                answers = self.work(batch)
+            except Exception as e:  # a model error fails this batch's requests, not the server
+                log.error("translation failed: %s: %s", type(e).__name__, e)
+                with self.lock:
+                    self.counters.errors += 1
+                for job in batch:
+                    job.future.set_exception(e)
+                continue
+            with self.lock:
+                c = self.counters
+                c.requests += len(batch)
+                c.lines += sum(len(j.lines) for j in batch)
+                c.batches += 1
+                c.largest_batch = max(c.largest_batch, len(batch))
+                c.batched_requests += len(batch) if len(batch) > 1 else 0
+            for job, answer in zip(batch, answers):
+                job.future.set_result(answer)
+
+
+def _number(x: float) -> float | None:
+    return round(x, 4) if math.isfinite(x) else None
+
+
+class Translator:
+    """The model, its tokenizers and decode defaults; turns a validated request into its answer."""
+
+    def __init__(self, checkpoints: Sequence[Path], device: str, precision: str, trust: bool, beam: int | None):
+        from mtrain.checkpoint import describe, load_models
+        from mtrain.device import pick_device
+        from mtrain.ensemble import Ensemble
+        from mtrain.translate import with_overrides
+
+        self.model, self.toks, self.cfg = load_models(checkpoints, trust)
+        self.dev = pick_device(device, precision, setting="--")
+        self.model.to(self.dev.device).eval()
+        self.ensemble = isinstance(self.model, Ensemble)
+        self.decode = with_overrides(self.cfg.decode, beam=beam,
+                                     nbest=1 if beam is not None and beam < self.cfg.decode.nbest else None)
+        self.tags = list(self.cfg.data.tags)
+        self.info = {"models": [_without_paths(describe(p, trust)) for p in checkpoints],
+                     "ensemble": self.ensemble, "tags": self.tags, "device": str(self.dev.device),
+                     "decode": dataclasses.asdict(self.decode)}
+
+    def job(self, body: dict, limits: Limits) -> Job:
+        """Validate a parsed request body (RequestError otherwise) and make its job."""
+        from mtrain.translate import tag_piece, with_overrides
+
+        if not isinstance(body, dict):
+            raise RequestError(422, f"the body must be a JSON object, got {type(body).__name__}")
+        allowed = ["text", "tag", "attention", *OPTIONS]
+        unknown = [k for k in body if k not in allowed]
+        if unknown:
+            raise RequestError(422, f"unknown option {unknown[0]!r} (the options: {', '.join(allowed)})")
+        if "text" not in body:
+            raise RequestError(422, "text: missing (a list of lines to translate)")
+        text = body["text"]
+        if not isinstance(text, list) or not all(isinstance(x, str) for x in text):
+            raise RequestError(422, "text: must be a list of strings")
+        if not text:
+            raise RequestError(422, "text: the list is empty")
+        if len(text) > limits.max_lines:
+            raise RequestError(413, f"text: {len(text)} lines, over the limit of {limits.max_lines} per request")
+        for n, line in enumerate(text):
+            if len(line) > limits.max_chars:
+                raise RequestError(413, f"text[{n}]: {len(line)} characters, over the limit of {limits.max_chars}")
+        changes = {}
+        for name, kind in OPTIONS.items():
+            value = body.get(name)
+            if value is None:
+                continue
+            # JSON has one number type: 5.0 is no beam size, and true is no number (bool is an int in Python).
+            ok = isinstance(value, bool) if kind is bool else (
+                not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
+            if not ok:
+                wanted = {bool: "true or false", float: "a number", int: "an integer"}[kind]
+                raise RequestError(422, f"{name}: must be {wanted}, got {json.dumps(value)}")
+            changes[name] = value
+        if changes.get("beam", 0) > limits.max_beam:
+            raise RequestError(413, f"beam: {changes['beam']}, over the limit of {limits.max_beam}")
+        if "beam" in changes and "nbest" not in changes:
+            changes["nbest"] = min(self.decode.nbest, changes["beam"])
+        try:
+            decode = with_overrides(self.decode, **changes)
+        except MtrainError as e:
+            raise RequestError(422, str(e)) from None
+        tag = body.get("tag")
+        if tag is not None:
+            if not isinstance(tag, str):
+                raise RequestError(422, f"tag: must be a string, got {json.dumps(tag)}")
+            try:
+                tag = tag_piece(tag, self.toks, self.tags, option="tag")
+            except MtrainError as e:
+                raise RequestError(422, str(e)) from None
+        attention = body.get("attention", False)
+        if not isinstance(attention, bool):
+            raise RequestError(422, f"attention: must be true or false, got {json.dumps(attention)}")
+        if attention and self.ensemble:
+            raise RequestError(422, "attention: shows one model's attention, and this server decodes with an "
+                                    f"ensemble of {len(self.info['models'])}")
+        lines = [line.strip() for line in text]
+        tokens = sum(len(x) + 1 for x in self.toks.src.encode_batch(lines))
+        return Job(lines, (dataclasses.astuple(decode), tag, attention), tokens)
+
+    def translate(self, jobs: list[Job]) -> list[dict]:
+        """One batched translation of every job's lines (they share options), split back per job."""
+        import torch
+
+        from mtrain.attention import align, alignment_layer, line_attention
+        from mtrain.config import DecodeConfig
+        from mtrain.translate import translate_texts
+
+        decode, tag, attention = jobs[0].key
+        decode = DecodeConfig(*decode)
+        lines = [line for job in jobs for line in job.lines]
+        with torch.inference_mode():
+            done = translate_texts(lines, self.model, self.toks, decode, self.dev, tag=tag)
+            maps = {}
+            if attention:
+                todo = [i for i, d in enumerate(done) if d.hyps]
+                found = line_attention(self.model, self.toks, [done[i].src_ids for i in todo],
+                                       [done[i].hyps[0].tokens for i in todo], tag)
+                first = 0 if tag is None else 1
+                for i, (w, src, out) in zip(todo, found):
+                    maps[i] = {"source": [*src, "</s>"], "target": [*out, "</s>"],
+                               "weights": [[round(x, 5) for x in row]
+                                           for row in w[alignment_layer(w.shape[0])].mean(0).tolist()],
+                               "alignment": align(w[..., first:], src_positions=done[i].kept),
+                               "source_offset": first}
+        answers, n = [], 0
+        for job in jobs:
+            items = []
+            for i in range(n, n + len(job.lines)):
+                d = done[i]
+                item = {"text": d.texts[0] if d.texts else "", "score": _number(d.scores[0]) if d.scores else None}
+                if decode.nbest > 1:
+                    item["nbest"] = [{"text": t, "score": _number(s)} for t, s in zip(d.texts, d.scores)]
+                if attention:
+                    item["attention"] = maps.get(i)
+                items.append(item)
+            answers.append({"translations": items})
+            n += len(job.lines)
+        return answers
+
+
+def _without_paths(d: dict) -> dict:
+    """`mtrain info --json` without what names files on the server's disk."""
+    d = {k: v for k, v in d.items() if k not in ("path", "init_from")}
+    config = dict(d.get("config") or {})
+    data = config.get("data") or {}
+    config["data"] = {k: v for k, v in data.items() if k in ("src_lang", "tgt_lang", "max_len")}
+    config["tokenizer"] = {k: v for k, v in (config.get("tokenizer") or {}).items() if k != "model"}
+    config.pop("train", None)  # paths (cache, init) and nothing a user of the server needs
+    d["config"] = config
+    return d
+
+
+def page() -> str:
+    return resources.files("mtrain").joinpath("serve_page.html").read_text(encoding="utf-8")
+
+
+def make_app(translator: Translator, limits: Limits, max_wait_ms: float, max_batch_tokens: int):
+    """The FastAPI application; the worker starts and stops with it."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+
+    batcher = Batcher(translator.translate, max_wait_ms, max_batch_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.stop()  # after uvicorn has answered the requests in flight
+
+    class TranslateRequest(BaseModel):
+        """The request body (the server checks it by hand, to name each problem in one line)."""
+        model_config = ConfigDict(extra="forbid")
+        text: list[str] = Field(description="Lines to translate", min_length=1)
+        tag: Optional[str] = Field(None, description="A tag the model was trained with, e.g. <2de>")
+        attention: bool = Field(False, description="Return each line's cross-attention and alignment")
+        beam: Optional[int] = None
+        nbest: Optional[int] = None
+        lenpen: Optional[float] = None
+        max_len_a: Optional[float] = None
+        max_len_b: Optional[int] = None
+        min_len: Optional[int] = None
+        no_repeat_ngram: Optional[int] = None
+        allow_unk: Optional[bool] = None
+
+    app = FastAPI(title="mtrain", description="Translation with an mtrain model", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return error(422, "; ".join(e.get("msg", "") for e in exc.errors())[:300])
+
+    @app.exception_handler(Exception)
+    async def bug(request, exc):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return page()
+
+    @app.get("/health")
+    async def health():
+        with batcher.lock:
+            counters = dataclasses.asdict(batcher.counters)
+        return {"status": "ok", "waiting": batcher.queue.qsize() + len(batcher.waiting), **counters}
+
+    @app.get("/info")
+    async def info():
+        return {**translator.info, "limits": dataclasses.asdict(limits), "max_wait_ms": max_wait_ms,
+                "max_batch_tokens": max_batch_tokens}
+
+    @app.post("/translate", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": TranslateRequest.model_json_schema()}}}})
+    async def translate(request: Request):
+        try:
+            body = await read_body(request, limits.max_body_bytes)
+            job = translator.job(body, limits)
+        except RequestError as e:
+            return error(e.status, str(e))
+        try:
+            return await asyncio.wrap_future(batcher.submit(job))
+        except Exception as e:  # logged once by the worker
+            return error(500, f"translation failed: {type(e).__name__}: {e}".splitlines()[0][:300])
+
+    return app
+
+
+async def read_body(request, limit: int):
+    """The parsed JSON body, read no further than `limit` bytes (RequestError otherwise)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the body is {int(declared):,} bytes, over the limit of {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise RequestError(400, 'the body is empty: send a JSON object such as {"text": ["Hello."]}')
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(400, f"the body is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"the body is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def run_server(checkpoints: Sequence[Path], host: str, port: int, beam: int | None, max_batch_tokens: int,
+               max_wait_ms: float, limits: Limits, device: str, precision: str, trust: bool) -> None:
+    """`mtrain serve`: load the model(s), then serve until SIGTERM or Ctrl-C, which stop accepting,
+    answer the requests in flight and exit."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise MtrainError('mtrain serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
+    if max_wait_ms < 0:
+        raise MtrainError(f"--max-wait-ms: must be >= 0, got {max_wait_ms}")
+    if max_batch_tokens < 1:
+        raise MtrainError(f"--max-batch-tokens: must be >= 1, got {max_batch_tokens}")
+    if not checkpoints:
+        raise MtrainError("give at least one checkpoint")
+    translator = Translator(checkpoints, device, precision, trust, beam)
+    app = make_app(translator, limits, max_wait_ms, max_batch_tokens)
+    logging.basicConfig(level=logging.INFO, format="mtrain serve: %(message)s")
+    log.info("%s on %s, beam %d; http://%s:%d/", ", ".join(map(str, checkpoints)), translator.dev.device,
+             translator.decode.beam, host if ":" not in host else f"[{host}]", port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)

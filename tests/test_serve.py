@@ -1,0 +1,352 @@
+"""`mtrain serve`: a real server on 127.0.0.1 answers as `mtrain translate` does, batches concurrent
+requests, refuses bad input with a 4xx JSON line and keeps serving, and its page works in Chromium."""
+
+import json
+import logging
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tiny_raw
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from mtrain import checkpoint  # noqa: E402
+from mtrain.attention import alignment_layer, line_attention  # noqa: E402
+from mtrain.config import config_from_dict  # noqa: E402
+from mtrain.device import pick_device  # noqa: E402
+from mtrain.serve import Limits, Translator, make_app  # noqa: E402
+from mtrain.train import fit  # noqa: E402
+from mtrain.translate import Inspect, tag_piece, translate_lines, with_overrides  # noqa: E402
+
+SOURCES = SAMPLE_EN.read_text().splitlines()
+GERMAN = SAMPLE_DE.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, spm_model) -> Path:
+    """A tiny model that learned two tagged corpora: <2de> the German, <2en> the English copied."""
+    tmp = tmp_path_factory.mktemp("serve")
+    raw = tiny_raw(tmp, spm_model, max_steps=600, lr=3e-3, warmup=40, batch_tokens=600, valid_every=600,
+                   save_every=600, log_every=100, label_smoothing=0.0)
+    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, ffn_dim=128, dropout=0.0)
+    raw["data"]["train"] = [{"name": "de", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE), "tag": "<2de>"},
+                            {"name": "en", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_EN), "tag": "<2en>"}]
+    raw["data"]["valid"]["tag"] = "<2de>"
+    raw["tokenizer"] = {"vocab_size": 100}
+    return fit(config_from_dict(raw), tmp / "run", log=lambda *_: None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a thread of this process, on 127.0.0.1 and a free port."""
+
+    def __init__(self, translator, limits=Limits(), max_wait_ms=20.0, max_batch_tokens=4000):
+        self.app = make_app(translator, limits, max_wait_ms, max_batch_tokens)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+
+def call(url: str, body=None, raw: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
+    """(status, JSON answer) of a GET, or of a POST of `body` as JSON (or of `raw` bytes)."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def translator(model_path):
+    return Translator([model_path], "cpu", "fp32", False, 1)  # as --beam 1: greedy unless a request asks
+
+
+@pytest.fixture(scope="module")
+def server(translator):
+    with Server(translator, Limits(max_body_bytes=4000, max_lines=8, max_chars=200), max_wait_ms=50) as s:
+        yield s
+
+
+def reference(model_path, lines, tag, inspect=None, **decode):
+    """What `mtrain translate` writes for these lines (its own function, in this process)."""
+    model, toks, cfg = checkpoint.load_for_inference([model_path])
+    return list(translate_lines(lines, model, toks, with_overrides(cfg.decode, **decode), pick_device("cpu", "fp32"),
+                                inspect=inspect, tag=tag_piece(tag, toks, cfg.data.tags)))
+
+
+def test_translate_equals_mtrain_translate(server, model_path):
+    """The API's translations and n-best scores are `mtrain translate`'s, for either tag; the CLI
+    itself (a subprocess) gives the same best lines."""
+    lines = SOURCES[:6]
+    status, answer = call(server.url + "/translate", {"text": lines, "tag": "<2de>", "beam": 3, "nbest": 2})
+    assert status == 200, answer
+    expected = reference(model_path, lines, "<2de>", beam=3, nbest=2)
+    got = [f"{n} ||| {h['text']}" for n, item in enumerate(answer["translations"]) for h in item["nbest"]]
+    assert got == [" ||| ".join(x.split(" ||| ")[:2]) for x in expected]
+    scores = [h["score"] for item in answer["translations"] for h in item["nbest"]]
+    assert scores == pytest.approx([float(x.split(" ||| ")[2]) for x in expected], abs=2e-4)
+    status, answer = call(server.url + "/translate", {"text": lines, "tag": "<2en>"})
+    cli = subprocess.run([sys.executable, "-m", "mtrain", "translate", "-c", str(model_path), "--tag", "<2en>",
+                          "--beam", "1"],
+                         input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr
+    assert [t["text"] for t in answer["translations"]] == cli.stdout.splitlines() == lines
+
+
+def test_attention_is_translates_own(server, model_path):
+    """Each line's matrix is the penultimate layer's cross-attention (heads averaged) that
+    `translate --attention` draws, rows summing to 1; the alignment is `translate --alignment`'s."""
+    lines = SOURCES[6:9]
+    status, answer = call(server.url + "/translate", {"text": lines, "tag": "<2de>", "attention": True})
+    assert status == 200, answer
+    aligned = reference(model_path, lines, "<2de>", inspect=Inspect("pieces"), beam=1)
+    model, toks, cfg = checkpoint.load_for_inference([model_path])
+    tag = tag_piece("<2de>", toks, cfg.data.tags)
+    outputs = [toks.tgt.encode_batch([t["text"]])[0] for t in answer["translations"]]
+    mine = list(line_attention(model, toks, toks.src.encode_batch(lines), outputs, tag))
+    for item, line, (w, src, out) in zip(answer["translations"], aligned, mine):
+        att = item["attention"]
+        assert att["alignment"] == line.split(" ||| ")[1]
+        assert att["source"] == [*src, "</s>"] and att["source"][0] == "<2de>" and att["source_offset"] == 1
+        assert att["target"] == [*out, "</s>"]
+        weights = w[alignment_layer(w.shape[0])].mean(0)
+        assert len(att["weights"]) == len(out) + 1 and all(len(r) == len(src) + 1 for r in att["weights"])
+        for row, want in zip(att["weights"], weights.tolist()):
+            assert sum(row) == pytest.approx(1.0, abs=1e-3)
+            assert row == pytest.approx(want, abs=1e-4)
+
+
+def test_health_and_info_answer_without_paths(server, model_path):
+    status, health = call(server.url + "/health")
+    assert status == 200 and health["status"] == "ok"
+    status, info = call(server.url + "/info")
+    assert status == 200
+    assert info["tags"] == ["<2de>", "<2en>"] and info["ensemble"] is False
+    assert info["models"][0]["model"]["d_model"] == 64 and info["models"][0]["step"] == 600
+    assert info["limits"]["max_lines"] == 8
+    text = json.dumps(info)
+    assert str(model_path.parent) not in text and str(SAMPLE_EN) not in text and "spm" not in text
+    status, spec = call(server.url + "/openapi.json")
+    assert status == 200 and {"/translate", "/health", "/info"} <= set(spec["paths"])
+    body = spec["paths"]["/translate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"text", "beam", "tag", "attention"} <= set(body["properties"])
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, model_path):
+    """16 client threads x 10 one-line requests: 160 answers, each the translation of its own line,
+    and the server's counters show batched beam searches that served several requests at once."""
+    _, before = call(server.url + "/health")
+    expected = dict(zip(SOURCES, reference(model_path, SOURCES, "<2de>", beam=1)))
+    assert list(expected.values()) == GERMAN  # the tiny model learned them
+
+    def client(n):
+        answers = []
+        for k in range(10):
+            line = SOURCES[(n * 10 + k) % len(SOURCES)]
+            status, answer = call(server.url + "/translate", {"text": [line], "tag": "<2de>"})
+            answers.append((line, status, answer))
+        return answers
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [a for part in pool.map(client, range(16)) for a in part]
+    assert len(results) == 160
+    for line, status, answer in results:
+        assert status == 200, answer
+        assert [t["text"] for t in answer["translations"]] == [expected[line]]
+    _, after = call(server.url + "/health")
+    assert after["requests"] - before["requests"] == 160
+    assert after["batches"] - before["batches"] < 160  # some batches held several requests
+    assert after["largest_batch"] > 1 and after["batched_requests"] > before["batched_requests"]
+    assert after["errors"] == before["errors"] and after["waiting"] == 0
+
+
+BAD = [  # (body bytes, status, the error names ...)
+    (b"{not json", 400, r"not JSON"),
+    (b"", 400, r"body is empty"),
+    (b'{"text": ["caf\xe9"]}', 400, r"not UTF-8 \(byte 14"),
+    (b'["a dog ."]', 422, r"must be a JSON object, got list"),
+    (b'{"lines": ["a dog ."]}', 422, r"unknown option 'lines'"),
+    (b'{"beam": 2}', 422, r"text: missing"),
+    (b'{"text": "a dog ."}', 422, r"text: must be a list of strings"),
+    (b'{"text": [1, 2]}', 422, r"text: must be a list of strings"),
+    (b'{"text": []}', 422, r"text: the list is empty"),
+    (b'{"text": ["a dog ."], "beam": "5"}', 422, r'beam: must be an integer, got "5"'),
+    (b'{"text": ["a dog ."], "beam": 2.5}', 422, r"beam: must be an integer, got 2.5"),
+    (b'{"text": ["a dog ."], "beam": 0}', 422, r"beam and nbest must be >= 1"),
+    (b'{"text": ["a dog ."], "beam": 99}', 413, r"beam: 99, over the limit of 32"),
+    (b'{"text": ["a dog ."], "beam": 2, "nbest": 3}', 422, r"nbest \(3\) cannot exceed beam \(2\)"),
+    (b'{"text": ["a dog ."], "attention": "yes"}', 422, r"attention: must be true or false"),
+    (b'{"text": ["a dog ."], "tag": "<2fr>"}', 422, r"tag <2fr>: not a tag this model was trained with \(its tags: "
+                                                    r"<2de>, <2en>\)"),
+    (b'{"text": ["a dog ."], "tag": 7}', 422, r"tag: must be a string"),
+    (json.dumps({"text": ["a dog ."] * 9}).encode(), 413, r"9 lines, over the limit of 8"),
+    (json.dumps({"text": ["ok", "x" * 201]}).encode(), 413, r"text\[1\]: 201 characters, over the limit of 200"),
+    (json.dumps({"text": ["a dog ."], "pad": "x" * 5000}).encode(), 413, r"over the limit of 4,000"),
+]
+
+
+@pytest.mark.parametrize("raw,status,message", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_gets_a_4xx_json_line_and_the_server_keeps_serving(server, raw, status, message):
+    code, answer = call(server.url + "/translate", raw=raw)
+    assert code == status and re.search(message, answer["error"]), answer
+    assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
+    code, answer = call(server.url + "/translate", {"text": [SOURCES[0]], "tag": "<2de>"})
+    assert code == 200 and answer["translations"][0]["text"] == GERMAN[0]
+
+
+def test_a_model_error_is_a_500_logged_once_and_the_server_goes_on(server, caplog):
+    batcher = server.app.state.batcher
+    work = batcher.work
+
+    def broken(jobs):
+        raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
+
+    batcher.work = broken
+    try:
+        with caplog.at_level(logging.ERROR, logger="mtrain.serve"):
+            code, answer = call(server.url + "/translate", {"text": ["a dog ."], "tag": "<2de>"})
+    finally:
+        batcher.work = work
+    assert code == 500 and answer["error"] == "translation failed: RuntimeError: CUDA out of memory (simulated)"
+    assert len([r for r in caplog.records if "CUDA out of memory" in r.getMessage()]) == 1
+    code, answer = call(server.url + "/translate", {"text": [SOURCES[1]], "tag": "<2de>"})
+    assert code == 200 and answer["translations"][0]["text"] == GERMAN[1]
+
+
+def test_an_ensemble_server_refuses_attention(model_path):
+    translator = Translator([model_path, model_path], "cpu", "fp32", False, 2)
+    with Server(translator) as s:
+        code, answer = call(s.url + "/translate", {"text": [SOURCES[2]], "tag": "<2de>"})
+        assert code == 200 and answer["translations"][0]["text"] == GERMAN[2]  # a model with itself: its own
+        code, answer = call(s.url + "/translate", {"text": [SOURCES[2]], "tag": "<2de>", "attention": True})
+        assert code == 422 and "ensemble of 2" in answer["error"]
+        assert call(s.url + "/info")[1]["ensemble"] is True
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(model_path):
+    """`mtrain serve` in its own process: a request waiting in a batch when SIGTERM comes still gets
+    its translation; then the process ends by itself and the port is closed."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mtrain", "serve", str(model_path), "--port", str(port),
+                             "--max-wait-ms", "1500", "--device", "cpu"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if call(url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(call, url + "/translate", {"text": [SOURCES[3]], "tag": "<2de>"})
+            time.sleep(0.5)  # the request is in, waiting 1.5 s for company
+            proc.send_signal(signal.SIGTERM)
+            status, answer = pending.result(timeout=30)
+        assert status == 200 and answer["translations"][0]["text"] == GERMAN[3]
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Traceback" not in out
+    with pytest.raises(OSError):
+        call(url + "/health", timeout=2)
+
+
+def browser():
+    """Headless Chromium through Selenium and Debian's chromedriver (no browser downloads here)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=390,844"):  # a phone's width
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+def test_the_page_in_a_real_browser(server, tmp_path):
+    """Type a sentence, press Translate, read the translation off the page (the API's), hover an
+    output word and see its aligned source word lit; the page fits a phone's width, loads nothing
+    from elsewhere, and its screenshot is not blank."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    html = urllib.request.urlopen(server.url + "/", timeout=10).read().decode()
+    assert not re.search(r"""\b(src|href)\s*=\s*["']|https?://|@import|url\(""", html)  # self-contained
+    line = SOURCES[4]
+    _, api = call(server.url + "/translate", {"text": [line], "tag": "<2de>", "attention": True})
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "tag").find_elements(By.TAG_NAME, "option"))
+        Select(driver.find_element(By.ID, "tag")).select_by_visible_text("<2de>")
+        driver.find_element(By.ID, "source").send_keys(line)
+        driver.find_element(By.ID, "translate").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "results").get_attribute("data-done"))
+        assert driver.find_element(By.ID, "error").text == ""
+        words = driver.find_elements(By.CSS_SELECTOR, "#results .out .word")
+        assert " ".join(w.text for w in words) == api["translations"][0]["text"] == GERMAN[4]
+        assert not driver.find_elements(By.CSS_SELECTOR, "#results .src .word.aligned")
+        ActionChains(driver).move_to_element(words[1]).perform()
+        lit = driver.find_elements(By.CSS_SELECTOR, "#results .src .word.aligned")
+        att = api["translations"][0]["attention"]
+        row = att["weights"][1][att["source_offset"]:-1]
+        best = att["source"][att["source_offset"] + row.index(max(row))].lstrip("\u2581")
+        assert [w.text for w in lit] and any(best in w.text for w in lit)  # the source word the piece looks at most
+        assert driver.find_elements(By.CSS_SELECTOR, "#results .heat tr.active")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#results .heat td")) == sum(map(len, att["weights"]))
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        loaded = driver.execute_script("return performance.getEntriesByType('resource').map((r) => r.name)")
+        assert loaded and all(x.startswith(server.url + "/") for x in loaded)  # /info and /translate only
+        shot = tmp_path / "page.png"
+        assert driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    import matplotlib.image
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[1] >= 300 and pixels.std() > 0.05  # text and a heatmap, not one flat colour
+    assert (pixels.reshape(-1, 3) < 0.3).all(axis=1).mean() > 0.001  # some dark pixels: text was drawn
