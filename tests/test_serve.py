@@ -350,3 +350,18 @@ def test_the_page_in_a_real_browser(server, tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.shape[1] >= 300 and pixels.std() > 0.05  # text and a heatmap, not one flat colour
     assert (pixels.reshape(-1, 3) < 0.3).all(axis=1).mean() > 0.001  # some dark pixels: text was drawn
+
+
+def test_bench_serve_answers_as_the_file_does(model_path, tmp_path):
+    """scripts/bench_serve.py on the tiny model: every setting served every line, each answer equal
+    to the file translation of its line."""
+    source = tmp_path / "test.en"
+    source.write_text("\n".join(SOURCES[:12]) + "\n")
+    run = subprocess.run([sys.executable, "scripts/bench_serve.py", "-c", str(model_path), "-i", str(source),
+                          "--tag", "<2de>", "--clients", "1,3", "--single", "3", "--seconds", "120"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rows = re.findall(r"^\| serve, (\d) clients? \| (\d+) \| [\d.]+ \([\d.]+× the file\) \| [\d.]+ .*\| (\d+) \|$",
+                      run.stdout, re.M)
+    assert rows == [("1", "12", "0"), ("3", "12", "0")], run.stdout
+    assert re.search(r"^\| mtrain translate, the file \| 12 \| [\d.]+ \|", run.stdout, re.M)

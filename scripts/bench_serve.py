@@ -1,0 +1,197 @@
+"""Benchmark `mtrain serve` under load on loopback and print a table.
+
+    python scripts/bench_serve.py -c runs/multi30k_en_de/final.pt -i data/multi30k/test_2016_flickr.en.gz
+    python scripts/bench_serve.py -c MODEL.pt -i test.en --tag '<2de>' --screenshot docs/img/serve.png
+
+A real `mtrain serve` process on 127.0.0.1; 1, 4 and 16 client threads (--clients) each send one
+sentence per request, one request at a time, until the input lines are used up (--lines, at most
+--seconds per setting). Per setting: sentences/s and the p50 and p99 latency of a request. Against
+`mtrain translate`'s own function on the same lines in this process: sentences/s of the whole file,
+and the median decode time of one line translated alone (the least a request can take). Every
+answer is checked against the file translation of its line. With --screenshot, headless Chromium
+(Debian's chromium and chromium-driver) translates the first line on the page, points at the
+second output word, and saves the picture. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def load(url: str, lines: list[str], clients: int, seconds: float, tag: str | None) -> tuple[float, list[float], dict]:
+    """Clients send lines one per request until none are left or `seconds` pass: (sentences/s,
+    latencies, {line index: translation})."""
+    todo = iter(range(len(lines)))
+    lock = threading.Lock()
+    latencies, answers = [], {}
+    stop = time.monotonic() + seconds
+
+    def client():
+        while time.monotonic() < stop:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            answer = post(url, {"text": [lines[i]], **({"tag": tag} if tag else {})})
+            took = time.perf_counter() - start
+            with lock:
+                latencies.append(took)
+                answers[i] = answer["translations"][0]["text"]
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(answers) / (time.perf_counter() - start), latencies, answers
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def screenshot(url: str, line: str, tag: str | None, path: Path) -> None:
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=760,640"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    try:
+        driver.get(url + "/")
+        if tag:
+            WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#tag option"))
+            Select(driver.find_element(By.ID, "tag")).select_by_visible_text(tag)
+        driver.find_element(By.ID, "source").send_keys(line)
+        driver.find_element(By.ID, "translate").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "results").get_attribute("data-done"))
+        words = driver.find_elements(By.CSS_SELECTOR, "#results .out .word")
+        ActionChains(driver).move_to_element(words[min(1, len(words) - 1)]).perform()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The whole page, below the window's edge too (Chrome's DevTools protocol).
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        path.write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        driver.quit()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--checkpoint", required=True)
+    p.add_argument("-i", "--input", required=True, help="source sentences, one per line (.gz is fine)")
+    p.add_argument("--lines", type=int, default=1000, help="input lines used [1000]")
+    p.add_argument("--clients", default="1,4,16", help="concurrent clients per setting [1,4,16]")
+    p.add_argument("--seconds", type=float, default=300, help="at most this long per setting [300]")
+    p.add_argument("--single", type=int, default=100, help="lines decoded alone for the single-line time [100]")
+    p.add_argument("--tag", help="a tag of the model, sent with every line")
+    p.add_argument("--max-wait-ms", default="10", help="the server's --max-wait-ms [10]")
+    p.add_argument("--screenshot", type=Path, help="save a picture of the page here")
+    args = p.parse_args()
+
+    import torch
+
+    from mtrain import checkpoint
+    from mtrain.corpus import open_text
+    from mtrain.device import pick_device
+    from mtrain.translate import tag_piece, translate_lines, translate_texts
+
+    lines = [x.strip() for _, x in zip(range(args.lines), open_text(args.input))]
+    model, toks, cfg = checkpoint.load_for_inference([args.checkpoint])
+    dev = pick_device("cpu", "fp32")
+    tag = tag_piece(args.tag, toks, cfg.data.tags) if args.tag else None
+    start = time.perf_counter()
+    with torch.inference_mode():
+        reference = list(translate_lines(lines, model, toks, cfg.decode, dev, tag=tag))
+    file_rate = len(lines) / (time.perf_counter() - start)
+    single = []
+    with torch.inference_mode():
+        for line in lines[:args.single]:
+            start = time.perf_counter()
+            translate_texts([line], model, toks, cfg.decode, dev, tag=tag)
+            single.append(time.perf_counter() - start)
+    single_ms = statistics.median(single) * 1000
+    del model
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mtrain", "serve", args.checkpoint, "--port", str(port),
+                               "--device", "cpu", "--max-wait-ms", args.max_wait_ms], cwd=ROOT)
+    rows = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench_serve: the server did not start")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        post(url + "/translate", {"text": lines[:4], **({"tag": args.tag} if args.tag else {})})  # warm up
+        for clients in map(int, args.clients.split(",")):
+            before = json.loads(urllib.request.urlopen(url + "/health").read())
+            rate, latencies, answers = load(url + "/translate", lines, clients, args.seconds, args.tag)
+            after = json.loads(urllib.request.urlopen(url + "/health").read())
+            wrong = sum(answers[i] != reference[i] for i in answers)
+            batches = after["batches"] - before["batches"]
+            rows.append((f"serve, {clients} client{'s' * (clients > 1)}", len(answers), rate,
+                         percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000,
+                         len(answers) / max(batches, 1), wrong))
+        if args.screenshot:
+            screenshot(url, lines[0], args.tag, args.screenshot)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+    print(f"\nmodel {args.checkpoint}, beam {cfg.decode.beam}, {len(lines)} lines of {args.input}, "
+          f"{torch.get_num_threads()} threads; server --max-wait-ms {args.max_wait_ms}\n")
+    print("| setting | sentences | sentences/s | p50 latency ms | p99 latency ms | requests per batch | "
+          "answers unlike the file's |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| mtrain translate, the file | {len(lines)} | {file_rate:.1f} | | | | |")
+    print(f"| one line alone (decode only) | {len(single)} | {1000 / single_ms:.1f} | {single_ms:.1f} | "
+          f"{percentile(single, 0.99) * 1000:.1f} | | |")
+    for name, n, rate, p50, p99, per_batch, wrong in rows:
+        print(f"| {name} | {n} | {rate:.1f} ({rate / file_rate:.2f}× the file) | {p50:.1f} "
+              f"({p50 / single_ms:.2f}× alone) | {p99:.1f} | {per_batch:.1f} | {wrong} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
