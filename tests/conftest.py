@@ -43,6 +43,19 @@ def tiny_raw(tmp_path: Path, spm_model: Path, **train) -> dict:
     }
 
 
+def tagged_raw(tmp_path: Path, spm_model: Path) -> dict:
+    """A tiny model that learns two tagged corpora with the same sources: <2de> the German, <2en> the
+    English copied; big and long enough to translate every sample line back exactly, greedy."""
+    raw = tiny_raw(tmp_path, spm_model, max_steps=600, lr=3e-3, warmup=40, batch_tokens=600, valid_every=600,
+                   save_every=600, log_every=100, label_smoothing=0.0)
+    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, ffn_dim=128, dropout=0.0)
+    raw["data"]["train"] = [{"name": "de", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE), "tag": "<2de>"},
+                            {"name": "en", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_EN), "tag": "<2en>"}]
+    raw["data"]["valid"]["tag"] = "<2de>"
+    raw["tokenizer"] = {"vocab_size": 100}  # trained into the run directory, with the tags
+    return raw
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path, spm_model):
     return lambda **train: config_from_dict(tiny_raw(tmp_path, spm_model, **train))

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tiny_raw
+from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tagged_raw
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -38,14 +38,7 @@ GERMAN = SAMPLE_DE.read_text().splitlines()
 def model_path(tmp_path_factory, spm_model) -> Path:
     """A tiny model that learned two tagged corpora: <2de> the German, <2en> the English copied."""
     tmp = tmp_path_factory.mktemp("serve")
-    raw = tiny_raw(tmp, spm_model, max_steps=600, lr=3e-3, warmup=40, batch_tokens=600, valid_every=600,
-                   save_every=600, log_every=100, label_smoothing=0.0)
-    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, ffn_dim=128, dropout=0.0)
-    raw["data"]["train"] = [{"name": "de", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE), "tag": "<2de>"},
-                            {"name": "en", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_EN), "tag": "<2en>"}]
-    raw["data"]["valid"]["tag"] = "<2de>"
-    raw["tokenizer"] = {"vocab_size": 100}
-    return fit(config_from_dict(raw), tmp / "run", log=lambda *_: None)
+    return fit(config_from_dict(tagged_raw(tmp, spm_model)), tmp / "run", log=lambda *_: None)
 
 
 def free_port() -> int:

@@ -244,19 +244,12 @@ def test_a_tag_chooses_the_target_a_model_learned_for_it(tmp_path, spm_model):
     """Two tagged corpora with the same sources and two targets (German, and the English itself): a
     tiny model learns both, and --tag picks which it writes; an unknown tag is one line naming those
     it knows."""
-    from conftest import SAMPLE_DE, tiny_raw
+    from conftest import SAMPLE_DE, tagged_raw
 
     from mtrain.config import config_from_dict
     from mtrain.errors import MtrainError
     from mtrain.translate import tag_piece
-    raw = tiny_raw(tmp_path, spm_model, max_steps=600, lr=3e-3, warmup=40, batch_tokens=600, valid_every=600,
-                   save_every=600, log_every=100, label_smoothing=0.0)
-    raw["model"].update(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, ffn_dim=128, dropout=0.0)
-    raw["data"]["train"] = [{"name": "de", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_DE), "tag": "<2de>"},
-                            {"name": "en", "src": str(SAMPLE_EN), "tgt": str(SAMPLE_EN), "tag": "<2en>"}]
-    raw["data"]["valid"]["tag"] = "<2de>"
-    raw["tokenizer"] = {"vocab_size": 100}
-    final = fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+    final = fit(config_from_dict(tagged_raw(tmp_path, spm_model)), tmp_path / "run", log=lambda *_: None)
     model, toks, cfg = checkpoint.load_for_inference([final])
     assert cfg.data.tags == ["<2de>", "<2en>"]
     sources = SAMPLE_EN.read_text().splitlines()
