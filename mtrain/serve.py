@@ -409,7 +409,21 @@ async def read_body(request, limit: int):
         raise RequestError(400, f"the body is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
 
 
-def run_server(checkpoints: Sequence[Path], host: str, port: int, beam: int | None, max_batch_tokens: int,
+def listen(host: str, port: int):
+    """A socket bound to host:port (port 0: a free one), or one line saying why it cannot be."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise MtrainError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
+
+
+def run_server(checkpoints: Sequence[Path], host: str, port: int, beam: Optional[int], max_batch_tokens: int,
                max_wait_ms: float, limits: Limits, device: str, precision: str, trust: bool) -> None:
     """`mtrain serve`: load the model(s), then serve until SIGTERM or Ctrl-C, which stop accepting,
     answer the requests in flight and exit."""
@@ -423,9 +437,11 @@ def run_server(checkpoints: Sequence[Path], host: str, port: int, beam: int | No
         raise MtrainError(f"--max-batch-tokens: must be >= 1, got {max_batch_tokens}")
     if not checkpoints:
         raise MtrainError("give at least one checkpoint")
+    sock = listen(host, port)  # before the model loads: a port in use is said at once
     translator = Translator(checkpoints, device, precision, trust, beam)
     app = make_app(translator, limits, max_wait_ms, max_batch_tokens)
     logging.basicConfig(level=logging.INFO, format="mtrain serve: %(message)s")
     log.info("%s on %s, beam %d; http://%s:%d/", ", ".join(map(str, checkpoints)), translator.dev.device,
-             translator.decode.beam, host if ":" not in host else f"[{host}]", port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+             translator.decode.beam, host if ":" not in host else f"[{host}]", sock.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60))
+    server.run(sockets=[sock])

@@ -358,3 +358,14 @@ def test_bench_serve_answers_as_the_file_does(model_path, tmp_path):
                       run.stdout, re.M)
     assert rows == [("1", "12", "0"), ("3", "12", "0")], run.stdout
     assert re.search(r"^\| mtrain translate, the file \| 12 \| [\d.]+ \|", run.stdout, re.M)
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(model_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "mtrain", "serve", str(model_path), "--port", str(port)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr == f"mtrain: --host 127.0.0.1 --port {port}: cannot listen there " \
+                                             f"(Address already in use)\n", r.stderr
