@@ -207,6 +207,8 @@ class Translator:
         for n, line in enumerate(text):
             if len(line) > limits.max_chars:
                 raise RequestError(413, f"text[{n}]: {len(line)} characters, over the limit of {limits.max_chars}")
+            if "\n" in line.strip() or "\r" in line.strip():  # translate would read two lines there
+                raise RequestError(422, f"text[{n}]: holds a line break; send each line as an item of the list")
         changes = {}
         for name, kind in OPTIONS.items():
             value = body.get(name)

@@ -198,6 +198,7 @@ BAD = [  # (body bytes, status, the error names ...)
     (b'{"beam": 2}', 422, r"text: missing"),
     (b'{"text": "a dog ."}', 422, r"text: must be a list of strings"),
     (b'{"text": [1, 2]}', 422, r"text: must be a list of strings"),
+    (b'{"text": ["a dog .", "a cat .\\nruns ."]}', 422, r"text\[1\]: holds a line break"),
     (b'{"text": []}', 422, r"text: the list is empty"),
     (b'{"text": ["a dog ."], "beam": "5"}', 422, r'beam: must be an integer, got "5"'),
     (b'{"text": ["a dog ."], "beam": 2.5}', 422, r"beam: must be an integer, got 2.5"),
