@@ -113,25 +113,29 @@ class Batcher:
 
     def _gather(self) -> list[Job]:
         """The oldest job and those that may share its batch, waiting at most max_wait for more."""
-        first = self.waiting.pop(0) if self.waiting else self._next(None)
-        if first is None:
+        if self.waiting:
+            first = self.waiting.pop(0)
+        elif self.stopping:  # the stop came while a batch was gathered: nothing more will be queued
             return []
-        batch, tokens = [first], first.tokens
+        else:
+            first = self._next(None)
+            if first is None:
+                return []
+        batch = [first]
+
+        def fits(job: Job) -> bool:
+            return job.key == first.key and sum(j.tokens for j in batch) + job.tokens <= self.max_tokens
+
         for job in list(self.waiting):  # jobs set aside earlier come first
-            if job.key == first.key and tokens + job.tokens <= self.max_tokens:
+            if fits(job):
                 self.waiting.remove(job)
                 batch.append(job)
-                tokens += job.tokens
         deadline = time.monotonic() + self.max_wait
-        while tokens < self.max_tokens and not self.stopping:
+        while sum(j.tokens for j in batch) < self.max_tokens and not self.stopping:
             job = self._next(deadline - time.monotonic())
             if job is None:
                 break
-            if job.key == first.key and tokens + job.tokens <= self.max_tokens:
-                batch.append(job)
-                tokens += job.tokens
-            else:
-                self.waiting.append(job)
+            (batch if fits(job) else self.waiting).append(job)
         return batch
 
     def _run(self) -> None:

@@ -370,3 +370,19 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(model_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr == f"mtrain: --host 127.0.0.1 --port {port}: cannot listen there " \
                                              f"(Address already in use)\n", r.stderr
+
+
+def test_the_worker_stops_when_the_stop_comes_while_it_gathers_a_batch():
+    """A stop that arrives while a batch waits for company (uvicorn gave up on slow requests and
+    shut down) still ends the worker, after it answered the job it held."""
+    from mtrain.serve import Batcher, Job
+
+    batcher = Batcher(lambda jobs: [len(j.lines) for j in jobs], max_wait_ms=5000, max_batch_tokens=100)
+    batcher.start()
+    future = batcher.submit(Job(["a", "b"], ("same",), 2))
+    time.sleep(0.2)  # the worker holds the job and waits up to 5 s for others
+    stopper = threading.Thread(target=batcher.stop)
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive() and not batcher.thread.is_alive()
+    assert future.result(timeout=1) == 2
