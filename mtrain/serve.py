@@ -360,9 +360,11 @@ def make_app(translator: Translator, limits: Limits, max_wait_ms: float, max_bat
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return error(500, f"internal error: {type(exc).__name__}")
 
+    html = page()  # read once, not per request
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
-        return page()
+        return html
 
     @app.get("/health")
     async def health():
