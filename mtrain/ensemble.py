@@ -27,6 +27,10 @@ class EnsembleCache:
         for cache in self.caches:
             cache.keep(rows)
 
+    def append(self, other: "EnsembleCache") -> None:
+        for cache, more in zip(self.caches, other.caches):
+            cache.append(more)
+
 
 class Ensemble:
     """What beam search and sampling need of a model (`start`, `log_probs`, `cfg.max_positions`), for

@@ -62,25 +62,91 @@ def explicit_attention(q, k, v, mask, causal: bool, dropout: float) -> torch.Ten
 
 @dataclass
 class KVCache:
-    """Per-layer key/value buffers for incremental decoding; passed in, never stored on modules."""
+    """Per-layer key/value buffers for incremental decoding; passed in, never stored on modules.
 
-    self_k: list[torch.Tensor]  # per decoder layer (N, heads, max_len, head_dim), preallocated
+    Each row holds its own number of target positions, left-aligned: rows that joined a running
+    search (`append`) are shorter than the others, attend to their own positions only and take
+    their own position embeddings. While every row holds the same number (one batch decoded from
+    its start), the cheaper path runs: one column written for all rows, no self-attention mask.
+
+    Rows come in groups of `beams`, one group per sentence: the self-attention buffers have a row
+    per hypothesis, the cross-attention ones a row per sentence, whose beams are its queries (all
+    beams of a sentence read the same source)."""
+
+    self_k: list[torch.Tensor]  # per decoder layer (N, heads, capacity, head_dim), preallocated
     self_v: list[torch.Tensor]
-    cross_k: list[torch.Tensor]  # per decoder layer (N, heads, S, head_dim), computed once
+    cross_k: list[torch.Tensor]  # per decoder layer (N / beams, heads, S, head_dim), computed once
     cross_v: list[torch.Tensor]
-    src_mask: torch.Tensor  # (N, 1, 1, S) True where the source is a real token
-    pos: int = 0  # number of target positions already written
+    src_mask: torch.Tensor  # (N / beams, 1, 1, S) True where the source is a real token
+    lengths: torch.Tensor  # (N,) target positions written in each row
+    beams: int = 1  # rows per sentence
+    longest: int = 0  # the most positions a row holds: the columns attention reads
+    ragged: bool = False  # rows hold different numbers of positions
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Make row i hold what row rows[i] held (beam reordering within sentences)."""
+        """Make row i hold what row rows[i] held (beam reordering within sentences, whose rows
+        hold the same number of positions)."""
         for buf in self.self_k + self.self_v:
-            buf[:, :, :self.pos] = buf[rows, :, :self.pos]
+            buf[:, :, :self.longest] = buf[rows, :, :self.longest]
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only `rows`, in that order (drop finished sentences); shrinks every buffer."""
-        for name in ("self_k", "self_v", "cross_k", "cross_v"):
-            setattr(self, name, [buf[rows] for buf in getattr(self, name)])
-        self.src_mask = self.src_mask[rows]
+        """Keep only `rows`, in that order (drop finished sentences, and reorder beams at the same
+        time); each group of `beams` rows must come from one sentence. Shrinks every buffer, the
+        source columns too when the longest sources left."""
+        sentences = rows[::self.beams] // self.beams
+        mask = self.src_mask[sentences]
+        real = mask.flatten(1).any(0).nonzero()
+        S = int(real[-1]) + 1 if len(real) else mask.shape[-1]
+        self.self_k = [buf[rows] for buf in self.self_k]
+        self.self_v = [buf[rows] for buf in self.self_v]
+        self.cross_k = [buf[sentences, :, :S] for buf in self.cross_k]
+        self.cross_v = [buf[sentences, :, :S] for buf in self.cross_v]
+        self.src_mask, self.lengths = mask[..., :S], self.lengths[rows]
+        if self.ragged and len(rows):
+            self.longest = int(self.lengths.max())
+            self.ragged = bool((self.lengths != self.longest).any())
+
+    def append(self, other: "KVCache") -> None:
+        """Add `other`'s rows after these (sentences joining a running search)."""
+        def join(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            size = max(a.shape[dim], b.shape[dim])  # pad both to the longer along dim with zeros
+            a, b = (F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, size - x.shape[dim])) for x in (a, b))
+            return torch.cat([a, b])
+
+        self.self_k = [join(a, b, 2) for a, b in zip(self.self_k, other.self_k)]
+        self.self_v = [join(a, b, 2) for a, b in zip(self.self_v, other.self_v)]
+        self.cross_k = [join(a, b, 2) for a, b in zip(self.cross_k, other.cross_k)]
+        self.cross_v = [join(a, b, 2) for a, b in zip(self.cross_v, other.cross_v)]
+        self.src_mask = join(self.src_mask, other.src_mask, 3)  # padded with False: not attended
+        self.ragged = self.ragged or other.ragged or (len(self.lengths) and len(other.lengths)
+                                                      and self.longest != other.longest)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.longest = max(self.longest, other.longest)
+
+    def write(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one new position's keys and values (N, heads, 1, head_dim) in layer i; the keys and
+        values to attend to."""
+        if self.ragged:
+            rows = torch.arange(len(self.lengths), device=k.device)
+            self.self_k[i][rows, :, self.lengths] = k[:, :, 0]
+            self.self_v[i][rows, :, self.lengths] = v[:, :, 0]
+        else:
+            self.self_k[i][:, :, self.longest] = k[:, :, 0]
+            self.self_v[i][:, :, self.longest] = v[:, :, 0]
+        n = self.longest + 1
+        return self.self_k[i][:, :, :n], self.self_v[i][:, :, :n]
+
+    def self_mask(self) -> torch.Tensor | None:
+        """(N, 1, 1, longest + 1) True where a row's own positions are, this step's included; None
+        when every row may read every column."""
+        if not self.ragged:
+            return None
+        columns = torch.arange(self.longest + 1, device=self.lengths.device)
+        return (columns <= self.lengths[:, None])[:, None, None, :]
+
+    def advance(self) -> None:
+        self.lengths += 1
+        self.longest += 1
 
 
 class Attention(nn.Module):
@@ -175,19 +241,17 @@ class DecoderLayer(nn.Module):
         x = self.sub_cross(x, lambda h: self.cross_attn(h, mask=src_mask, memory=memory))
         return self.sub_ffn(x, self.ffn)
 
-    def step(self, x, cache: KVCache, i: int):
+    def step(self, x, cache: KVCache, i: int, self_mask: torch.Tensor | None):
         """One new position (N, 1, d_model) against the cached keys/values of layer i."""
         def self_attn(h):
             a = self.self_attn
             q, k, v = map(a.split, a.qkv(h).chunk(3, dim=-1))
-            cache.self_k[i][:, :, cache.pos] = k[:, :, 0]
-            cache.self_v[i][:, :, cache.pos] = v[:, :, 0]
-            n = cache.pos + 1
-            return a.attend(q, cache.self_k[i][:, :, :n], cache.self_v[i][:, :, :n])
+            return a.attend(q, *cache.write(i, k, v), self_mask)
 
-        def cross_attn(h):
-            a = self.cross_attn
-            return a.attend(a.split(a.q(h)), cache.cross_k[i], cache.cross_v[i], cache.src_mask)
+        def cross_attn(h):  # a sentence's beams are the queries of one attention over its source
+            a, n = self.cross_attn, cache.src_mask.shape[0]
+            q = a.q(h).view(n, cache.beams, a.heads, a.head_dim).transpose(1, 2)  # (n, heads, beams, head_dim)
+            return a.attend(q, cache.cross_k[i], cache.cross_v[i], cache.src_mask).reshape(h.shape)
 
         x = self.sub_self(x, self_attn)
         x = self.sub_cross(x, cross_attn)
@@ -269,29 +333,38 @@ class Transformer(nn.Module):
         hidden = hidden[select] if select.dtype == torch.bool else hidden.flatten(0, 1).index_select(0, select)
         return self.output(hidden) if project else hidden
 
-    def new_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int) -> KVCache:
-        """Cross-attention keys/values computed once; self-attention buffers for max_len positions."""
-        N, heads, hd = memory.shape[0], self.cfg.heads, self.cfg.d_model // self.cfg.heads
+    def new_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int, beams: int = 1) -> KVCache:
+        """Cross-attention keys/values computed once per sentence; self-attention buffers for max_len
+        positions of each of its `beams` hypotheses."""
+        N, heads, hd = memory.shape[0] * beams, self.cfg.heads, self.cfg.d_model // self.cfg.heads
         shape = (N, heads, max_len, hd)
         cross = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
         return KVCache(
             self_k=[memory.new_zeros(shape) for _ in self.decoder],
             self_v=[memory.new_zeros(shape) for _ in self.decoder],
             cross_k=[k for k, _ in cross], cross_v=[v for _, v in cross],
-            src_mask=self.attention_mask(src_pad_mask))
+            src_mask=self.attention_mask(src_pad_mask),
+            lengths=torch.zeros(N, dtype=torch.long, device=memory.device), beams=beams)
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Incremental decoding: (N,) last tokens -> logits (N, vocab); advances cache.pos."""
-        x = self.embed(tokens[:, None], self.tgt_embed, start=cache.pos)
+        """Incremental decoding: (N,) last tokens -> logits (N, vocab); advances the cache a position."""
+        if cache.ragged:  # each row at its own position (the same checks as embed's)
+            if cache.longest >= self.cfg.max_positions:
+                raise ValueError(f"sequence of {cache.longest + 1} tokens exceeds "
+                                 f"model.max_positions={self.cfg.max_positions}")
+            x = self.tgt_embed(tokens) * math.sqrt(self.cfg.d_model) + self.positions[cache.lengths]
+            x = self.embed_drop(x[:, None])
+        else:
+            x = self.embed(tokens[:, None], self.tgt_embed, start=cache.longest)
+        mask = cache.self_mask()
         for i, layer in enumerate(self.decoder):
-            x = layer.step(x, cache, i)
-        cache.pos += 1
+            x = layer.step(x, cache, i, mask)
+        cache.advance()
         return self.output(self.decoder_norm(x))[:, 0]
 
     def start(self, src: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int, repeat: int = 1) -> KVCache:
-        """Decoding's start: the source encoded once, and a cache with each sentence `repeat` times (beams)."""
-        memory = self.encode(src, src_pad_mask)
-        return self.new_cache(memory.repeat_interleave(repeat, 0), src_pad_mask.repeat_interleave(repeat, 0), max_len)
+        """Decoding's start: the source encoded once, and a cache with `repeat` rows per sentence (beams)."""
+        return self.new_cache(self.encode(src, src_pad_mask), src_pad_mask, max_len, beams=repeat)
 
     def log_probs(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step's log-probabilities (N, vocab), in fp32."""

@@ -1,7 +1,8 @@
 """Decoding: one batched beam search (beam 1 is greedy) and ancestral sampling, both on the KV cache.
 
 Both ask the model for two things only: `start` (encode the source, make the cache) and `log_probs`
-(one step): a Transformer or an Ensemble of them."""
+(one step): a Transformer or an Ensemble of them. The cache is reordered with the beams, shrunk when
+sentences leave and, in beam search, appended to when sentences join."""
 
 from __future__ import annotations
 
@@ -44,46 +45,90 @@ def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
     logp[rows, grams[rows, where, n - 1]] = float("-inf")
 
 
-@torch.no_grad()
-def beam_search(model: Transformer | Ensemble, src: torch.Tensor, src_pad_mask: torch.Tensor, *, beam: int = 5,
-                lenpen: float = 0.6, lenpen_type: str = "gnmt", max_len_a: float = 1.5, max_len_b: int = 10,
-                min_len: int = 1, nbest: int = 1, no_repeat_ngram: int = 0,
-                bos: int, eos: int, pad: int, unk: int | None = None) -> list[list[Hypothesis]]:
-    """Best `nbest` hypotheses per sentence, best first; `unk`, when given, is never emitted.
+class BeamSearch:
+    """A batched beam search that sentences may join between steps (`add`) and that hands each one
+    back as soon as it is done (`step`): `mtrain translate` adds one sorted batch and steps until it
+    is empty; `mtrain serve` adds requests as they come, so the batch stays full (continuous
+    batching). Each row group of `beam` rows belongs to one live sentence, whose steps are counted
+    apart from the others'; `unk`, when given, is never emitted."""
 
-    Each row group of `beam` rows belongs to one live sentence; a sentence stops when it has `nbest`
-    finished hypotheses that no live one can beat, and its rows are then dropped from the batch.
-    """
-    B, k = src.shape[0], beam
-    device = src.device
-    max_len = max_lengths(src_pad_mask, max_len_a, max_len_b, model.cfg.max_positions - 1)
-    cache = model.start(src, src_pad_mask, int(max_len.max()) + 1, repeat=k)
-    tokens = torch.full((B * k, 1), bos, dtype=torch.long, device=device)  # (N*k, t+1), BOS first
-    scores = torch.zeros(B, k, device=device)  # summed log-probs of live hypotheses
-    scores[:, 1:] = float("-inf")  # step 0 expands one hypothesis per sentence, not k copies
-    alive = torch.arange(B, device=device)  # sentence id of each live row group
-    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    nth_best = torch.full((B,), float("-inf"), device=device)  # nbest-th finished score per sentence
-    n_finished = torch.zeros(B, dtype=torch.long, device=device)
+    def __init__(self, model: Transformer | Ensemble, *, beam: int = 5, lenpen: float = 0.6,
+                 lenpen_type: str = "gnmt", max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 1,
+                 nbest: int = 1, no_repeat_ngram: int = 0, bos: int, eos: int, pad: int, unk: int | None = None):
+        self.model, self.k, self.nbest = model, beam, nbest
+        self.lenpen, self.lenpen_type, self.max_len_a, self.max_len_b = lenpen, lenpen_type, max_len_a, max_len_b
+        self.min_len, self.no_repeat_ngram = min_len, no_repeat_ngram
+        self.bos, self.eos, self.pad, self.unk = bos, eos, pad, unk
+        self.added = 0  # sentences added so far: the next one's id
+        self._empty()
 
-    for t in range(int(max_len.max())):
-        n = len(alive)
-        logp = model.log_probs(tokens[:, -1], cache)  # (n*k, V)
+    def _empty(self) -> None:
+        self.cache = None
+        self.ids: list[int] = []  # id of each live sentence, in row-group order
+        self.finished: list[list[Hypothesis]] = []  # per live sentence
+        self.tokens = torch.zeros(0, 1, dtype=torch.long)  # (n*k, W) right-aligned: BOS, outputs; pads before
+        self.scores = torch.zeros(0, self.k)  # summed log-probs of live hypotheses
+        self.steps = torch.zeros(0, dtype=torch.long)  # tokens each sentence has taken
+        self.max_len = torch.zeros(0, dtype=torch.long)  # longest output allowed, EOS included
+        self.nth_best = torch.zeros(0)  # the nbest-th finished score, -inf until there is one
+        self.n_finished = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        """Sentences still being searched."""
+        return len(self.ids)
+
+    @torch.no_grad()
+    def add(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> list[int]:
+        """Start searching these sentences at the next step; their ids, as `step` will name them."""
+        B, k, device = src.shape[0], self.k, src.device
+        max_len = max_lengths(src_pad_mask, self.max_len_a, self.max_len_b, self.model.cfg.max_positions - 1)
+        cache = self.model.start(src, src_pad_mask, int(max_len.max()) + 1, repeat=k)
+        if self.cache is None:
+            self.cache = cache
+            self.tokens = self.tokens.to(device)
+            self.scores, self.steps, self.max_len, self.nth_best, self.n_finished = (
+                x.to(device) for x in (self.scores, self.steps, self.max_len, self.nth_best, self.n_finished))
+        else:
+            self.cache.append(cache)
+        tokens = torch.full((B * k, self.tokens.shape[1]), self.pad, dtype=torch.long, device=device)
+        tokens[:, -1] = self.bos
+        scores = torch.zeros(B, k, device=device)
+        scores[:, 1:] = float("-inf")  # step 0 expands one hypothesis per sentence, not k copies
+        self.tokens = torch.cat([self.tokens, tokens])
+        self.scores = torch.cat([self.scores, scores])
+        self.steps = torch.cat([self.steps, torch.zeros(B, dtype=torch.long, device=device)])
+        self.max_len = torch.cat([self.max_len, max_len])
+        self.nth_best = torch.cat([self.nth_best, torch.full((B,), float("-inf"), device=device)])
+        self.n_finished = torch.cat([self.n_finished, torch.zeros(B, dtype=torch.long, device=device)])
+        ids = list(range(self.added, self.added + B))
+        self.added += B
+        self.ids += ids
+        self.finished += [[] for _ in range(B)]
+        return ids
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, list[Hypothesis]]]:
+        """One token for every live hypothesis; the sentences done now, with their best `nbest`
+        hypotheses (best first), leave the search."""
+        n, k, eos = len(self.ids), self.k, self.eos
+        if not n:
+            return []
+        t = self.steps  # (n,) tokens taken before this one
+        logp = self.model.log_probs(self.tokens[:, -1], self.cache)  # (n*k, V)
         V = logp.shape[1]
         eos_logp = logp[:, eos].clone()
-        logp[:, pad] = logp[:, bos] = float("-inf")
-        if unk is not None:
-            logp[:, unk] = float("-inf")
-        if t < min_len:
-            logp[:, eos] = float("-inf")
-        if no_repeat_ngram:
-            block_ngrams(logp, tokens[:, 1:], no_repeat_ngram)
-        at_limit = (t + 1 >= max_len[alive]).repeat_interleave(k)  # this token must be EOS
+        logp[:, self.pad] = logp[:, self.bos] = float("-inf")
+        if self.unk is not None:
+            logp[:, self.unk] = float("-inf")
+        logp[(t < self.min_len).repeat_interleave(k), eos] = float("-inf")
+        if self.no_repeat_ngram:  # pads and BOS before a row's outputs never complete an n-gram of it
+            block_ngrams(logp, self.tokens, self.no_repeat_ngram)
+        at_limit = (t + 1 >= self.max_len).repeat_interleave(k)  # this token must be EOS
         logp[at_limit] = float("-inf")
         logp[at_limit, eos] = eos_logp[at_limit]
 
         # 2k candidates, so that k live ones remain even if k of them end in EOS (as fairseq).
-        cand = (scores[:, :, None] + logp.view(n, k, V)).view(n, k * V)
+        cand = (self.scores[:, :, None] + logp.view(n, k, V)).view(n, k * V)
         top_scores, top_idx = cand.topk(min(2 * k, k * V), dim=1)
         src_beam, new_tok = top_idx // V, top_idx % V
         is_eos = new_tok == eos
@@ -91,40 +136,63 @@ def beam_search(model: Transformer | Ensemble, src: torch.Tensor, src_pad_mask: 
         # EOS candidates among the best k finish their hypotheses.
         fin = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
         if fin.any():
-            norm = top_scores[:, :k] / length_penalty(t + 1, lenpen, lenpen_type)
+            norm = top_scores[:, :k] / length_penalty(t[:, None] + 1.0, self.lenpen, self.lenpen_type)
+            width, taken = self.tokens.shape[1], t.tolist()
             for i, j in fin.nonzero().tolist():
-                b = int(alive[i])
                 row = i * k + int(src_beam[i, j])
-                finished[b].append(Hypothesis(tokens[row, 1:].tolist(), float(norm[i, j])))
-                n_finished[b] += 1
-                if len(finished[b]) >= nbest:
-                    nth_best[b] = sorted((h.score for h in finished[b]), reverse=True)[nbest - 1]
+                out = self.tokens[row, width - taken[i]:].tolist()
+                self.finished[i].append(Hypothesis(out, float(norm[i, j])))
+                self.n_finished[i] += 1
+                if len(self.finished[i]) >= self.nbest:
+                    self.nth_best[i] = sorted((h.score for h in self.finished[i]), reverse=True)[self.nbest - 1]
 
         # The best k candidates that do not end in EOS stay live.
         live_scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
-        rows = (torch.arange(n, device=device)[:, None] * k + src_beam.gather(1, pick)).view(-1)
-        tokens = torch.cat([tokens[rows], new_tok.gather(1, pick).view(-1, 1)], dim=1)
-        scores = live_scores
-        cache.reorder(rows)
+        rows = (torch.arange(n, device=logp.device)[:, None] * k + src_beam.gather(1, pick)).view(-1)
+        self.tokens = torch.cat([self.tokens[rows], new_tok.gather(1, pick).view(-1, 1)], dim=1)
+        self.scores = live_scores
+        self.steps = t + 1
 
         # A sentence is done with k finished hypotheses (as fairseq; this makes beam 1 greedy), or
         # earlier when no live one can beat them: a live hypothesis ends with a length in
         # [t+2, max_len] and can only lose log-probability, so its best possible final score is
         # its score now under the most favourable length penalty.
-        best_live = scores.max(dim=1).values
-        bound = torch.maximum(best_live / length_penalty(t + 2, lenpen, lenpen_type),
-                              best_live / length_penalty(max_len[alive].float(), lenpen, lenpen_type))
-        done = ((n_finished[alive] >= k) | (nth_best[alive] >= bound) | torch.isinf(best_live)
-                | (t + 1 >= max_len[alive]))
+        best_live = self.scores.max(dim=1).values
+        bound = torch.maximum(best_live / length_penalty(t + 2.0, self.lenpen, self.lenpen_type),
+                              best_live / length_penalty(self.max_len.float(), self.lenpen, self.lenpen_type))
+        done = ((self.n_finished >= k) | (self.nth_best >= bound) | torch.isinf(best_live)
+                | (t + 1 >= self.max_len))
+        if not done.any():
+            self.cache.reorder(rows)
+            return []
+        out = [(self.ids[i], sorted(self.finished[i], key=lambda h: -h.score)[:self.nbest])
+               for i in done.nonzero().view(-1).tolist()]
         if done.all():
-            break
-        if done.any():
-            keep = (~done).nonzero().view(-1)
-            keep_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
-            alive, scores, tokens = alive[keep], scores[keep], tokens[keep_rows]
-            cache.keep(keep_rows)
+            self._empty()
+            return out
+        keep = (~done).nonzero().view(-1)
+        keep_rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)
+        kept = keep.tolist()
+        self.ids = [self.ids[i] for i in kept]
+        self.finished = [self.finished[i] for i in kept]
+        self.scores, self.steps, self.max_len = self.scores[keep], self.steps[keep], self.max_len[keep]
+        self.nth_best, self.n_finished = self.nth_best[keep], self.n_finished[keep]
+        # Columns before the longest live output are pads in every row: drop them.
+        self.tokens = self.tokens[keep_rows, self.tokens.shape[1] - int(self.steps.max()) - 1:]
+        self.cache.keep(rows[keep_rows])  # the beams' reorder and the shrink in one copy
+        return out
 
-    return [sorted(f, key=lambda h: -h.score)[:nbest] for f in finished]
+
+@torch.no_grad()
+def beam_search(model: Transformer | Ensemble, src: torch.Tensor, src_pad_mask: torch.Tensor,
+                **options) -> list[list[Hypothesis]]:
+    """Best `nbest` hypotheses per sentence of one batch, best first (BeamSearch's options)."""
+    search = BeamSearch(model, **options)
+    ids = search.add(src, src_pad_mask)
+    results: dict[int, list[Hypothesis]] = {}
+    while len(search):
+        results.update(search.step())
+    return [results[i] for i in ids]
 
 
 @torch.no_grad()

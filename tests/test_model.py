@@ -50,6 +50,33 @@ def test_cached_decoding_equals_full_recompute(pre_norm):
     assert torch.allclose(full, steps, atol=1e-5)
 
 
+def test_a_sentence_that_joins_a_running_cache_decodes_as_alone():
+    """Ragged rows: a sentence appended to a cache three positions in (with a longer source) reads
+    only its own positions and takes its own position embeddings; leaving sentences shrink it back."""
+    model = make()
+    src_a, tgt_a = torch.tensor([[5, 6, 3]]), torch.tensor([[2, 9, 10, 11, 12, 13, 14]])
+    src_b, tgt_b = torch.tensor([[7, 8, 9, 10, 3]]), torch.tensor([[2, 15, 16, 17]])
+    full_a = model.decode(tgt_a, model.encode(src_a, src_a == 0), src_a == 0)[0]
+    full_b = model.decode(tgt_b, model.encode(src_b, src_b == 0), src_b == 0)[0]
+    cache = model.start(src_a, src_a == 0, max_len=8)
+    steps_a = [model.decode_step(tgt_a[:, t], cache)[0] for t in range(3)]
+    cache.append(model.start(src_b, src_b == 0, max_len=5))
+    assert cache.ragged and cache.lengths.tolist() == [3, 0] and cache.src_mask.shape[-1] == 5
+    steps_b = []
+    for t in range(4):
+        out = model.decode_step(torch.stack([tgt_a[0, 3 + t], tgt_b[0, t]]), cache)
+        steps_a.append(out[0])
+        steps_b.append(out[1])
+    assert torch.allclose(full_a, torch.stack(steps_a), atol=1e-5)
+    assert torch.allclose(full_b, torch.stack(steps_b), atol=1e-5)
+    cache.keep(torch.tensor([0]))  # b, with the longer source, leaves
+    assert not cache.ragged and cache.longest == 7 and cache.src_mask.shape[-1] == 3
+    assert cache.cross_k[0].shape[2] == 3
+    # Back on the aligned path (one column for all rows), a's last step still matches.
+    last = model.decode(torch.cat([tgt_a, torch.tensor([[20]])], 1), model.encode(src_a, src_a == 0), src_a == 0)
+    assert torch.allclose(model.decode_step(torch.tensor([20]), cache)[0], last[0, -1], atol=1e-5)
+
+
 def test_shared_embeddings_and_parameter_count():
     model = make()
     assert model.src_embed is model.tgt_embed and model.output.weight is model.tgt_embed.weight

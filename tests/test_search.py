@@ -5,7 +5,7 @@ import torch
 
 from mtrain.config import DecodeConfig, ModelConfig
 from mtrain.model import Transformer
-from mtrain.search import beam_search, block_ngrams, length_penalty, sample
+from mtrain.search import BeamSearch, beam_search, block_ngrams, length_penalty, sample
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 CFG = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=32, heads=4, ffn_dim=64, dropout=0.0)
@@ -206,3 +206,46 @@ def test_unk_is_never_emitted_when_forbidden():
     assert all(UNK not in h.tokens for h in drawn)
     drawn = sample(model, src.repeat(8, 1), src.repeat(8, 1) == PAD, generator=gen, **kw)
     assert any(UNK in h.tokens for h in drawn)
+
+
+def joined(model, sources, start_steps, **kw):
+    """Each source added to one running BeamSearch when the search has taken start_steps[i] steps;
+    the results by sentence, and the most sentences that were live at one step."""
+    args = dict(beam=1, lenpen=0.0, max_len_a=0.0, max_len_b=12, min_len=0, bos=BOS, eos=EOS, pad=PAD)
+    args.update(kw)
+    search = BeamSearch(model, **args)
+    results, ids, steps, most = {}, {}, 0, 0
+    while len(ids) < len(sources) or len(search):
+        for i, src in enumerate(sources):
+            if start_steps[i] == steps or (start_steps[i] < steps and i not in ids and not len(search)):
+                ids[i], = search.add(src, src == PAD)
+        most = max(most, len(search))
+        results.update(search.step())
+        steps += 1
+    return [results[ids[i]] for i in range(len(sources))], most
+
+
+@pytest.mark.parametrize("kw", [dict(beam=4, nbest=3, lenpen=0.6), dict(beam=1),
+                                dict(beam=3, no_repeat_ngram=2, max_len_b=16, min_len=5)])
+def test_sentences_that_join_a_running_search_get_what_they_get_alone(kw):
+    """Continuous batching: sentences added between steps, with longer and shorter sources than
+    those running, end with the hypotheses they have when searched alone."""
+    model = make(8)
+    sources = [torch.tensor([[5, 6, 7, 8, EOS]]), torch.tensor([[9, 10, EOS]]),
+               torch.tensor([[11, 12, 13, 14, 15, 16, 17, EOS]]), torch.tensor([[18, EOS]])]
+    together, most = joined(model, sources, [0, 2, 3, 7], **kw)
+    assert most >= 3  # they did run side by side
+    for src, hyps in zip(sources, together):
+        alone = search(model, src, **kw)[0]
+        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-4)
+
+
+def test_an_ensemble_search_takes_joining_sentences_too():
+    from mtrain.ensemble import Ensemble
+
+    ensemble = Ensemble([make(9), make(10)])
+    sources = [torch.tensor([[5, 6, 7, 8, EOS]]), torch.tensor([[9, 10, 11, EOS]])]
+    together, _ = joined(ensemble, sources, [0, 1], beam=3, nbest=2)
+    for src, hyps in zip(sources, together):
+        assert [h.tokens for h in hyps] == [h.tokens for h in search(ensemble, src, beam=3, nbest=2)[0]]

@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--input", default=str(ROOT / "data/multi30k/test_2016_flickr.en.gz"))
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch-tokens", type=int, default=0, help="source pieces per batch (default: the checkpoint's)")
     args = p.parse_args()
 
     import torch
@@ -54,7 +55,7 @@ def main() -> None:
         return wrapper
 
     model.encode = timed("encoder", model.encode)
-    model.vocab_logits = timed("output projection", model.vocab_logits)
+    model.output.forward = timed("output projection", model.output.forward)
     for layer in model.decoder:
         layer.step = timed("decoder layers (attention, FFN, cache writes)", layer.step)
     model_module.KVCache.reorder = timed("cache reorder (beam)", model_module.KVCache.reorder)
@@ -64,7 +65,7 @@ def main() -> None:
     decode_step = model.decode_step
     model.decode_step = timed("decode_step (all of one step's model work)", decode_step)
 
-    decode = with_overrides(cfg.decode, beam=args.beam)
+    decode = with_overrides(cfg.decode, beam=args.beam, batch_tokens=args.batch_tokens or cfg.decode.batch_tokens)
     start = time.perf_counter()
     list(translate_lines(lines, model, toks, decode, dev))
     total = time.perf_counter() - start
