@@ -1,10 +1,12 @@
 """`mtrain serve`: a JSON translation API and a web page on FastAPI/uvicorn.
 
-Requests are answered by one worker thread that owns the model. It takes the oldest waiting request,
-gathers others with the same decoding options for up to --max-wait-ms (or until --max-batch-tokens
-source pieces), and translates all their lines in one batched beam search through the same code as
-`mtrain translate` (translate_texts), then hands each request its own lines. The event loop only
-parses, validates and waits, so a slow batch never stops the server from accepting or refusing.
+Requests are answered by one worker thread that owns the model, with continuous batching: requests
+join the running beam search between two of its steps (one search per set of decoding options),
+as long as the source pieces in flight stay within --max-batch-tokens, and each request is answered
+as soon as its last line is done, while the others go on. An idle worker waits up to --max-wait-ms
+for company before it starts. Lines are read and finished by the same code as `mtrain translate`'s
+(read_sources, BeamSearch, Sources.finish). The event loop only parses, validates and waits, so a
+slow step never stops the server from accepting or refusing.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time,
@@ -59,32 +61,42 @@ OPTIONS = {"beam": int, "nbest": int, "lenpen": float, "max_len_a": float, "max_
 
 @dataclass
 class Job:
-    """One request waiting for the worker: its lines, the options that decide which others it may
-    share a batch with, and where its answer goes."""
+    """One request for the worker: its lines, the options that decide which search it joins, its
+    size in source pieces, and where its answer goes. `sources` are its lines made ready to decode."""
 
     lines: list[str]
     key: tuple
     tokens: int
+    sources: object = None  # translate.Sources
+    hyps: list = field(default_factory=list)  # per line decoded, once its search is done with it
+    left: int = 0  # lines still in a search
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 @dataclass
 class Counters:
-    requests: int = 0
+    requests: int = 0  # answered
     lines: int = 0
-    batches: int = 0
-    largest_batch: int = 0  # the most requests one batched beam search served
-    batched_requests: int = 0  # requests that shared their batch with at least one other
+    steps: int = 0  # beam-search steps run
+    request_steps: int = 0  # requests in flight summed over the steps: / steps is the mean batch
+    largest_batch: int = 0  # the most requests one step served
+    batched_requests: int = 0  # requests that shared a step with at least one other
     errors: int = 0
 
 
 class Batcher:
-    """The worker thread: gathers jobs into batches and runs `work(jobs)` on them, one batch at a time."""
+    """The worker thread: admits jobs into `engine` (Translator's decoding, or a stand-in in tests)
+    and runs its steps, handing each job its answer when the engine says it is done.
 
-    def __init__(self, work: Callable[[list[Job]], list], max_wait_ms: float, max_batch_tokens: int):
-        self.work, self.max_wait, self.max_tokens = work, max_wait_ms / 1000, max_batch_tokens
+    The engine has `admit(job)`, `step() -> [(job, answer), ...]` (the jobs finished by that step)
+    and `abort()` (forget every admitted job)."""
+
+    def __init__(self, engine, max_wait_ms: float, max_batch_tokens: int):
+        self.engine, self.max_wait, self.max_tokens = engine, max_wait_ms / 1000, max_batch_tokens
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.waiting: list[Job] = []  # taken from the queue, but with other options than the batch then built
+        self.waiting: list[Job] = []  # taken from the queue, but over the budget when they came
+        self.live: list[Job] = []  # admitted, not yet answered
+        self.shared: set[int] = set()  # ids of live jobs that shared a step with another
         self.counters = Counters()
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="mtrain-serve-worker", daemon=True)
@@ -111,57 +123,71 @@ class Batcher:
             self.stopping = True
         return job
 
-    def _gather(self) -> list[Job]:
-        """The oldest job and those that may share its batch, waiting at most max_wait for more."""
-        if self.waiting:
-            first = self.waiting.pop(0)
-        elif self.stopping:  # the stop came while a batch was gathered: nothing more will be queued
-            return []
-        else:
-            first = self._next(None)
-            if first is None:
-                return []
-        batch = [first]
+    def _admit(self, job: Job) -> bool:
+        """Start `job` if its pieces fit the budget beside those in flight (a job alone always does)."""
+        if self.live and sum(j.tokens for j in self.live) + job.tokens > self.max_tokens:
+            return False
+        try:
+            self.engine.admit(job)
+        except Exception as e:
+            self._fail([job], e)
+            return True
+        self.live.append(job)
+        return True
 
-        def fits(job: Job) -> bool:
-            return job.key == first.key and sum(j.tokens for j in batch) + job.tokens <= self.max_tokens
-
-        for job in list(self.waiting):  # jobs set aside earlier come first
-            if fits(job):
-                self.waiting.remove(job)
-                batch.append(job)
-        deadline = time.monotonic() + self.max_wait
-        while sum(j.tokens for j in batch) < self.max_tokens and not self.stopping:
+    def _take(self) -> None:
+        """Admit waiting and queued jobs, oldest first, while they fit. An idle worker blocks for the
+        first job and then waits up to max_wait for others, so that they start together."""
+        self.waiting = [job for job in self.waiting if not self._admit(job)]
+        idle = not self.live
+        if idle and not self.stopping:
+            job = self._next(None)
+            if job is not None and not self._admit(job):
+                self.waiting.append(job)
+        deadline = time.monotonic() + (self.max_wait if idle else 0)
+        while not self.waiting and not self.stopping and sum(j.tokens for j in self.live) < self.max_tokens:
             job = self._next(deadline - time.monotonic())
             if job is None:
                 break
-            (batch if fits(job) else self.waiting).append(job)
-        return batch
+            if not self._admit(job):
+                self.waiting.append(job)
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        log.error("translation failed: %s: %s", type(e).__name__, e)
+        with self.lock:
+            self.counters.errors += 1
+        for job in jobs:
+            job.future.set_exception(e)
 
     def _run(self) -> None:
         while True:
-            batch = self._gather()
-            if not batch:
+            self._take()
+            if not self.live:
                 if self.stopping and not self.waiting:
                     return
                 continue
+            n = len(self.live)
             try:
-                answers = self.work(batch)
-            except Exception as e:  # a model error fails this batch's requests, not the server
-                log.error("translation failed: %s: %s", type(e).__name__, e)
-                with self.lock:
-                    self.counters.errors += 1
-                for job in batch:
-                    job.future.set_exception(e)
+                finished = self.engine.step()
+            except Exception as e:  # a model error fails the requests in flight, not the server
+                self.engine.abort()
+                self._fail(self.live, e)
+                self.live, self.shared = [], set()
                 continue
+            if n > 1:
+                self.shared.update(id(j) for j in self.live)
             with self.lock:
                 c = self.counters
-                c.requests += len(batch)
-                c.lines += sum(len(j.lines) for j in batch)
-                c.batches += 1
-                c.largest_batch = max(c.largest_batch, len(batch))
-                c.batched_requests += len(batch) if len(batch) > 1 else 0
-            for job, answer in zip(batch, answers):
+                c.steps += 1
+                c.request_steps += n
+                c.largest_batch = max(c.largest_batch, n)
+                for job, _ in finished:
+                    c.requests += 1
+                    c.lines += len(job.lines)
+                    c.batched_requests += id(job) in self.shared
+            for job, answer in finished:
+                self.live.remove(job)
+                self.shared.discard(id(job))
                 job.future.set_result(answer)
 
 
@@ -185,6 +211,9 @@ class Translator:
         self.decode = with_overrides(self.cfg.decode, beam=beam,
                                      nbest=1 if beam is not None and beam < self.cfg.decode.nbest else None)
         self.tags = list(self.cfg.data.tags)
+        self.searches: dict = {}  # key -> BeamSearch running on the worker
+        self.owners: dict = {}  # (key, sentence id) -> (job, its line among those decoded)
+        self.ready: list[Job] = []  # admitted jobs with nothing to decode
         self.info = {"models": [_without_paths(describe(p, trust)) for p in checkpoints],
                      "ensemble": self.ensemble, "tags": self.tags, "device": str(self.dev.device),
                      "decode": dataclasses.asdict(self.decode)}
@@ -247,49 +276,92 @@ class Translator:
         if attention and self.ensemble:
             raise RequestError(422, "attention: shows one model's attention, and this server decodes with an "
                                     f"ensemble of {len(self.info['models'])}")
-        lines = [line.strip() for line in text]
-        tokens = sum(len(x) + 1 for x in self.toks.src.encode_batch(lines))
-        return Job(lines, (dataclasses.astuple(decode), tag, attention), tokens)
+        from mtrain.translate import fit_positions, read_sources
 
-    def translate(self, jobs: list[Job]) -> list[dict]:
-        """One batched translation of every job's lines (they share options), split back per job."""
+        lines = [line.strip() for line in text]
+        sources = read_sources(lines, self.toks, self.model.cfg.max_positions, tag=tag)
+        sources.ids = fit_positions(sources.ids, self.model.cfg.max_positions)
+        tokens = sum(len(x) + 1 for x in sources.ids)
+        return Job(lines, (dataclasses.astuple(decode), tag, attention), tokens, sources)
+
+    # The worker's engine (see Batcher): one BeamSearch per key, which jobs with that key join.
+
+    def admit(self, job: Job) -> None:
+        """Add the job's lines to the search for its options (made when there is none)."""
+        import torch
+
+        from mtrain.config import DecodeConfig
+        from mtrain.search import BeamSearch
+        from mtrain.translate import beam_options, source_batch
+
+        sources = job.sources
+        job.hyps, job.left = [None] * len(sources.ids), len(sources.ids)
+        if not sources.ids:  # empty lines alone, or copied through: done at the next step
+            self.ready.append(job)
+            return
+        if job.key not in self.searches:
+            decode = DecodeConfig(*job.key[0])
+            self.searches[job.key] = BeamSearch(self.model, **beam_options(decode, self.toks))
+        search = self.searches[job.key]
+        src = source_batch(sources.ids, self.toks, self.dev.device)
+        with torch.inference_mode(), self.dev.autocast():
+            ids = search.add(src, src == self.toks.src.pad)
+        for n, sentence in enumerate(ids):
+            self.owners[job.key, sentence] = (job, n)
+
+    def step(self) -> list[tuple[Job, dict]]:
+        """One step of every search; the jobs whose last line is done now, with their answers."""
+        import torch
+
+        finished, self.ready = self.ready, []
+        for key, search in list(self.searches.items()):
+            with torch.inference_mode(), self.dev.autocast():
+                done = search.step()
+            for sentence, hyps in done:
+                job, n = self.owners.pop((key, sentence))
+                job.hyps[n] = hyps
+                job.left -= 1
+                if not job.left:
+                    finished.append(job)
+            if not len(search):
+                del self.searches[key]  # its cache goes with it
+        return [(job, self.answer(job)) for job in finished]
+
+    def abort(self) -> None:
+        self.searches, self.owners, self.ready = {}, {}, []
+
+    def answer(self, job: Job) -> dict:
+        """The JSON answer of a job whose lines are all decoded."""
         import torch
 
         from mtrain.attention import align, alignment_layer, line_attention
         from mtrain.config import DecodeConfig
-        from mtrain.translate import translate_texts
 
-        decode, tag, attention = jobs[0].key
+        decode, tag, attention = job.key
         decode = DecodeConfig(*decode)
-        lines = [line for job in jobs for line in job.lines]
-        with torch.inference_mode():
-            done = translate_texts(lines, self.model, self.toks, decode, self.dev, tag=tag)
-            maps = {}
-            if attention:
-                todo = [i for i, d in enumerate(done) if d.hyps]
+        done = job.sources.finish(job.hyps, self.toks)
+        maps = {}
+        if attention:
+            todo = [i for i, d in enumerate(done) if d.hyps]
+            with torch.inference_mode():
                 found = line_attention(self.model, self.toks, [done[i].src_ids for i in todo],
                                        [done[i].hyps[0].tokens for i in todo], tag)
-                first = 0 if tag is None else 1
-                for i, (w, src, out) in zip(todo, found):
-                    maps[i] = {"source": [*src, "</s>"], "target": [*out, "</s>"],
-                               "weights": [[round(x, 5) for x in row]
-                                           for row in w[alignment_layer(w.shape[0])].mean(0).tolist()],
-                               "alignment": align(w[..., first:], src_positions=done[i].kept),
-                               "source_offset": first}
-        answers, n = [], 0
-        for job in jobs:
-            items = []
-            for i in range(n, n + len(job.lines)):
-                d = done[i]
-                item = {"text": d.texts[0] if d.texts else "", "score": _number(d.scores[0]) if d.scores else None}
-                if decode.nbest > 1:
-                    item["nbest"] = [{"text": t, "score": _number(s)} for t, s in zip(d.texts, d.scores)]
-                if attention:
-                    item["attention"] = maps.get(i)
-                items.append(item)
-            answers.append({"translations": items})
-            n += len(job.lines)
-        return answers
+            first = 0 if tag is None else 1
+            for i, (w, src, out) in zip(todo, found):
+                maps[i] = {"source": [*src, "</s>"], "target": [*out, "</s>"],
+                           "weights": [[round(x, 5) for x in row]
+                                       for row in w[alignment_layer(w.shape[0])].mean(0).tolist()],
+                           "alignment": align(w[..., first:], src_positions=done[i].kept),
+                           "source_offset": first}
+        items = []
+        for i, d in enumerate(done):
+            item = {"text": d.texts[0] if d.texts else "", "score": _number(d.scores[0]) if d.scores else None}
+            if decode.nbest > 1:
+                item["nbest"] = [{"text": t, "score": _number(s)} for t, s in zip(d.texts, d.scores)]
+            if attention:
+                item["attention"] = maps.get(i)
+            items.append(item)
+        return {"translations": items}
 
 
 def _without_paths(d: dict) -> dict:
@@ -318,7 +390,7 @@ def make_app(translator: Translator, limits: Limits, max_wait_ms: float, max_bat
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 
-    batcher = Batcher(translator.translate, max_wait_ms, max_batch_tokens)
+    batcher = Batcher(translator, max_wait_ms, max_batch_tokens)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -370,7 +442,8 @@ def make_app(translator: Translator, limits: Limits, max_wait_ms: float, max_bat
     async def health():
         with batcher.lock:
             counters = dataclasses.asdict(batcher.counters)
-        return {"status": "ok", "waiting": batcher.queue.qsize() + len(batcher.waiting), **counters}
+        return {"status": "ok", "waiting": batcher.queue.qsize() + len(batcher.waiting),
+                "in_flight": len(batcher.live), **counters}
 
     @app.get("/info")
     async def info():

@@ -57,28 +57,40 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return [b.tolist() for b in cut_sorted(np.argsort(lengths, kind="stable"), lengths, max_tokens)]
 
 
+def beam_options(cfg: DecodeConfig, toks: Tokenizers) -> dict:
+    """BeamSearch's options from the decode section: <unk> is never emitted unless cfg.allow_unk."""
+    return dict(beam=cfg.beam, lenpen=cfg.lenpen, lenpen_type=cfg.lenpen_type, max_len_a=cfg.max_len_a,
+                max_len_b=cfg.max_len_b, min_len=cfg.min_len, nbest=cfg.nbest, no_repeat_ngram=cfg.no_repeat_ngram,
+                bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, unk=None if cfg.allow_unk else toks.tgt.unk)
+
+
+def fit_positions(src_ids: Sequence[Sequence[int]], max_positions: int) -> list[list[int]]:
+    """Each id sequence cut to leave room for its EOS within the model's positions."""
+    return [list(s[:max_positions - 2]) for s in src_ids]
+
+
+def source_batch(src_ids: Sequence[Sequence[int]], toks: Tokenizers, device: torch.device) -> torch.Tensor:
+    """(B, S) source ids, each sequence ending in EOS, padded after."""
+    return torch.from_numpy(pad_batch(src_ids, toks.src.pad, suffix=toks.src.eos)).to(device)
+
+
 def decode_ids(model: Transformer | Ensemble, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
                dev: Device, sampling: Sampling | None = None) -> list[list[Hypothesis]]:
     """n-best hypotheses for each id sequence (EOS is added here), in input order; with `sampling`
     one sampled hypothesis each instead. <unk> is never emitted unless cfg.allow_unk."""
-    unk = None if cfg.allow_unk else toks.tgt.unk
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
-    limit = model.cfg.max_positions - 1
-    src_ids = [list(s[:limit - 1]) for s in src_ids]  # leave room for EOS within the model's positions
+    src_ids = fit_positions(src_ids, model.cfg.max_positions)
     for batch in length_batches([len(s) + 1 for s in src_ids], max(1, cfg.batch_tokens // cfg.beam)):
-        src = torch.from_numpy(pad_batch([src_ids[i] for i in batch], toks.src.pad, suffix=toks.src.eos)).to(dev.device)
+        src = source_batch([src_ids[i] for i in batch], toks, dev.device)
         with dev.autocast():
             if sampling:
                 hyps = [[h] for h in sample(
                     model, src, src == toks.src.pad, temperature=sampling.temperature, top_k=sampling.top_k,
                     top_p=sampling.top_p, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len,
-                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, unk=unk,
-                    generator=sampling.generator_on(dev.device))]
+                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad,
+                    unk=None if cfg.allow_unk else toks.tgt.unk, generator=sampling.generator_on(dev.device))]
             else:
-                hyps = beam_search(model, src, src == toks.src.pad, beam=cfg.beam, lenpen=cfg.lenpen,
-                                   lenpen_type=cfg.lenpen_type, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
-                                   min_len=cfg.min_len, nbest=cfg.nbest, no_repeat_ngram=cfg.no_repeat_ngram,
-                                   bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, unk=unk)
+                hyps = beam_search(model, src, src == toks.src.pad, **beam_options(cfg, toks))
         for i, h in zip(batch, hyps):
             results[i] = h
     return results
@@ -130,13 +142,31 @@ class Translated:
     kept: list[int] | None = None
 
 
-def translate_texts(text: Sequence[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
-                    dev: Device, sampling: Sampling | None = None, keep_unknown: bool = False,
-                    tag: int | None = None, first_line: int = 1) -> list[Translated]:
-    """Translate stripped lines in one go (sorted by length and batched inside). Source pieces the
-    tokenizer could only make <unk> are left out (said on stderr, counting lines from `first_line`)
-    unless keep_unknown; a line of nothing else is copied through. `tag`: a piece put before every
-    source line, as training puts a corpus's tag."""
+@dataclass
+class Sources:
+    """Stripped lines made ready to decode: `todo` are the lines to decode and `ids` the pieces the
+    model reads of each (the tag first, when there is one). `done` holds the lines that need no
+    decoding (empty, or copied through) and, after `finish`, all of them."""
+
+    done: list[Translated]
+    todo: list[int]
+    ids: list[list[int]]
+    plain: list[list[int]]  # the ids without the tag
+    kept: list[list[int]] | None
+
+    def finish(self, hyps: Sequence[list[Hypothesis]], toks: Tokenizers) -> list[Translated]:
+        """Every line's result, given the hypotheses of each line to decode (in `todo` order)."""
+        for n, (i, h) in enumerate(zip(self.todo, hyps)):
+            self.done[i] = Translated(toks.tgt.decode_batch([x.tokens for x in h]), [x.score for x in h], h,
+                                      self.plain[n], self.kept[n] if self.kept else None)
+        return self.done
+
+
+def read_sources(text: Sequence[str], toks: Tokenizers, max_positions: int, keep_unknown: bool = False,
+                 tag: int | None = None, first_line: int = 1) -> Sources:
+    """Encode stripped lines. Source pieces the tokenizer could only make <unk> are left out (said
+    on stderr, counting lines from `first_line`) unless keep_unknown; a line of nothing else is
+    copied through. `tag`: a piece put before every source line, as training puts a corpus's tag."""
     todo = [i for i, t in enumerate(text) if t]  # empty lines stay empty, and cost nothing
     ids = toks.src.encode_batch([text[i] for i in todo])
     kept, copied = None, set()
@@ -155,17 +185,22 @@ def translate_texts(text: Sequence[str], model: Transformer | Ensemble, toks: To
               + ("kept as <unk>" if keep_unknown else "translated without them"
                  + (f", {len(copied)} copied through for holding nothing else" if copied else "")
                  + " (--keep-unknown keeps them as <unk>)"), file=sys.stderr)
-    long = sum(len(x) >= model.cfg.max_positions - 1 for x in ids)
+    long = sum(len(x) >= max_positions - 1 for x in ids)
     if long:
-        print(f"mtrain: {long} input lines longer than {model.cfg.max_positions - 2} pieces were truncated",
+        print(f"mtrain: {long} input lines longer than {max_positions - 2} pieces were truncated",
               file=sys.stderr)
-    out = [Translated([text[i]], [0.0], [], []) if i in copied else Translated([], [], [], [])
-           for i in range(len(text))]
+    done = [Translated([text[i]], [0.0], [], []) if i in copied else Translated([], [], [], [])
+            for i in range(len(text))]
     tagged = ids if tag is None else [[tag, *x] for x in ids]
-    for n, (i, h) in enumerate(zip(todo, decode_ids(model, tagged, cfg, toks, dev, sampling))):
-        out[i] = Translated(toks.tgt.decode_batch([x.tokens for x in h]), [x.score for x in h], h, ids[n],
-                            kept[n] if kept else None)
-    return out
+    return Sources(done, todo, tagged, ids, kept)
+
+
+def translate_texts(text: Sequence[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
+                    dev: Device, sampling: Sampling | None = None, keep_unknown: bool = False,
+                    tag: int | None = None, first_line: int = 1) -> list[Translated]:
+    """Translate stripped lines in one go (sorted by length and batched inside); see read_sources."""
+    sources = read_sources(text, toks, model.cfg.max_positions, keep_unknown, tag, first_line)
+    return sources.finish(decode_ids(model, sources.ids, cfg, toks, dev, sampling), toks)
 
 
 def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,

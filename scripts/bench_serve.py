@@ -169,10 +169,10 @@ def main() -> int:
             rate, latencies, answers = load(url + "/translate", lines, clients, args.seconds, args.tag)
             after = json.loads(urllib.request.urlopen(url + "/health").read())
             wrong = sum(answers[i] != reference[i] for i in answers)
-            batches = after["batches"] - before["batches"]
+            steps = after["steps"] - before["steps"]
             rows.append((f"serve, {clients} client{'s' * (clients > 1)}", len(answers), rate,
                          percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000,
-                         len(answers) / max(batches, 1), wrong))
+                         (after["request_steps"] - before["request_steps"]) / max(steps, 1), wrong))
         if args.screenshot:
             screenshot(url, lines[0], args.tag, args.screenshot)
     finally:
@@ -181,15 +181,15 @@ def main() -> int:
 
     print(f"\nmodel {args.checkpoint}, beam {cfg.decode.beam}, {len(lines)} lines of {args.input}, "
           f"{torch.get_num_threads()} threads; server --max-wait-ms {args.max_wait_ms}\n")
-    print("| setting | sentences | sentences/s | p50 latency ms | p99 latency ms | requests per batch | "
+    print("| setting | sentences | sentences/s | p50 latency ms | p99 latency ms | requests per step | "
           "answers unlike the file's |")
     print("|---|---|---|---|---|---|---|")
     print(f"| mtrain translate, the file | {len(lines)} | {file_rate:.1f} | | | | |")
     print(f"| one line alone (decode only) | {len(single)} | {1000 / single_ms:.1f} | {single_ms:.1f} | "
           f"{percentile(single, 0.99) * 1000:.1f} | | |")
-    for name, n, rate, p50, p99, per_batch, wrong in rows:
+    for name, n, rate, p50, p99, per_step, wrong in rows:
         print(f"| {name} | {n} | {rate:.1f} ({rate / file_rate:.2f}× the file) | {p50:.1f} "
-              f"({p50 / single_ms:.2f}× alone) | {p99:.1f} | {per_batch:.1f} | {wrong} |")
+              f"({p50 / single_ms:.2f}× alone) | {p99:.1f} | {per_step:.1f} | {wrong} |")
     return 0
 
 

@@ -163,7 +163,7 @@ def test_health_and_info_answer_without_paths(server, model_path):
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, model_path):
     """16 client threads x 10 one-line requests: 160 answers, each the translation of its own line,
-    and the server's counters show batched beam searches that served several requests at once."""
+    and the server's counters show beam-search steps that served several requests at once."""
     _, before = call(server.url + "/health")
     expected = dict(zip(SOURCES, reference(model_path, SOURCES, "<2de>", beam=1)))
     assert list(expected.values()) == GERMAN  # the tiny model learned them
@@ -184,7 +184,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, mo
         assert [t["text"] for t in answer["translations"]] == [expected[line]]
     _, after = call(server.url + "/health")
     assert after["requests"] - before["requests"] == 160
-    assert after["batches"] - before["batches"] < 160  # some batches held several requests
+    steps, request_steps = (after[k] - before[k] for k in ("steps", "request_steps"))
+    assert request_steps > 1.5 * steps  # a step served two requests or more, on average
     assert after["largest_batch"] > 1 and after["batched_requests"] > before["batched_requests"]
     assert after["errors"] == before["errors"] and after["waiting"] == 0
 
@@ -225,18 +226,17 @@ def test_bad_input_gets_a_4xx_json_line_and_the_server_keeps_serving(server, raw
 
 
 def test_a_model_error_is_a_500_logged_once_and_the_server_goes_on(server, caplog):
-    batcher = server.app.state.batcher
-    work = batcher.work
+    model = server.app.state.batcher.engine.model
 
-    def broken(jobs):
+    def broken(*args):
         raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
 
-    batcher.work = broken
+    model.log_probs = broken  # the first step fails
     try:
         with caplog.at_level(logging.ERROR, logger="mtrain.serve"):
             code, answer = call(server.url + "/translate", {"text": ["a dog ."], "tag": "<2de>"})
     finally:
-        batcher.work = work
+        del model.log_probs
     assert code == 500 and answer["error"] == "translation failed: RuntimeError: CUDA out of memory (simulated)"
     assert len([r for r in caplog.records if "CUDA out of memory" in r.getMessage()]) == 1
     code, answer = call(server.url + "/translate", {"text": [SOURCES[1]], "tag": "<2de>"})
@@ -372,12 +372,33 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(model_path):
                                              f"(Address already in use)\n", r.stderr
 
 
+class Steps:
+    """A stand-in engine for the worker: each admitted job needs as many steps as it has lines."""
+
+    def __init__(self):
+        self.left, self.admitted, self.answered = {}, [], []
+
+    def admit(self, job):
+        self.left[id(job)] = (job, len(job.lines))
+        self.admitted.append(job.lines[0])
+
+    def step(self):
+        self.left = {k: (job, n - 1) for k, (job, n) in self.left.items()}
+        done = [(job, len(job.lines)) for job, n in self.left.values() if n == 0]
+        self.left = {k: v for k, v in self.left.items() if v[1] > 0}
+        self.answered += [job.lines[0] for job, _ in done]
+        return done
+
+    def abort(self):
+        self.left = {}
+
+
 def test_the_worker_stops_when_the_stop_comes_while_it_gathers_a_batch():
-    """A stop that arrives while a batch waits for company (uvicorn gave up on slow requests and
-    shut down) still ends the worker, after it answered the job it held."""
+    """A stop that arrives while the first job waits for company (uvicorn gave up on slow requests
+    and shut down) still ends the worker, after it answered the job it held."""
     from mtrain.serve import Batcher, Job
 
-    batcher = Batcher(lambda jobs: [len(j.lines) for j in jobs], max_wait_ms=5000, max_batch_tokens=100)
+    batcher = Batcher(Steps(), max_wait_ms=5000, max_batch_tokens=100)
     batcher.start()
     future = batcher.submit(Job(["a", "b"], ("same",), 2))
     time.sleep(0.2)  # the worker holds the job and waits up to 5 s for others
@@ -386,3 +407,28 @@ def test_the_worker_stops_when_the_stop_comes_while_it_gathers_a_batch():
     stopper.join(10)
     assert not stopper.is_alive() and not batcher.thread.is_alive()
     assert future.result(timeout=1) == 2
+
+
+def test_jobs_join_a_running_search_within_the_budget_and_leave_when_done():
+    """Continuous batching: a short job that comes while a long one runs is admitted at the next
+    step and answered before the long one; a job over the budget waits until pieces leave."""
+    from mtrain.serve import Batcher, Job
+
+    engine = Steps()
+    batcher = Batcher(engine, max_wait_ms=0, max_batch_tokens=11)
+    release = threading.Event()
+    step = engine.step
+    engine.step = lambda: release.wait(10) and step()  # steps run only when the test lets them
+    batcher.start()
+    long = batcher.submit(Job(["long"] * 50, ("k",), 6))
+    time.sleep(0.1)
+    short = batcher.submit(Job(["short"] * 2, ("k",), 3))
+    big = batcher.submit(Job(["big"], ("k",), 5))  # 6 + 3 + 5 pieces are over 11: it waits for short
+    time.sleep(0.1)
+    release.set()
+    assert (long.result(timeout=10), short.result(timeout=10), big.result(timeout=10)) == (50, 2, 1)
+    assert engine.admitted == ["long", "short", "big"] and engine.answered == ["short", "big", "long"]
+    c = batcher.counters
+    assert c.requests == 3 and c.largest_batch == 2 and c.batched_requests == 3
+    assert c.steps == 50 and c.request_steps == 50 + 2 + 1  # short in steps 2-3, big in step 4
+    batcher.stop()
