@@ -23,9 +23,9 @@ class EnsembleCache:
         for cache in self.caches:
             cache.reorder(rows)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        for cache in self.caches:
-            cache.keep(rows)
+    def keep(self, rows: torch.Tensor, more: "EnsembleCache | None" = None) -> None:
+        for n, cache in enumerate(self.caches):
+            cache.keep(rows, more.caches[n] if more else None)
 
     def append(self, other: "EnsembleCache") -> None:
         for cache, more in zip(self.caches, other.caches):

@@ -89,39 +89,35 @@ class KVCache:
         for buf in self.self_k + self.self_v:
             buf[:, :, :self.longest] = buf[rows, :, :self.longest]
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def keep(self, rows: torch.Tensor, more: "KVCache | None" = None) -> None:
         """Keep only `rows`, in that order (drop finished sentences, and reorder beams at the same
-        time); each group of `beams` rows must come from one sentence. Shrinks every buffer, the
-        source columns too when the longest sources left."""
+        time), then `more`'s rows after them (sentences joining a running search), in one copy of
+        each buffer; each group of `beams` rows must come from one sentence. Source columns that
+        only the sentences which left needed are dropped."""
         sentences = rows[::self.beams] // self.beams
         mask = self.src_mask[sentences]
+        if more is not None:
+            mask = torch.cat([F.pad(mask, (0, max(0, more.src_mask.shape[-1] - mask.shape[-1]))),
+                              F.pad(more.src_mask, (0, max(0, mask.shape[-1] - more.src_mask.shape[-1])))])
         real = mask.flatten(1).any(0).nonzero()
         S = int(real[-1]) + 1 if len(real) else mask.shape[-1]
-        self.self_k = [buf[rows] for buf in self.self_k]
-        self.self_v = [buf[rows] for buf in self.self_v]
-        self.cross_k = [buf[sentences, :, :S] for buf in self.cross_k]
-        self.cross_v = [buf[sentences, :, :S] for buf in self.cross_v]
-        self.src_mask, self.lengths = mask[..., :S], self.lengths[rows]
-        if self.ragged and len(rows):
+        capacity = max(self.self_k[0].shape[2], more.self_k[0].shape[2] if more else 0)
+
+        def select(name: str, index: torch.Tensor, size: int) -> list[torch.Tensor]:
+            return [_select_rows(buf, index, extra, size) for buf, extra in
+                    zip(getattr(self, name), getattr(more, name) if more else [None] * len(getattr(self, name)))]
+
+        self.self_k, self.self_v = select("self_k", rows, capacity), select("self_v", rows, capacity)
+        self.cross_k, self.cross_v = select("cross_k", sentences, S), select("cross_v", sentences, S)
+        self.src_mask = mask[..., :S]
+        self.lengths = self.lengths[rows] if more is None else torch.cat([self.lengths[rows], more.lengths])
+        if (self.ragged or more is not None) and len(self.lengths):
             self.longest = int(self.lengths.max())
             self.ragged = bool((self.lengths != self.longest).any())
 
     def append(self, other: "KVCache") -> None:
-        """Add `other`'s rows after these (sentences joining a running search)."""
-        def join(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-            size = max(a.shape[dim], b.shape[dim])  # pad both to the longer along dim with zeros
-            a, b = (F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, size - x.shape[dim])) for x in (a, b))
-            return torch.cat([a, b])
-
-        self.self_k = [join(a, b, 2) for a, b in zip(self.self_k, other.self_k)]
-        self.self_v = [join(a, b, 2) for a, b in zip(self.self_v, other.self_v)]
-        self.cross_k = [join(a, b, 2) for a, b in zip(self.cross_k, other.cross_k)]
-        self.cross_v = [join(a, b, 2) for a, b in zip(self.cross_v, other.cross_v)]
-        self.src_mask = join(self.src_mask, other.src_mask, 3)  # padded with False: not attended
-        self.ragged = self.ragged or other.ragged or (len(self.lengths) and len(other.lengths)
-                                                      and self.longest != other.longest)
-        self.lengths = torch.cat([self.lengths, other.lengths])
-        self.longest = max(self.longest, other.longest)
+        """Add `other`'s rows after these."""
+        self.keep(torch.arange(len(self.lengths), device=self.lengths.device), other)
 
     def write(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one new position's keys and values (N, heads, 1, head_dim) in layer i; the keys and
@@ -147,6 +143,25 @@ class KVCache:
     def advance(self) -> None:
         self.lengths += 1
         self.longest += 1
+
+
+@torch.no_grad()  # the cache is for decoding only
+def _select_rows(buf: torch.Tensor, index: torch.Tensor, more: torch.Tensor | None, size: int) -> torch.Tensor:
+    """buf's rows `index`, then more's rows, in one new (rows, heads, size, head_dim) tensor: dim 2
+    cut or padded with zeros to `size` (padding is never attended to, and zeros keep 0 * it finite)."""
+    n = len(index)
+    out = buf.new_empty((n + (len(more) if more is not None else 0), buf.shape[1], size, buf.shape[3]))
+    if buf.shape[2] == size:
+        torch.index_select(buf, 0, index, out=out[:n])  # written in place: one copy
+    else:
+        c = min(size, buf.shape[2])
+        out[:n, :, :c] = buf[index, :, :c]
+        out[:n, :, c:] = 0
+    if more is not None:
+        c = min(size, more.shape[2])
+        out[n:, :, :c] = more[:, :, :c]
+        out[n:, :, c:] = 0
+    return out
 
 
 class Attention(nn.Module):

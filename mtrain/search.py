@@ -64,6 +64,11 @@ class BeamSearch:
 
     def _empty(self) -> None:
         self.cache = None
+        # What the cache is owed: the last step's rows (its beams' reorder, and a shrink when
+        # sentences left) and the sentences added since, given to it in one copy before the next step.
+        self.owed: torch.Tensor | None = None
+        self.shrink = False
+        self.joining = None
         self.ids: list[int] = []  # id of each live sentence, in row-group order
         self.finished: list[list[Hypothesis]] = []  # per live sentence
         self.tokens = torch.zeros(0, 1, dtype=torch.long)  # (n*k, W) right-aligned: BOS, outputs; pads before
@@ -88,8 +93,10 @@ class BeamSearch:
             self.tokens = self.tokens.to(device)
             self.scores, self.steps, self.max_len, self.nth_best, self.n_finished = (
                 x.to(device) for x in (self.scores, self.steps, self.max_len, self.nth_best, self.n_finished))
+        elif self.joining is None:
+            self.joining = cache
         else:
-            self.cache.append(cache)
+            self.joining.append(cache)
         tokens = torch.full((B * k, self.tokens.shape[1]), self.pad, dtype=torch.long, device=device)
         tokens[:, -1] = self.bos
         scores = torch.zeros(B, k, device=device)
@@ -113,6 +120,7 @@ class BeamSearch:
         n, k, eos = len(self.ids), self.k, self.eos
         if not n:
             return []
+        self._settle()
         t = self.steps  # (n,) tokens taken before this one
         logp = self.model.log_probs(self.tokens[:, -1], self.cache)  # (n*k, V)
         V = logp.shape[1]
@@ -162,8 +170,8 @@ class BeamSearch:
                               best_live / length_penalty(self.max_len.float(), self.lenpen, self.lenpen_type))
         done = ((self.n_finished >= k) | (self.nth_best >= bound) | torch.isinf(best_live)
                 | (t + 1 >= self.max_len))
+        self.owed = rows
         if not done.any():
-            self.cache.reorder(rows)
             return []
         out = [(self.ids[i], sorted(self.finished[i], key=lambda h: -h.score)[:self.nbest])
                for i in done.nonzero().view(-1).tolist()]
@@ -179,8 +187,21 @@ class BeamSearch:
         self.nth_best, self.n_finished = self.nth_best[keep], self.n_finished[keep]
         # Columns before the longest live output are pads in every row: drop them.
         self.tokens = self.tokens[keep_rows, self.tokens.shape[1] - int(self.steps.max()) - 1:]
-        self.cache.keep(rows[keep_rows])  # the beams' reorder and the shrink in one copy
+        self.owed, self.shrink = rows[keep_rows], True  # the beams' reorder and the shrink in one copy
         return out
+
+    def _settle(self) -> None:
+        """Give the cache what it is owed (see _empty)."""
+        if self.joining is not None:
+            if self.owed is None:
+                self.cache.append(self.joining)
+            else:
+                self.cache.keep(self.owed, self.joining)
+        elif self.shrink:
+            self.cache.keep(self.owed)
+        elif self.owed is not None:
+            self.cache.reorder(self.owed)  # in place, the columns in use only
+        self.owed, self.shrink, self.joining = None, False, None
 
 
 @torch.no_grad()

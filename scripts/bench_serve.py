@@ -4,10 +4,12 @@
     python scripts/bench_serve.py -c MODEL.pt -i test.en --tag '<2de>' --screenshot docs/img/serve.png
 
 A real `mtrain serve` process on 127.0.0.1; 1, 4 and 16 client threads (--clients) each send one
-sentence per request, one request at a time, until the input lines are used up (--lines, at most
+sentence per request, one request at a time on a connection kept open, until the input lines are used up (--lines, at most
 --seconds per setting). Per setting: sentences/s and the p50 and p99 latency of a request. Against
 `mtrain translate`'s own function on the same lines in this process: sentences/s of the whole file,
-and the median decode time of one line translated alone (the least a request can take). Every
+and the median decode time of one line translated alone (the least a request can take); and the
+server's own decoding in this process with as many one-line requests in flight as the most clients,
+without HTTP (the most those clients could get from it). Every
 answer is checked against the file translation of its line. With --screenshot, headless Chromium
 (Debian's chromium and chromium-driver) translates the first line on the page, points at the
 second output word, and saves the picture. Run it on an otherwise idle machine.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import signal
 import socket
@@ -44,23 +47,30 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def load(url: str, lines: list[str], clients: int, seconds: float, tag: str | None) -> tuple[float, list[float], dict]:
+def load(port: int, lines: list[str], clients: int, seconds: float, tag: str | None) -> tuple[float, list[float], dict]:
     """Clients send lines one per request until none are left or `seconds` pass: (sentences/s,
-    latencies, {line index: translation})."""
+    latencies, {line index: translation}). Each client keeps its HTTP/1.1 connection open, as an
+    application's connection pool does."""
     todo = iter(range(len(lines)))
     lock = threading.Lock()
     latencies, answers = [], {}
     stop = time.monotonic() + seconds
 
     def client():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         while time.monotonic() < stop:
             with lock:
                 i = next(todo, None)
             if i is None:
                 return
             start = time.perf_counter()
-            answer = post(url, {"text": [lines[i]], **({"tag": tag} if tag else {})})
+            body = json.dumps({"text": [lines[i]], **({"tag": tag} if tag else {})})
+            connection.request("POST", "/translate", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = json.loads(response.read())
             took = time.perf_counter() - start
+            if response.status != 200:
+                raise SystemExit(f"bench_serve: {response.status} {answer}")
             with lock:
                 latencies.append(took)
                 answers[i] = answer["translations"][0]["text"]
@@ -72,6 +82,27 @@ def load(url: str, lines: list[str], clients: int, seconds: float, tag: str | No
     for t in threads:
         t.join()
     return len(answers) / (time.perf_counter() - start), latencies, answers
+
+
+def in_flight(checkpoint: str, lines: list[str], n: int, tag: str | None) -> tuple[int, float, int]:
+    """The server's decoding without HTTP: its engine in this process, kept at n one-line requests
+    in flight as n clients would keep it: (n, sentences/s, the translations in line order)."""
+    from mtrain.serve import Limits, Translator
+
+    translator = Translator([checkpoint], "cpu", "fp32", False, None)
+    jobs = [translator.job({"text": [line], **({"tag": tag} if tag else {})}, Limits()) for line in lines]
+    todo, live, answers = iter(jobs), 0, {}
+    start = time.perf_counter()
+    while True:
+        while live < n and (job := next(todo, None)) is not None:
+            translator.admit(job)
+            live += 1
+        if not live:
+            break
+        for job, answer in translator.step():
+            answers[id(job)] = answer["translations"][0]["text"]
+            live -= 1
+    return n, len(lines) / (time.perf_counter() - start), [answers[id(job)] for job in jobs]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,7 +151,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=300, help="at most this long per setting [300]")
     p.add_argument("--single", type=int, default=100, help="lines decoded alone for the single-line time [100]")
     p.add_argument("--tag", help="a tag of the model, sent with every line")
-    p.add_argument("--max-wait-ms", default="10", help="the server's --max-wait-ms [10]")
+    p.add_argument("--max-wait-ms", default="0", help="the server's --max-wait-ms [0]")
     p.add_argument("--screenshot", type=Path, help="save a picture of the page here")
     args = p.parse_args()
 
@@ -147,6 +178,7 @@ def main() -> int:
             single.append(time.perf_counter() - start)
     single_ms = statistics.median(single) * 1000
     del model
+    engine = in_flight(args.checkpoint, lines, max(map(int, args.clients.split(","))), args.tag)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -166,7 +198,7 @@ def main() -> int:
         post(url + "/translate", {"text": lines[:4], **({"tag": args.tag} if args.tag else {})})  # warm up
         for clients in map(int, args.clients.split(",")):
             before = json.loads(urllib.request.urlopen(url + "/health").read())
-            rate, latencies, answers = load(url + "/translate", lines, clients, args.seconds, args.tag)
+            rate, latencies, answers = load(port, lines, clients, args.seconds, args.tag)
             after = json.loads(urllib.request.urlopen(url + "/health").read())
             wrong = sum(answers[i] != reference[i] for i in answers)
             steps = after["steps"] - before["steps"]
@@ -187,6 +219,9 @@ def main() -> int:
     print(f"| mtrain translate, the file | {len(lines)} | {file_rate:.1f} | | | | |")
     print(f"| one line alone (decode only) | {len(single)} | {1000 / single_ms:.1f} | {single_ms:.1f} | "
           f"{percentile(single, 0.99) * 1000:.1f} | | |")
+    n, rate, texts = engine
+    print(f"| the server's decoding alone, {n} lines in flight, no HTTP | {len(lines)} | {rate:.1f} "
+          f"({rate / file_rate:.2f}× the file) | | | {n} | {sum(a != b for a, b in zip(texts, reference))} |")
     for name, n, rate, p50, p99, per_step, wrong in rows:
         print(f"| {name} | {n} | {rate:.1f} ({rate / file_rate:.2f}× the file) | {p50:.1f} "
               f"({p50 / single_ms:.2f}× alone) | {p99:.1f} | {per_step:.1f} | {wrong} |")
