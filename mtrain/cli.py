@@ -302,7 +302,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     beam: Optional[int] = typer.Option(None, help="Default beam size of a request [config decode.beam]."),
-    max_batch_tokens: int = typer.Option(4000, help="Source pieces in flight at most: requests join the running search while they fit."),
+    max_batch_tokens: int = typer.Option(4000, help="Source pieces in flight at most: requests join the "
+                                                    "running search while they fit."),
     max_wait_ms: float = typer.Option(0.0, help="How long a request to an idle worker waits for others to start "
                                                 "with (later ones join the running search anyway)."),
     max_lines: int = typer.Option(Limits.max_lines, help="Lines per request, at most."),

@@ -21,6 +21,7 @@ import argparse
 import base64
 import http.client
 import json
+import os
 import signal
 import socket
 import statistics
@@ -152,6 +153,8 @@ def main() -> int:
     p.add_argument("--single", type=int, default=100, help="lines decoded alone for the single-line time [100]")
     p.add_argument("--tag", help="a tag of the model, sent with every line")
     p.add_argument("--max-wait-ms", default="0", help="the server's --max-wait-ms [0]")
+    p.add_argument("--server-threads", type=int, default=0,
+                   help="the server's intra-op threads (OMP_NUM_THREADS; default: all cores, as mtrain picks)")
     p.add_argument("--screenshot", type=Path, help="save a picture of the page here")
     args = p.parse_args()
 
@@ -183,7 +186,9 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mtrain", "serve", args.checkpoint, "--port", str(port),
-                               "--device", "cpu", "--max-wait-ms", args.max_wait_ms], cwd=ROOT)
+                               "--device", "cpu", "--max-wait-ms", args.max_wait_ms], cwd=ROOT,
+                              env={**os.environ, **({"OMP_NUM_THREADS": str(args.server_threads)}
+                                                    if args.server_threads else {})})
     rows = []
     try:
         deadline = time.monotonic() + 120
@@ -212,7 +217,9 @@ def main() -> int:
         server.wait(60)
 
     print(f"\nmodel {args.checkpoint}, beam {cfg.decode.beam}, {len(lines)} lines of {args.input}, "
-          f"{torch.get_num_threads()} threads; server --max-wait-ms {args.max_wait_ms}\n")
+          f"{torch.get_num_threads()} threads; server --max-wait-ms {args.max_wait_ms}"
+          + (f", {args.server_threads} thread{'s' * (args.server_threads > 1)}" if args.server_threads else "")
+          + "\n")
     print("| setting | sentences | sentences/s | p50 latency ms | p99 latency ms | requests per step | "
           "answers unlike the file's |")
     print("|---|---|---|---|---|---|---|")

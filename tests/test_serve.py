@@ -393,6 +393,19 @@ class Steps:
         self.left = {}
 
 
+def test_connections_are_accepted_with_nodelay():
+    """Answers leave at once on a kept-open connection: accepted sockets inherit TCP_NODELAY."""
+    from mtrain.serve import listen
+
+    server = listen("127.0.0.1", 0)
+    server.listen()
+    with socket.create_connection(server.getsockname(), timeout=5) as client:
+        accepted, _ = server.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    server.close()
+
+
 def test_the_worker_stops_when_the_stop_comes_while_it_gathers_a_batch():
     """A stop that arrives while the first job waits for company (uvicorn gave up on slow requests
     and shut down) still ends the worker, after it answered the job it held."""
