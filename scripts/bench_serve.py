@@ -9,8 +9,10 @@ sentence per request, one request at a time on a connection kept open, until the
 `mtrain translate`'s own function on the same lines in this process: sentences/s of the whole file,
 and the median decode time of one line translated alone (the least a request can take); and the
 server's own decoding in this process with as many one-line requests in flight as the most clients,
-without HTTP (the most those clients could get from it). Every
-answer is checked against the file translation of its line. With --screenshot, headless Chromium
+without HTTP (the most those clients could get from it). The file and
+the lone line are timed again, with the server idle, just before each setting, which is compared
+with them: a shared machine's speed may drift within a run. Every answer is checked against the
+file translation of its line. With --screenshot, headless Chromium
 (Debian's chromium and chromium-driver) translates the first line on the page, points at the
 second output word, and saves the picture. Run it on an otherwise idle machine.
 """
@@ -87,7 +89,7 @@ def load(port: int, lines: list[str], clients: int, seconds: float, tag: str | N
 
 def in_flight(checkpoint: str, lines: list[str], n: int, tag: str | None) -> tuple[int, float, int]:
     """The server's decoding without HTTP: its engine in this process, kept at n one-line requests
-    in flight as n clients would keep it: (n, sentences/s, the translations in line order)."""
+    in flight as n clients would keep it: (sentences/s, the translations in line order)."""
     from mtrain.serve import Limits, Translator
 
     translator = Translator([checkpoint], "cpu", "fp32", False, None)
@@ -103,7 +105,7 @@ def in_flight(checkpoint: str, lines: list[str], n: int, tag: str | None) -> tup
         for job, answer in translator.step():
             answers[id(job)] = answer["translations"][0]["text"]
             live -= 1
-    return n, len(lines) / (time.perf_counter() - start), [answers[id(job)] for job in jobs]
+    return len(lines) / (time.perf_counter() - start), [answers[id(job)] for job in jobs]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -169,19 +171,27 @@ def main() -> int:
     model, toks, cfg = checkpoint.load_for_inference([args.checkpoint])
     dev = pick_device("cpu", "fp32")
     tag = tag_piece(args.tag, toks, cfg.data.tags) if args.tag else None
-    start = time.perf_counter()
-    with torch.inference_mode():
-        reference = list(translate_lines(lines, model, toks, cfg.decode, dev, tag=tag))
-    file_rate = len(lines) / (time.perf_counter() - start)
-    single = []
-    with torch.inference_mode():
-        for line in lines[:args.single]:
-            start = time.perf_counter()
-            translate_texts([line], model, toks, cfg.decode, dev, tag=tag)
-            single.append(time.perf_counter() - start)
-    single_ms = statistics.median(single) * 1000
-    del model
-    engine = in_flight(args.checkpoint, lines, max(map(int, args.clients.split(","))), args.tag)
+    def file_rate() -> tuple[float, list[str]]:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = list(translate_lines(lines, model, toks, cfg.decode, dev, tag=tag))
+        return len(lines) / (time.perf_counter() - start), out
+
+    def single_times() -> list[float]:
+        times = []
+        with torch.inference_mode():
+            for line in lines[:args.single]:
+                start = time.perf_counter()
+                translate_texts([line], model, toks, cfg.decode, dev, tag=tag)
+                times.append(time.perf_counter() - start)
+        return times
+
+    # This machine's speed may drift within a run: each setting is compared with the file and the
+    # lone line timed just before it, with the server idle.
+    _, reference = file_rate()  # warm up, and the translations every answer must equal
+    file_before = file_rate()[0]
+    n = max(map(int, args.clients.split(",")))
+    engine = (n, *in_flight(args.checkpoint, lines, n, args.tag), file_before)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -202,6 +212,7 @@ def main() -> int:
                 time.sleep(0.2)
         post(url + "/translate", {"text": lines[:4], **({"tag": args.tag} if args.tag else {})})  # warm up
         for clients in map(int, args.clients.split(",")):
+            file_before, single = file_rate()[0], single_times()
             before = json.loads(urllib.request.urlopen(url + "/health").read())
             rate, latencies, answers = load(port, lines, clients, args.seconds, args.tag)
             after = json.loads(urllib.request.urlopen(url + "/health").read())
@@ -209,7 +220,8 @@ def main() -> int:
             steps = after["steps"] - before["steps"]
             rows.append((f"serve, {clients} client{'s' * (clients > 1)}", len(answers), rate,
                          percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000,
-                         (after["request_steps"] - before["request_steps"]) / max(steps, 1), wrong))
+                         (after["request_steps"] - before["request_steps"]) / max(steps, 1), wrong,
+                         file_before, statistics.median(single) * 1000))
         if args.screenshot:
             screenshot(url, lines[0], args.tag, args.screenshot)
     finally:
@@ -220,18 +232,16 @@ def main() -> int:
           f"{torch.get_num_threads()} threads; server --max-wait-ms {args.max_wait_ms}"
           + (f", {args.server_threads} thread{'s' * (args.server_threads > 1)}" if args.server_threads else "")
           + "\n")
-    print("| setting | sentences | sentences/s | p50 latency ms | p99 latency ms | requests per step | "
-          "answers unlike the file's |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| mtrain translate, the file | {len(lines)} | {file_rate:.1f} | | | | |")
-    print(f"| one line alone (decode only) | {len(single)} | {1000 / single_ms:.1f} | {single_ms:.1f} | "
-          f"{percentile(single, 0.99) * 1000:.1f} | | |")
-    n, rate, texts = engine
+    print("| setting | sentences | sentences/s | the file just before, sentences/s | p50 latency ms | "
+          "a line alone just before, p50 ms | p99 latency ms | requests per step | answers unlike the file's |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    n, rate, texts, file_before = engine
     print(f"| the server's decoding alone, {n} lines in flight, no HTTP | {len(lines)} | {rate:.1f} "
-          f"({rate / file_rate:.2f}× the file) | | | {n} | {sum(a != b for a, b in zip(texts, reference))} |")
-    for name, n, rate, p50, p99, per_step, wrong in rows:
-        print(f"| {name} | {n} | {rate:.1f} ({rate / file_rate:.2f}× the file) | {p50:.1f} "
-              f"({p50 / single_ms:.2f}× alone) | {p99:.1f} | {per_step:.1f} | {wrong} |")
+          f"(**{rate / file_before:.2f}×** the file) | {file_before:.1f} | | | | {n} | "
+          f"{sum(a != b for a, b in zip(texts, reference))} |")
+    for name, n, rate, p50, p99, per_step, wrong, file_before, single_ms in rows:
+        print(f"| {name} | {n} | {rate:.1f} (**{rate / file_before:.2f}×** the file) | {file_before:.1f} | "
+              f"{p50:.1f} (**{p50 / single_ms:.2f}×** alone) | {single_ms:.1f} | {p99:.1f} | {per_step:.1f} | {wrong} |")
     return 0
 
 
