@@ -306,13 +306,18 @@ class Transformer(nn.Module):
         if not self.cfg.share_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
 
-    def embed(self, tokens: torch.Tensor, table: nn.Embedding, start: int = 0) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, table: nn.Embedding, start: int = 0,
+              row_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, d_model) from position `start`, or from each row's own position in
+        `row_starts` (rows that joined a running search later than others; `start` is then the
+        largest)."""
         # §3.4: embeddings are multiplied by sqrt(d_model) before the positions are added
         T = tokens.shape[1]
         if start + T > self.cfg.max_positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_positions={self.cfg.max_positions}")
-        x = table(tokens) * math.sqrt(self.cfg.d_model) + self.positions[start:start + T]
-        return self.embed_drop(x)
+        positions = (self.positions[start:start + T] if row_starts is None
+                     else self.positions[row_starts[:, None] + torch.arange(T, device=tokens.device)])
+        return self.embed_drop(table(tokens) * math.sqrt(self.cfg.d_model) + positions)
 
     @staticmethod
     def attention_mask(src_pad_mask: torch.Tensor) -> torch.Tensor:
@@ -363,14 +368,8 @@ class Transformer(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Incremental decoding: (N,) last tokens -> logits (N, vocab); advances the cache a position."""
-        if cache.ragged:  # each row at its own position (the same checks as embed's)
-            if cache.longest >= self.cfg.max_positions:
-                raise ValueError(f"sequence of {cache.longest + 1} tokens exceeds "
-                                 f"model.max_positions={self.cfg.max_positions}")
-            x = self.tgt_embed(tokens) * math.sqrt(self.cfg.d_model) + self.positions[cache.lengths]
-            x = self.embed_drop(x[:, None])
-        else:
-            x = self.embed(tokens[:, None], self.tgt_embed, start=cache.longest)
+        x = self.embed(tokens[:, None], self.tgt_embed, start=cache.longest,
+                       row_starts=cache.lengths if cache.ragged else None)
         mask = cache.self_mask()
         for i, layer in enumerate(self.decoder):
             x = layer.step(x, cache, i, mask)
