@@ -401,7 +401,7 @@ def test_connections_are_accepted_with_nodelay():
 
     server = listen("127.0.0.1", 0)
     server.listen()
-    with socket.create_connection(server.getsockname(), timeout=5) as client:
+    with socket.create_connection(server.getsockname(), timeout=5):
         accepted, _ = server.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
