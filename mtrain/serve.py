@@ -276,11 +276,10 @@ class Translator:
         if attention and self.ensemble:
             raise RequestError(422, "attention: shows one model's attention, and this server decodes with an "
                                     f"ensemble of {len(self.info['models'])}")
-        from mtrain.translate import fit_positions, read_sources
+        from mtrain.translate import read_sources
 
         lines = [line.strip() for line in text]
         sources = read_sources(lines, self.toks, self.model.cfg.max_positions, tag=tag)
-        sources.ids = fit_positions(sources.ids, self.model.cfg.max_positions)
         tokens = sum(len(x) + 1 for x in sources.ids)
         return Job(lines, (dataclasses.astuple(decode), tag, attention), tokens, sources)
 

@@ -79,6 +79,7 @@ def decode_ids(model: Transformer | Ensemble, src_ids: Sequence[Sequence[int]], 
     """n-best hypotheses for each id sequence (EOS is added here), in input order; with `sampling`
     one sampled hypothesis each instead. <unk> is never emitted unless cfg.allow_unk."""
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
+    options = beam_options(cfg, toks)
     src_ids = fit_positions(src_ids, model.cfg.max_positions)
     for batch in length_batches([len(s) + 1 for s in src_ids], max(1, cfg.batch_tokens // cfg.beam)):
         src = source_batch([src_ids[i] for i in batch], toks, dev.device)
@@ -87,10 +88,10 @@ def decode_ids(model: Transformer | Ensemble, src_ids: Sequence[Sequence[int]], 
                 hyps = [[h] for h in sample(
                     model, src, src == toks.src.pad, temperature=sampling.temperature, top_k=sampling.top_k,
                     top_p=sampling.top_p, max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len,
-                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad,
-                    unk=None if cfg.allow_unk else toks.tgt.unk, generator=sampling.generator_on(dev.device))]
+                    bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, unk=options["unk"],
+                    generator=sampling.generator_on(dev.device))]
             else:
-                hyps = beam_search(model, src, src == toks.src.pad, **beam_options(cfg, toks))
+                hyps = beam_search(model, src, src == toks.src.pad, **options)
         for i, h in zip(batch, hyps):
             results[i] = h
     return results
@@ -145,7 +146,7 @@ class Translated:
 @dataclass
 class Sources:
     """Stripped lines made ready to decode: `todo` are the lines to decode and `ids` the pieces the
-    model reads of each (the tag first, when there is one). `done` holds the lines that need no
+    model reads of each (the tag first, when there is one; cut to fit the model's positions). `done` holds the lines that need no
     decoding (empty, or copied through) and, after `finish`, all of them."""
 
     done: list[Translated]
@@ -192,7 +193,7 @@ def read_sources(text: Sequence[str], toks: Tokenizers, max_positions: int, keep
     done = [Translated([text[i]], [0.0], [], []) if i in copied else Translated([], [], [], [])
             for i in range(len(text))]
     tagged = ids if tag is None else [[tag, *x] for x in ids]
-    return Sources(done, todo, tagged, ids, kept)
+    return Sources(done, todo, fit_positions(tagged, max_positions), ids, kept)
 
 
 def translate_texts(text: Sequence[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
