@@ -131,8 +131,8 @@ class BeamSearch:
         logp[(t < self.min_len).repeat_interleave(k), eos] = float("-inf")
         if self.no_repeat_ngram:  # pads and BOS before a row's outputs never complete an n-gram of it
             block_ngrams(logp, self.tokens, self.no_repeat_ngram)
-        at_limit = (t + 1 >= self.max_len).repeat_interleave(k)  # this token must be EOS
-        logp[at_limit] = float("-inf")
+        at_limit = (t + 1 >= self.max_len).repeat_interleave(k).nonzero().view(-1)  # this token must be EOS
+        logp.index_fill_(0, at_limit, float("-inf"))  # the rows named: a boolean mask would pass over all
         logp[at_limit, eos] = eos_logp[at_limit]
 
         # 2k candidates, so that k live ones remain even if k of them end in EOS (as fairseq).

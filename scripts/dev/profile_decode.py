@@ -28,6 +28,10 @@ def main() -> None:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--batch-tokens", type=int, default=0, help="source pieces per batch (default: the checkpoint's)")
+    p.add_argument("--in-flight", type=int, default=0,
+                   help="instead of sorted batches, keep this many sentences in one running search, "
+                        "each joining as another leaves (as `mtrain serve` with as many one-line clients)")
+    p.add_argument("--tag", default=None, help="a tag put before every source line, as translate --tag")
     args = p.parse_args()
 
     import torch
@@ -36,7 +40,7 @@ def main() -> None:
     from mtrain.checkpoint import load_for_inference
     from mtrain.corpus import open_text
     from mtrain.device import pick_device
-    from mtrain.translate import translate_lines, with_overrides
+    from mtrain.translate import tag_piece, translate_lines, with_overrides
 
     model, toks, cfg = load_for_inference([args.checkpoint])
     dev = pick_device("cpu", "fp32", args.threads)
@@ -65,9 +69,13 @@ def main() -> None:
     decode_step = model.decode_step
     model.decode_step = timed("decode_step (all of one step's model work)", decode_step)
 
+    tag = tag_piece(args.tag, toks, list(cfg.data.tags), option="--tag") if args.tag else None
     decode = with_overrides(cfg.decode, beam=args.beam, batch_tokens=args.batch_tokens or cfg.decode.batch_tokens)
     start = time.perf_counter()
-    list(translate_lines(lines, model, toks, decode, dev))
+    if args.in_flight:
+        in_flight(lines, model, toks, decode, args.in_flight, tag)
+    else:
+        list(translate_lines(lines, model, toks, decode, dev, tag=tag))
     total = time.perf_counter() - start
     torch.Tensor.log_softmax = real_log_softmax
 
@@ -86,6 +94,23 @@ def main() -> None:
     print(f"| {'part':<{width}} | seconds | share |\n|{'-' * (width + 2)}|---|---|")
     for name, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"| {name:<{width}} | {seconds:.2f} | {100 * seconds / total:.0f}% |")
+
+
+def in_flight(lines, model, toks, decode, n: int, tag: int | None) -> None:
+    """Translate `lines` in one running BeamSearch holding n sentences: one joins as one leaves."""
+    import torch
+
+    from mtrain.search import BeamSearch
+    from mtrain.translate import beam_options, read_sources, source_batch
+
+    ids = read_sources(lines, toks, model.cfg.max_positions, tag=tag).ids
+    search, todo, done = BeamSearch(model, **beam_options(decode, toks)), iter(ids), 0
+    with torch.inference_mode():
+        while done < len(ids):
+            while len(search) < n and (one := next(todo, None)) is not None:
+                src = source_batch([one], toks, torch.device("cpu"))
+                search.add(src, src == toks.src.pad)
+            done += len(search.step())
 
 
 if __name__ == "__main__":
