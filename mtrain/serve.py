@@ -88,8 +88,8 @@ class Batcher:
     """The worker thread: admits jobs into `engine` (Translator's decoding, or a stand-in in tests)
     and runs its steps, handing each job its answer when the engine says it is done.
 
-    The engine has `admit(job)`, `step() -> [(job, answer), ...]` (the jobs finished by that step)
-    and `abort()` (forget every admitted job)."""
+    The engine has `admit(job)`, `step() -> [(job, answer), ...]` (the jobs finished by that step;
+    an exception for an answer fails that job alone) and `abort()` (forget every admitted job)."""
 
     def __init__(self, engine, max_wait_ms: float, max_batch_tokens: int):
         self.engine, self.max_wait, self.max_tokens = engine, max_wait_ms / 1000, max_batch_tokens
@@ -176,6 +176,8 @@ class Batcher:
                 continue
             if n > 1:
                 self.shared.update(id(j) for j in self.live)
+            failed = [(job, answer) for job, answer in finished if isinstance(answer, Exception)]
+            finished = [(job, answer) for job, answer in finished if not isinstance(answer, Exception)]
             with self.lock:
                 c = self.counters
                 c.steps += 1
@@ -185,9 +187,12 @@ class Batcher:
                     c.requests += 1
                     c.lines += len(job.lines)
                     c.batched_requests += id(job) in self.shared
-            for job, answer in finished:
+            for job, _ in failed + finished:
                 self.live.remove(job)
                 self.shared.discard(id(job))
+            if failed:  # jobs that could not start (one error for all that joined at this step)
+                self._fail([job for job, _ in failed], failed[0][1])
+            for job, answer in finished:
                 job.future.set_result(answer)
 
 
@@ -214,6 +219,7 @@ class Translator:
         self.searches: dict = {}  # key -> BeamSearch running on the worker
         self.owners: dict = {}  # (key, sentence id) -> (job, its line among those decoded)
         self.ready: list[Job] = []  # admitted jobs with nothing to decode
+        self.joining: dict = {}  # key -> jobs admitted since the last step, to start at the next
         self.info = {"models": [_without_paths(describe(p, trust)) for p in checkpoints],
                      "ensemble": self.ensemble, "tags": self.tags, "device": str(self.dev.device),
                      "decode": dataclasses.asdict(self.decode)}
@@ -286,32 +292,48 @@ class Translator:
     # The worker's engine (see Batcher): one BeamSearch per key, which jobs with that key join.
 
     def admit(self, job: Job) -> None:
-        """Add the job's lines to the search for its options (made when there is none)."""
+        """Queue the job's lines for the search with its options: the next step starts them, with
+        those of every job admitted since the last step, in one encoder pass."""
+        sources = job.sources
+        job.hyps, job.left = [None] * len(sources.ids), len(sources.ids)
+        if not sources.ids:  # empty lines alone, or copied through: done at the next step
+            self.ready.append(job)
+        else:
+            self.joining.setdefault(job.key, []).append(job)
+
+    def _start(self) -> list[tuple[Job, Exception]]:
+        """Add the queued jobs' lines to their searches (made when there is none); the jobs whose
+        lines could not start, with the error."""
         import torch
 
         from mtrain.config import DecodeConfig
         from mtrain.search import BeamSearch
         from mtrain.translate import beam_options, source_batch
 
-        sources = job.sources
-        job.hyps, job.left = [None] * len(sources.ids), len(sources.ids)
-        if not sources.ids:  # empty lines alone, or copied through: done at the next step
-            self.ready.append(job)
-            return
-        if job.key not in self.searches:
-            decode = DecodeConfig(*job.key[0])
-            self.searches[job.key] = BeamSearch(self.model, **beam_options(decode, self.toks))
-        search = self.searches[job.key]
-        src = source_batch(sources.ids, self.toks, self.dev.device)
-        with torch.inference_mode(), self.dev.autocast():
-            ids = search.add(src, src == self.toks.src.pad)
-        for n, sentence in enumerate(ids):
-            self.owners[job.key, sentence] = (job, n)
+        failed = []
+        for key, jobs in self.joining.items():
+            if key not in self.searches:
+                self.searches[key] = BeamSearch(self.model, **beam_options(DecodeConfig(*key[0]), self.toks))
+            src = source_batch([ids for job in jobs for ids in job.sources.ids], self.toks, self.dev.device)
+            try:
+                with torch.inference_mode(), self.dev.autocast():
+                    sentences = iter(self.searches[key].add(src, src == self.toks.src.pad))
+            except Exception as e:  # BeamSearch.add changes nothing before the encoder has run
+                failed += [(job, e) for job in jobs]
+                continue
+            for job in jobs:
+                for n in range(len(job.sources.ids)):
+                    self.owners[key, next(sentences)] = (job, n)
+        self.joining = {}
+        return failed
 
-    def step(self) -> list[tuple[Job, dict]]:
-        """One step of every search; the jobs whose last line is done now, with their answers."""
+    def step(self) -> list[tuple[Job, dict | Exception]]:
+        """One step of every search, after the jobs admitted since the last one joined; the jobs
+        whose last line is done now, with their answers, and those that failed to start, with the
+        error."""
         import torch
 
+        failed = self._start()
         finished, self.ready = self.ready, []
         for key, search in list(self.searches.items()):
             with torch.inference_mode(), self.dev.autocast():
@@ -324,10 +346,10 @@ class Translator:
                     finished.append(job)
             if not len(search):
                 del self.searches[key]  # its cache goes with it
-        return [(job, self.answer(job)) for job in finished]
+        return failed + [(job, self.answer(job)) for job in finished]
 
     def abort(self) -> None:
-        self.searches, self.owners, self.ready = {}, {}, []
+        self.searches, self.owners, self.ready, self.joining = {}, {}, [], {}
 
     def answer(self, job: Job) -> dict:
         """The JSON answer of a job whose lines are all decoded."""

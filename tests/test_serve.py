@@ -447,3 +447,38 @@ def test_jobs_join_a_running_search_within_the_budget_and_leave_when_done():
     assert c.requests == 3 and c.largest_batch == 2 and c.batched_requests == 3
     assert c.steps == 50 and c.request_steps == 50 + 2 + 1  # short in steps 2-3, big in step 4
     batcher.stop()
+
+
+def test_jobs_admitted_between_steps_start_in_one_encoder_pass(model_path, monkeypatch):
+    """The engine starts every job admitted since the last step with one encoder pass; each still
+    gets translate's answer. When that start fails, those jobs get the error and the jobs already
+    running go on to their answers."""
+    translator = Translator([model_path], "cpu", "fp32", False, None)
+    model = translator.model
+    encoded = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda src, pad: encoded.append(src.shape[0]) or encode(src, pad))
+
+    def job(lines):
+        return translator.job({"text": lines, "tag": "<2de>"}, Limits())
+
+    first, second, third = job(SOURCES[:1]), job(SOURCES[1:3]), job(SOURCES[3:4])
+    translator.admit(first)
+    answers = dict((id(j), a) for j, a in translator.step())
+    translator.admit(second)
+    translator.admit(third)
+    answers.update((id(j), a) for j, a in translator.step())
+    assert encoded == [1, 3]  # the first job alone, then the two that came during its step together
+    broken = job(SOURCES[4:5])
+    translator.admit(broken)
+    monkeypatch.setattr(model, "encode", lambda *a: (_ for _ in ()).throw(RuntimeError("simulated")))
+    stepped = translator.step()
+    failed = [(j, a) for j, a in stepped if isinstance(a, Exception)]
+    assert [(j, str(a)) for j, a in failed] == [(broken, "simulated")]
+    answers.update((id(j), a) for j, a in stepped if j is not broken)
+    for _ in range(200):
+        if len(answers) == 3:
+            break
+        answers.update((id(j), a) for j, a in translator.step())
+    got = [t["text"] for j in (first, second, third) for t in answers[id(j)]["translations"]]
+    assert got == reference(model_path, SOURCES[:4], "<2de>")
