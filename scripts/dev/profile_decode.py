@@ -12,6 +12,7 @@ hypotheses, Python bookkeeping and the host syncs it implies).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections import defaultdict
@@ -97,7 +98,7 @@ def main() -> None:
 
 
 def in_flight(lines, model, toks, decode, n: int, tag: int | None) -> None:
-    """Translate `lines` in one running BeamSearch holding n sentences: one joins as one leaves."""
+    """Translate `lines` in one running BeamSearch holding n sentences: they join as others leave."""
     import torch
 
     from mtrain.search import BeamSearch
@@ -107,8 +108,9 @@ def in_flight(lines, model, toks, decode, n: int, tag: int | None) -> None:
     search, todo, done = BeamSearch(model, **beam_options(decode, toks)), iter(ids), 0
     with torch.inference_mode():
         while done < len(ids):
-            while len(search) < n and (one := next(todo, None)) is not None:
-                src = source_batch([one], toks, torch.device("cpu"))
+            joining = list(itertools.islice(todo, n - len(search)))
+            if joining:  # those that join at one step start together, as in the server
+                src = source_batch(joining, toks, torch.device("cpu"))
                 search.add(src, src == toks.src.pad)
             done += len(search.step())
 
