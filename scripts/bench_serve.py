@@ -9,7 +9,9 @@ sentence per request, one request at a time on a connection kept open, until the
 `mtrain translate`'s own function on the same lines in this process: sentences/s of the whole file,
 and the median decode time of one line translated alone (the least a request can take); and the
 server's own decoding in this process with as many one-line requests in flight as the most clients,
-without HTTP (the most those clients could get from it). The file and
+without HTTP (the most those clients could get from it), and the file translated in sorted
+batches of as many sentences as those clients keep in flight (the file's batching at the server's
+batch size). The file and
 the lone line are timed again, with the server idle, just before each setting, which is compared
 with them: a shared machine's speed may drift within a run. Every answer is checked against the
 file translation of its line. With --screenshot, headless Chromium
@@ -177,6 +179,21 @@ def main() -> int:
             out = list(translate_lines(lines, model, toks, cfg.decode, dev, tag=tag))
         return len(lines) / (time.perf_counter() - start), out
 
+    def file_in_batches(size: int) -> tuple[float, list[str]]:
+        """The lines sorted by length as the file's are, translated `size` at a time: the file's
+        batching with no more sentences in a step than `size` clients can keep in flight."""
+        pieces = toks.src.encode_batch(lines)
+        order = sorted(range(len(lines)), key=lambda i: len(pieces[i]))
+        out = [""] * len(lines)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for at in range(0, len(order), size):
+                chunk = order[at:at + size]
+                for i, done in zip(chunk, translate_texts([lines[i] for i in chunk], model, toks, cfg.decode, dev,
+                                                          tag=tag)):
+                    out[i] = done.texts[0] if done.texts else ""
+        return len(lines) / (time.perf_counter() - start), out
+
     def single_times() -> list[float]:
         times = []
         with torch.inference_mode():
@@ -192,6 +209,7 @@ def main() -> int:
     file_before = file_rate()[0]
     n = max(map(int, args.clients.split(",")))
     engine = (n, *in_flight(args.checkpoint, lines, n, args.tag), file_before)
+    same_batch = file_in_batches(n)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -236,6 +254,9 @@ def main() -> int:
           "a line alone just before, p50 ms | p99 latency ms | requests per step | answers unlike the file's |")
     print("|---|---|---|---|---|---|---|---|---|")
     n, rate, texts, file_before = engine
+    print(f"| the file in sorted batches of {n} sentences, no server | {len(lines)} | {same_batch[0]:.1f} "
+          f"(**{same_batch[0] / file_before:.2f}×** the file) | {file_before:.1f} | | | | | "
+          f"{sum(a != b for a, b in zip(same_batch[1], reference))} |")
     print(f"| the server's decoding alone, {n} lines in flight, no HTTP | {len(lines)} | {rate:.1f} "
           f"(**{rate / file_before:.2f}×** the file) | {file_before:.1f} | | | | {n} | "
           f"{sum(a != b for a, b in zip(texts, reference))} |")

@@ -361,6 +361,9 @@ def test_bench_serve_answers_as_the_file_does(model_path, tmp_path):
     # the server's own decoding, 3 lines in flight without HTTP, answers as the file too
     assert re.search(r"^\| the server's decoding alone, 3 lines in flight, no HTTP \| 12 \| .*\| 3 \| 0 \|$",
                      run.stdout, re.M), run.stdout
+    # and the file translated 3 sentences at a time, the server's batch size, answers as the file
+    assert re.search(r"^\| the file in sorted batches of 3 sentences, no server \| 12 \| .*\| 0 \|$",
+                     run.stdout, re.M), run.stdout
 
 
 def test_a_port_in_use_is_one_line_before_the_model_loads(model_path):
