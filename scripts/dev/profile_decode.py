@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--in-flight", type=int, default=0,
                    help="instead of sorted batches, keep this many sentences in one running search, "
                         "each joining as another leaves (as `mtrain serve` with as many one-line clients)")
+    p.add_argument("--sentences", type=int, default=0,
+                   help="translate the lines sorted by length, this many at a time (the file's batching at "
+                        "the batch size of as many one-line clients)")
     p.add_argument("--tag", default=None, help="a tag put before every source line, as translate --tag")
     args = p.parse_args()
 
@@ -41,7 +44,7 @@ def main() -> None:
     from mtrain.checkpoint import load_for_inference
     from mtrain.corpus import open_text
     from mtrain.device import pick_device
-    from mtrain.translate import tag_piece, translate_lines, with_overrides
+    from mtrain.translate import decode_ids, read_sources, tag_piece, translate_lines, with_overrides
 
     model, toks, cfg = load_for_inference([args.checkpoint])
     dev = pick_device("cpu", "fp32", args.threads)
@@ -75,6 +78,11 @@ def main() -> None:
     start = time.perf_counter()
     if args.in_flight:
         in_flight(lines, model, toks, decode, args.in_flight, tag)
+    elif args.sentences:
+        ids = read_sources(lines, toks, model.cfg.max_positions, tag=tag).ids
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for at in range(0, len(order), args.sentences):
+            decode_ids(model, [ids[i] for i in order[at:at + args.sentences]], decode, toks, dev)
     else:
         list(translate_lines(lines, model, toks, decode, dev, tag=tag))
     total = time.perf_counter() - start
