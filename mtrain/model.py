@@ -77,8 +77,8 @@ class KVCache:
 
     The buffers are views of the first rows (and source columns) of `store`, which `keep` rewrites
     in place: sentences that leave free their rows and those that join take them, with no new
-    tensors and no copy of the columns no row uses yet (a running server has sentences leaving and
-    joining at almost every step)."""
+    tensors while the storage has room and no copy of the columns no row uses yet (a running server
+    has sentences leaving and joining at almost every step)."""
 
     self_k: list[torch.Tensor]  # per decoder layer (N, heads, capacity, head_dim), preallocated
     self_v: list[torch.Tensor]

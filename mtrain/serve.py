@@ -314,8 +314,8 @@ class Translator:
         for key, jobs in self.joining.items():
             if key not in self.searches:
                 self.searches[key] = BeamSearch(self.model, **beam_options(DecodeConfig(*key[0]), self.toks))
-            src = source_batch([ids for job in jobs for ids in job.sources.ids], self.toks, self.dev.device)
             try:
+                src = source_batch([ids for job in jobs for ids in job.sources.ids], self.toks, self.dev.device)
                 with torch.inference_mode(), self.dev.autocast():
                     sentences = iter(self.searches[key].add(src, src == self.toks.src.pad))
             except Exception as e:  # BeamSearch.add changes nothing before the encoder has run
