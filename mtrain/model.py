@@ -62,30 +62,44 @@ def explicit_attention(q, k, v, mask, causal: bool, dropout: float) -> torch.Ten
     return weights @ v
 
 
+def storage_size(have: int, need: int) -> int:
+    """One dimension of a KV cache's storage (rows, or columns) that must hold `need`: what it has
+    while that holds `need` and is at most twice it; else 1.25x `need`. Growing to 1.25x leaves room
+    for the next sentences to join without new storage; shrinking once the live rows use less than
+    half gives memory back on a server whose search never empties."""
+    if need <= have <= 2 * need:
+        return have
+    return max(1, need + (need + 3) // 4)
+
+
 @dataclass
 class KVCache:
     """Per-layer key/value buffers for incremental decoding; passed in, never stored on modules.
 
     Each row holds its own number of target positions, left-aligned: rows that joined a running
-    search (`append`) are shorter than the others, attend to their own positions only and take
-    their own position embeddings. While every row holds the same number (one batch decoded from
-    its start), the cheaper path runs: one column written for all rows, no self-attention mask.
+    search (`keep` with `more`) are shorter than the others, attend to their own positions only and
+    take their own position embeddings. While every row holds the same number (one batch decoded
+    from its start), the cheaper path runs: one column written for all rows, no self-attention mask.
 
     Rows come in groups of `beams`, one group per sentence: the self-attention buffers have a row
     per hypothesis, the cross-attention ones a row per sentence, whose beams are its queries (all
     beams of a sentence read the same source).
 
-    The buffers are views of the first rows (and source columns) of `store`, which `keep` rewrites
-    in place: sentences that leave free their rows and those that join take them, with no new
-    tensors while the storage has room and no copy of the columns no row uses yet (a running server
-    has sentences leaving and joining at almost every step)."""
+    The buffers are views of the first rows (and source columns) of `store`, and are in the dtype
+    the model computes in (bf16 under bf16 autocast). Sentences that leave free their rows and those
+    that join take them, copied within the storage, and only the columns in use. Each dimension of
+    the storage (rows, target columns, sentences, source columns) is sized by `storage_size`: new,
+    zero-filled storage 1.25x what the live rows need when they need more than it has or less than
+    half of it; otherwise the same storage. A running server has sentences leaving and joining at
+    almost every step: its cache never holds more than twice what its live rows need, per dimension."""
 
-    self_k: list[torch.Tensor]  # per decoder layer (N, heads, capacity, head_dim), preallocated
+    self_k: list[torch.Tensor]  # per decoder layer (N, heads, columns, head_dim)
     self_v: list[torch.Tensor]
     cross_k: list[torch.Tensor]  # per decoder layer (N / beams, heads, S, head_dim), computed once
     cross_v: list[torch.Tensor]
     src_mask: torch.Tensor  # (N / beams, 1, 1, S) True where the source is a real token
     lengths: torch.Tensor  # (N,) target positions written in each row
+    limits: torch.Tensor  # (N,) positions each row may come to hold: the columns it needs
     beams: int = 1  # rows per sentence
     longest: int = 0  # the most positions a row holds: the columns attention reads
     ragged: bool = False  # rows hold different numbers of positions
@@ -102,51 +116,55 @@ class KVCache:
             _copy_rows(buf, buf, rows, self.longest)
 
     def keep(self, rows: torch.Tensor, more: "KVCache | None" = None) -> None:
-        """Keep only `rows`, in that order (drop finished sentences, and reorder beams at the same
-        time), then `more`'s rows after them (sentences joining a running search); each group of
-        `beams` rows must come from one sentence. Source columns that only the sentences which left
-        needed are dropped."""
+        """Keep only `rows` (at least one), in that order (drop finished sentences, and reorder beams
+        at the same time), then `more`'s rows after them (sentences joining a running search); each
+        group of `beams` rows must come from one sentence. Source columns that only the sentences
+        which left needed are dropped."""
         sentences = rows[::self.beams] // self.beams
-        mask = self.src_mask[sentences]
+        src_mask, lengths, limits = self.src_mask[sentences], self.lengths[rows], self.limits[rows]
         if more is not None:
-            mask = torch.cat([F.pad(mask, (0, max(0, more.src_mask.shape[-1] - mask.shape[-1]))),
-                              F.pad(more.src_mask, (0, max(0, mask.shape[-1] - more.src_mask.shape[-1])))])
-        real = mask.flatten(1).any(0).nonzero()
-        S = int(real[-1]) + 1 if len(real) else mask.shape[-1]
-        n, used = len(rows), min(S, self.src_mask.shape[-1])  # kept rows; source columns they may read
-        extra, extra_sentences = (len(more.lengths), len(more.src_mask)) if more is not None else (0, 0)
-        store = self.store
-        capacity = max(store[0][0].shape[2], more.self_k[0].shape[2] if more is not None else 0)
-        if (store[0][0].shape[0] < n + extra or store[0][0].shape[2] < capacity
-                or store[2][0].shape[0] < len(sentences) + extra_sentences or store[2][0].shape[2] < S):
-            # Too small: new storage, with room to spare for the sentences that join next (zeros, so
-            # that columns no row has written hold finite values: masked out, they must weigh 0 exactly).
-            had = [*store[0][0].shape[::2], *store[2][0].shape[::2]]  # rows, columns, sentences, source columns
-            grown = [max(n + extra, 2 * had[0]), max(capacity, had[1] * 3 // 2) if capacity > had[1] else had[1],
-                     max(len(sentences) + extra_sentences, 2 * had[2]), max(S, had[3] * 3 // 2) if S > had[3] else had[3]]
-            new = [[buf.new_zeros((grown[2 * (kind // 2)], buf.shape[1], grown[2 * (kind // 2) + 1], buf.shape[3]))
-                    for buf in bufs] for kind, bufs in enumerate(store)]
-        else:
-            new = store  # rows copied within their own buffers
-        for kind, (old, bufs) in enumerate(zip(store, new)):
-            index, columns = (rows, self.longest) if kind < 2 else (sentences, used)
-            for a, b in zip(old, bufs):
+            width = max(src_mask.shape[-1], more.src_mask.shape[-1])
+            src_mask = torch.cat([F.pad(m, (0, width - m.shape[-1])) for m in (src_mask, more.src_mask)])
+            lengths, limits = torch.cat([lengths, more.lengths]), torch.cat([limits, more.limits])
+        # One transfer to the host: sources are padded after their tokens, so S counts real columns.
+        S, columns, longest, shortest = torch.stack(
+            [src_mask.sum(-1).max(), limits.max(), lengths.max(), lengths.min()]).tolist()
+        old = self.store
+        self._fit(len(lengths), columns, len(src_mask), S)
+        self._move(old, rows, sentences, min(S, old[2][0].shape[2]))
+        if more is not None:
+            self._join(more, len(rows), len(sentences))
+        self.self_k, self.self_v = ([buf[:len(lengths)] for buf in bufs] for bufs in self.store[:2])
+        self.cross_k, self.cross_v = ([buf[:len(src_mask), :, :S] for buf in bufs] for bufs in self.store[2:])
+        self.src_mask, self.lengths, self.limits = src_mask[..., :S], lengths, limits
+        self.longest, self.ragged = longest, longest != shortest
+
+    def _fit(self, rows: int, columns: int, sentences: int, src_columns: int) -> None:
+        """Storage that holds this many rows of `columns` positions and sentences of `src_columns`
+        source columns, sized by `storage_size`: the same where it already fits, else new."""
+        for kinds, (n, width) in (((0, 1), (rows, columns)), ((2, 3), (sentences, src_columns))):
+            buf = self.store[kinds[0]][0]
+            shape = (storage_size(buf.shape[0], n), storage_size(buf.shape[2], width))
+            if shape != (buf.shape[0], buf.shape[2]):
+                # zeros: columns no row has written must hold finite values (masked, they weigh 0 exactly)
+                self.store = [[b.new_zeros((shape[0], b.shape[1], shape[1], b.shape[3])) for b in bufs]
+                              if kind in kinds else bufs for kind, bufs in enumerate(self.store)]
+
+    def _move(self, old: list[list[torch.Tensor]], rows: torch.Tensor, sentences: torch.Tensor,
+              src_columns: int) -> None:
+        """The kept rows of `old` storage, first in the current one (which may be `old` itself)."""
+        for kind, (was, now) in enumerate(zip(old, self.store)):
+            index, columns = (rows, self.longest) if kind < 2 else (sentences, src_columns)
+            for a, b in zip(was, now):
                 _copy_rows(b, a, index, columns)
-        if more is not None:
-            for kind, (bufs, joining) in enumerate(zip(new, [more.self_k, more.self_v, more.cross_k, more.cross_v])):
-                at = n if kind < 2 else len(sentences)
-                columns = more.longest if kind < 2 else joining[0].shape[2]
-                for b, j in zip(bufs, joining):
-                    b[at:at + len(j), :, :columns] = j[:, :, :columns]
-        self.store = new
-        self.self_k, self.self_v = ([buf[:n + extra] for buf in bufs] for bufs in new[:2])
-        self.cross_k, self.cross_v = ([buf[:len(sentences) + extra_sentences, :, :S] for buf in bufs]
-                                      for bufs in new[2:])
-        self.src_mask = mask[..., :S]
-        self.lengths = self.lengths[rows] if more is None else torch.cat([self.lengths[rows], more.lengths])
-        if (self.ragged or more is not None) and len(self.lengths):
-            self.longest = int(self.lengths.max())
-            self.ragged = bool((self.lengths != self.longest).any())
+
+    def _join(self, more: "KVCache", at_row: int, at_sentence: int) -> None:
+        """`more`'s rows after the first `at_row` rows (and its sentences after `at_sentence`)."""
+        for kind, joining in enumerate([more.self_k, more.self_v, more.cross_k, more.cross_v]):
+            at = at_row if kind < 2 else at_sentence
+            columns = more.longest if kind < 2 else joining[0].shape[2]
+            for b, j in zip(self.store[kind], joining):
+                b[at:at + len(j), :, :columns] = j[:, :, :columns]
 
     def append(self, other: "KVCache") -> None:
         """Add `other`'s rows after these."""
@@ -155,10 +173,10 @@ class KVCache:
     def write(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one new position's keys and values (N, heads, 1, head_dim) in layer i; the keys and
         values to attend to."""
-        if self.ragged:
+        if self.ragged:  # index_put takes no other dtype than the buffer's
             rows = torch.arange(len(self.lengths), device=k.device)
-            self.self_k[i][rows, :, self.lengths] = k[:, :, 0]
-            self.self_v[i][rows, :, self.lengths] = v[:, :, 0]
+            self.self_k[i][rows, :, self.lengths] = k[:, :, 0].to(self.self_k[i].dtype)
+            self.self_v[i][rows, :, self.lengths] = v[:, :, 0].to(self.self_v[i].dtype)
         else:
             self.self_k[i][:, :, self.longest] = k[:, :, 0]
             self.self_v[i][:, :, self.longest] = v[:, :, 0]
@@ -380,12 +398,16 @@ class Transformer(nn.Module):
         N, heads, hd = memory.shape[0] * beams, self.cfg.heads, self.cfg.d_model // self.cfg.heads
         shape = (N, heads, max_len, hd)
         cross = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
+        # The dtype the keys come out in (bf16 under bf16 autocast; `memory` leaves a LayerNorm in
+        # fp32): half the memory, and no cast of the cached keys and values at every step.
+        dtype = cross[0][0].dtype if cross else memory.dtype
         return KVCache(
-            self_k=[memory.new_zeros(shape) for _ in self.decoder],
-            self_v=[memory.new_zeros(shape) for _ in self.decoder],
+            self_k=[memory.new_zeros(shape, dtype=dtype) for _ in self.decoder],
+            self_v=[memory.new_zeros(shape, dtype=dtype) for _ in self.decoder],
             cross_k=[k for k, _ in cross], cross_v=[v for _, v in cross],
             src_mask=self.attention_mask(src_pad_mask),
-            lengths=torch.zeros(N, dtype=torch.long, device=memory.device), beams=beams)
+            lengths=torch.zeros(N, dtype=torch.long, device=memory.device),
+            limits=torch.full((N,), max_len, dtype=torch.long, device=memory.device), beams=beams)
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Incremental decoding: (N,) last tokens -> logits (N, vocab); advances the cache a position."""

@@ -77,6 +77,65 @@ def test_a_sentence_that_joins_a_running_cache_decodes_as_alone():
     assert torch.allclose(model.decode_step(torch.tensor([20]), cache)[0], last[0, -1], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_sentence_joins_under_autocast_and_the_cache_is_in_the_compute_dtype(dtype):
+    """Under autocast the keys come out in bf16/fp16: the cache holds them so (half the memory, no
+    cast per step), and a sentence that joins a running cache (the ragged write) decodes as it does
+    alone. The join raised 'Index put requires the source and destination dtypes match' before."""
+    model = make()
+    src_a, src_b = torch.tensor([[5, 6, 3]]), torch.tensor([[7, 8, 9, 10, 3]])
+    tgt_a, tgt_b = torch.tensor([2, 9, 10, 11]), torch.tensor([2, 15, 16])
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        cache = model.start(src_a, src_a == 0, max_len=8)
+        assert cache.self_k[0].dtype == cache.cross_k[0].dtype == dtype
+        model.decode_step(tgt_a[:1], cache)
+        cache.append(model.start(src_b, src_b == 0, max_len=8))
+        got = [model.decode_step(torch.stack([tgt_a[1 + t], tgt_b[t]]), cache)[1] for t in range(3)]
+        alone = model.start(src_b, src_b == 0, max_len=8)
+        want = [model.decode_step(tgt_b[t:t + 1], alone)[0] for t in range(3)]
+    assert cache.self_k[0].dtype == dtype
+    for g, w in zip(got, want):  # batched and single matmuls in half precision: a half-precision tolerance
+        assert torch.allclose(g.float(), w.float(), atol=0.05, rtol=0.02)
+
+
+def test_the_cache_storage_stays_within_twice_what_its_rows_need():
+    """Sentences of growing length join one after another, then most leave: every dimension of the
+    storage stays within 2x what the live rows need (it doubled at every growth before: 2,560 rows
+    for 50), and it shrinks once they need less than half of it."""
+    from mtrain.search import BeamSearch
+
+    model = make()
+    search = BeamSearch(model, beam=5, min_len=1000, bos=2, eos=3, pad=0)
+    with torch.no_grad():
+        for L in (3, 5, 8, 12, 18, 27, 41, 62, 93, 140):
+            s = torch.full((1, L), 7)
+            s[0, -1] = 3
+            search.add(s, s == 0)
+            search.step()
+            cache = search.cache
+            rows, columns = cache.store[0][0].shape[0], cache.store[0][0].shape[2]
+            sentences, src_columns = cache.store[2][0].shape[0], cache.store[2][0].shape[2]
+            assert len(search) * 5 <= rows <= 2 * len(search) * 5
+            assert len(search) <= sentences <= 2 * len(search)
+            need = int(cache.limits.max())
+            assert need <= columns <= 2 * need
+            assert L <= src_columns <= 2 * L
+        # all but the first (shortest) sentence leave: rows and columns shrink to what it needs
+        cache.keep(torch.arange(5))
+        assert cache.store[0][0].shape[0] <= 10 and cache.store[2][0].shape[0] <= 2
+        assert cache.store[0][0].shape[2] <= 2 * int(cache.limits.max()) and cache.store[2][0].shape[2] <= 6
+        assert cache.self_k[0].shape[0] == 5 and cache.src_mask.shape[-1] == 3
+
+
+def test_storage_size_rule():
+    from mtrain.model import storage_size
+
+    assert storage_size(10, 10) == 10 and storage_size(20, 10) == 20  # fits, at most twice: kept
+    assert storage_size(10, 11) == 14  # grows to 1.25x the need
+    assert storage_size(21, 10) == 13  # over twice the need: shrinks to 1.25x it
+    assert storage_size(0, 3) == 4
+
+
 def test_shared_embeddings_and_parameter_count():
     model = make()
     assert model.src_embed is model.tgt_embed and model.output.weight is model.tgt_embed.weight
