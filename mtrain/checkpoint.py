@@ -149,7 +149,7 @@ def load_models(paths: Sequence[Path | str], trust: bool = False):
     model, toks, cfg = loaded[0]
     for path, (_, other, _) in zip(paths[1:], loaded[1:]):
         for side, mine, theirs in (("source", toks.src, other.src), ("target", toks.tgt, other.tgt)):
-            if mine.proto != theirs.proto:
+            if mine.identity != theirs.identity:
                 raise MtrainError(f"{path}: another {side} vocabulary than {paths[0]}; the models of an ensemble "
                                   f"must share both (mtrain average makes one model of checkpoints of one run)")
     return (model if len(loaded) == 1 else Ensemble([m for m, _, _ in loaded])), toks, cfg

@@ -102,13 +102,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    model: str = ""  # SentencePiece model (joint, or the source side); "" = RUN_DIR/spm.model
-    tgt_model: str = ""  # target-side model when joint is false; "" = next to `model`
+    model: str = ""  # SentencePiece model (joint, or the source side); "" = RUN_DIR/spm.model (.src.model)
+    tgt_model: str = ""  # target-side model when joint is false; "" = next to `model` (or RUN_DIR/spm.tgt.model)
     joint: bool = True  # one model for both languages, which lets the embeddings be shared
     vocab_size: int = 8000
     model_type: str = "unigram"  # unigram (Kudo 2018) or bpe
     character_coverage: float = 1.0
-    input_sentence_size: int = 2_000_000  # sentences sampled for training on large corpora
+    input_sentence_size: int = 2_000_000  # sentences sampled for training on large corpora; 0 = all
     shuffle_input_sentence: bool = True
     user_defined_symbols: list[str] = field(default_factory=list)
 
@@ -119,6 +119,8 @@ class TokenizerConfig:
             raise ValueError("vocab_size must be >= 8")
         if not 0 < self.character_coverage <= 1:
             raise ValueError("character_coverage must be in (0, 1]")
+        if self.input_sentence_size < 0:
+            raise ValueError("input_sentence_size must be >= 0 (0 = every sentence)")
         symbols = [str(x) for x in self.user_defined_symbols]
         if any(not x.strip() for x in symbols) or len(set(symbols)) < len(symbols):
             raise ValueError(f"user_defined_symbols must be distinct and not blank, got {symbols}")

@@ -85,8 +85,7 @@ def cache_key(source: DataSource, toks: Tokenizers, max_len: int, max_ratio: flo
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, source_fingerprint(source), max_len, max_ratio, filtered],
                         sort_keys=True).encode())
-    h.update(toks.src.proto)
-    h.update(toks.tgt.proto)
+    h.update(toks.identity.encode())  # not the file's bytes, which name where it was trained
     return h.hexdigest()[:20]
 
 

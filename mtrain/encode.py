@@ -4,7 +4,8 @@ The work goes in chunks of CHUNK line pairs, encoded by worker processes (one Se
 each) and written in their order, so the files are the same for any number of workers. A pair of
 plain text files is cut by byte ranges, found in one fast pass over the bytes, and each worker reads
 its own range; other sources (.gz, TSV, Hugging Face) are read here and handed out chunk by chunk.
-Progress is recorded after every chunk written: an interrupted encoding continues where it stopped.
+Progress is recorded after every chunk, once its bytes are on disk (fsync): an interrupted encoding
+continues where it stopped, and a record that the files on disk do not bear out starts it over.
 
 This module does not import torch: worker processes start in well under a second.
 """
@@ -31,6 +32,7 @@ import sentencepiece as spm
 from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import check_input, decode_lines, is_plain_file, line_index, raw_pairs
 from mtrain.errors import MtrainError
+from mtrain.files import atomic_write, fsync_dir
 from mtrain.tokenizer import Tokenizers, is_one_piece, usable_cores
 
 CHUNK = 50_000  # line pairs encoded at once: bounds memory, and is the unit of parallel work and of resuming
@@ -208,9 +210,10 @@ def _encoded(jobs: Iterator, settings: Settings, workers: int) -> Iterator[Chunk
 
 def write_offsets(lengths: Path, out: Path, block: int = 1 << 20) -> None:
     """The .npy of offsets (int64, n + 1) of a file of int32 lengths, a block at a time: memory stays
-    the same whatever the corpus's size (whole, 4.5M pairs added ~100 MB to the peak)."""
+    the same whatever the corpus's size (whole, 4.5M pairs added ~100 MB to the peak). Written whole
+    or not at all (atomic_write)."""
     n = lengths.stat().st_size // 4
-    with open(lengths, "rb") as f, open(out, "wb") as o:
+    with open(lengths, "rb") as f, atomic_write(out, "wb", "offsets") as o:
         np.lib.format.write_array_header_1_0(o, {"descr": np.dtype(np.int64).str, "fortran_order": False,
                                                  "shape": (n + 1,)})
         o.write(np.zeros(1, dtype=np.int64).tobytes())
@@ -227,8 +230,12 @@ def encode_to(folder: Path, source: DataSource, toks: Tokenizers, cfg: DataConfi
     first). The work happens in a hidden folder beside it, `.NAME.partial`, which records after every
     chunk how far it got for `stamp` (what identifies the source, tokenizer and filters): a run killed
     midway continues from there; one for another stamp starts over; an error in the data removes it.
-    `workers` processes (0: one per core this process may use) give the same bytes for any number."""
+    `workers` processes (0: one per core this process may use) give the same bytes for any number.
+    An existing `folder` is replaced only if it is an encoded corpus (its report.json): nothing else
+    is ever removed."""
     workers = workers or usable_cores()
+    if folder.exists() and not (folder / "report.json").is_file():
+        raise MtrainError(f"{folder}: exists and is not an encoded corpus, so it is not replaced; move it away")
     partial = folder.with_name(f".{folder.name}.partial")
     partial.mkdir(parents=True, exist_ok=True)
     with open(partial / ".lock", "w") as lock:
@@ -244,8 +251,10 @@ def encode_to(folder: Path, source: DataSource, toks: Tokenizers, cfg: DataConfi
         if finish is not None:
             finish(partial)
         (partial / ".lock").unlink()
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():  # an older encoding of this corpus (checked above)
+            shutil.rmtree(folder)
         os.replace(partial, folder)
+        fsync_dir(folder.parent)
 
 
 def _encode_into(partial: Path, source: DataSource, toks: Tokenizers, cfg: DataConfig, filtered: bool, stamp: dict,
@@ -255,11 +264,17 @@ def _encode_into(partial: Path, source: DataSource, toks: Tokenizers, cfg: DataC
     files = {name: partial / name for name in ("src.bin", "tgt.bin", "src.len", "tgt.len")}
     zero = {"stamp": stamp, "chunk": CHUNK, "chunks": 0, "read": 0, "empty": 0, "too_long": 0, "bad_ratio": 0,
             "bytes": dict.fromkeys(files, 0)}
+    for stale in partial.glob(".*.tmp*"):  # atomic_write's temporary files of a process that was killed
+        stale.unlink()
     try:
         progress = json.loads((partial / PROGRESS).read_text())
     except (OSError, ValueError):
         progress = zero
-    if (progress.get("stamp"), progress.get("chunk")) != (stamp, CHUNK):  # chunks of another size: counted anew
+    # A record counts only for this stamp and chunk size, and only if every file it vouches for holds at
+    # least the bytes it counts (a stop while the last steps removed them): anything else starts over.
+    if ((progress.get("stamp"), progress.get("chunk")) != (stamp, CHUNK)
+            or not all(path.is_file() and path.stat().st_size >= progress["bytes"][name]
+                       for name, path in files.items())):
         progress = zero
     for name, path in files.items():  # what was written after the last recorded chunk is cut off
         with open(path, "ab") as f:
@@ -273,24 +288,26 @@ def _encode_into(partial: Path, source: DataSource, toks: Tokenizers, cfg: DataC
                                 ("src.len", chunk.n_src.astype(np.int32)), ("tgt.len", chunk.n_tgt.astype(np.int32))):
                 handles[name].write(array.tobytes())
                 handles[name].flush()
+                os.fsync(handles[name].fileno())  # on disk before the record that vouches for it
                 progress["bytes"][name] += array.nbytes
             for key in ("read", "empty", "too_long", "bad_ratio"):
                 progress[key] += getattr(chunk, key)
             progress["chunks"] += 1
-            tmp = partial / (PROGRESS + ".tmp")
-            tmp.write_text(json.dumps(progress))
-            os.replace(tmp, partial / PROGRESS)  # after the chunk's bytes: it never counts bytes not written
+            with atomic_write(partial / PROGRESS, "w", "progress record") as f:
+                f.write(json.dumps(progress))
     finally:
         for f in handles.values():
             f.close()
     for side in ("src", "tgt"):
         write_offsets(files[f"{side}.len"], partial / f"{side}_offsets.npy")
-        files[f"{side}.len"].unlink()
     p = progress
     kept = p["read"] - p["empty"] - p["too_long"] - p["bad_ratio"]
     summary = (f"{p['read']} pairs read, {p['empty']} empty dropped, {p['too_long']} longer than {cfg.max_len} tokens "
                f"dropped, {p['bad_ratio']} with length ratio > {cfg.max_len_ratio} dropped, {kept} kept")
     report = {"read": p["read"], "empty": p["empty"], "too_long": p["too_long"], "bad_ratio": p["bad_ratio"],
               "kept": kept, "summary": summary, "dtype": dtype.name}
-    (partial / "report.json").write_text(json.dumps(report))
+    with atomic_write(partial / "report.json", "w", "report") as f:
+        f.write(json.dumps(report))
     (partial / PROGRESS).unlink()
+    for side in ("src", "tgt"):  # without the record they are stale: a stop before this starts over
+        files[f"{side}.len"].unlink()

@@ -4,14 +4,14 @@ encoded into one directory, with a manifest written last, which `fit` reads (`da
 A prepared directory does not depend on where it was made: its manifest identifies each source by
 its settings and, for files, by their size and a sample of their content (`data.source_fingerprint`:
 not their absolute path or modification time), so a copy of the data on another machine matches it. An interrupted
-`prepare` keeps the corpora it finished and redoes the one it was writing; without the manifest,
-`fit` never takes a directory as complete.
+`prepare` keeps the corpora it finished and continues the one it was writing; without the manifest,
+`fit` never takes a directory as complete. Prepare writes only into a new or empty folder, which it
+marks as its own (MARKER), or one it made before: it never replaces or removes the user's files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,18 +20,32 @@ from mtrain.corpus import raw_pairs
 from mtrain.data import CACHE_VERSION, EncodedCorpus, open_encoded, source_fingerprint
 from mtrain.encode import encode_to, tag_id
 from mtrain.errors import MtrainError
-from mtrain.files import atomic_write, make_folder
-from mtrain.tokenizer import Tokenizers, get_tokenizers
+from mtrain.files import atomic_write, first_names, make_folder
+from mtrain.tokenizer import Tokenizers, get_tokenizers, model_paths, save_to_run, tokenizer_paths
 
-FORMAT = 1  # of the prepared directory, beside the encoded corpora's own CACHE_VERSION
+FORMAT = 2  # of the prepared directory, beside the encoded corpora's own CACHE_VERSION
 MANIFEST = "manifest.json"
+MARKER = ".mtrain-prepare"  # written first into the folder prepare claims: what is inside is prepare's own
+
+
+def claim(out_dir: Path) -> None:
+    """Make `out_dir` a prepared directory: a new or empty folder gets the marker; one with the marker
+    or a manifest is prepare's already. Anything else (the user's own files) is refused in one line,
+    with nothing touched: prepare replaces and removes what is inside its folder."""
+    if out_dir.is_dir() and not (out_dir / MARKER).is_file() and not (out_dir / MANIFEST).is_file():
+        names = sorted(p.name for p in out_dir.iterdir())
+        if names:
+            raise MtrainError(f"{out_dir}: holds files mtrain prepare did not write ({first_names(names)}); give "
+                              f"prepare a new or empty folder")
+    make_folder(out_dir, "prepared data")
+    if not (out_dir / MARKER).is_file():
+        with atomic_write(out_dir / MARKER, "w", "marker") as f:
+            f.write("A folder of mtrain prepare: it replaces and removes what is inside.\n")
 
 
 def expected_manifest(cfg: Config, toks: Tokenizers) -> dict:
     """What a prepared directory must say for `cfg`, with these tokenizers, to be the one it trains on."""
-    h = hashlib.sha256(toks.src.proto)
-    h.update(toks.tgt.proto)
-    return {"format": FORMAT, "encoding": CACHE_VERSION, "tokenizer": h.hexdigest(),
+    return {"format": FORMAT, "encoding": CACHE_VERSION, "tokenizer": toks.identity,
             "filters": {"max_len": cfg.data.max_len, "max_len_ratio": cfg.data.max_len_ratio},
             "train": [source_fingerprint(s) for s in cfg.data.train],
             "valid": None if cfg.data.valid.empty else source_fingerprint(cfg.data.valid)}
@@ -76,13 +90,11 @@ def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0, toks:
     any number); the manifest last. Corpora already encoded for the same source and tokenizer are
     kept, and one that was interrupted continues from its last chunk."""
     out_dir = Path(out_dir)
-    make_folder(out_dir, "prepared data")
+    claim(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until written again, at the end
     local = _streamed_once(cfg, out_dir)  # what is read from here on: files for streamed sources
     toks = toks or get_tokenizers(local, out_dir, log)
-    toks.src.save(out_dir / ("spm.model" if toks.joint else "spm.src.model"))
-    if not toks.joint:
-        toks.tgt.save(out_dir / "spm.tgt.model")
+    save_to_run(toks, out_dir)
     manifest = expected_manifest(cfg, toks)
     for _, source, _ in _parts(local):  # a tag the tokenizer lacks: named before any corpus is encoded
         tag_id(source, toks)
@@ -95,12 +107,16 @@ def prepare(cfg: Config, out_dir: Path | str, log=print, workers: int = 0, toks:
             log(f"prepare: {source.label}: already encoded in {folder}")
             continue
         encode_to(folder, source, toks, cfg.data, filtered, stamp, workers=workers,
-                  finish=lambda t, s=stamp: (t / "prepared.json").write_text(json.dumps(s)))
+                  finish=lambda t, s=stamp: _write_json(t / "prepared.json", s))
         log(f"prepare: {source.label}: {json.loads((folder / 'report.json').read_text())['summary']}")
-    with atomic_write(out_dir / MANIFEST, "w", "manifest") as f:
-        f.write(json.dumps(manifest, indent=1))
+    _write_json(out_dir / MANIFEST, manifest)
     log(f"prepare: {out_dir} is ready; train on it with data.prepared: {out_dir}")
     return out_dir
+
+
+def _write_json(path: Path, value) -> None:
+    with atomic_write(path, "w", path.name) as f:
+        f.write(json.dumps(value, indent=1))
 
 
 def load_prepared(cfg: Config, prepared: Path | str, log=print) -> tuple[Tokenizers, list[EncodedCorpus],
@@ -117,12 +133,17 @@ def load_prepared(cfg: Config, prepared: Path | str, log=print) -> tuple[Tokeniz
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MtrainError(f"{path}: not a readable manifest; run mtrain prepare again") from None
-    joint = (prepared / "spm.model").is_file()
-    src = Tokenizer.load(prepared / ("spm.model" if joint else "spm.src.model"))
-    toks = Tokenizers(src, src if joint else Tokenizer.load(prepared / "spm.tgt.model"))
-    configured = Path(cfg.tokenizer.model) if cfg.tokenizer.model else None
-    if configured is not None and configured.is_file() and configured.read_bytes() != src.proto:
-        raise MtrainError(f"{prepared}: prepared with another tokenizer than {configured}; run mtrain prepare again")
+    paths = model_paths(prepared, cfg.tokenizer.joint)
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise MtrainError(f"{prepared}: prepared with another tokenizer ({missing[0]} missing for tokenizer.joint: "
+                          f"{str(cfg.tokenizer.joint).lower()}); run mtrain prepare again")
+    toks = Tokenizers(*(Tokenizer.load(p) for p in paths))
+    if cfg.tokenizer.model:
+        for configured, mine in zip(tokenizer_paths(cfg.tokenizer, prepared), (toks.src, toks.tgt)):
+            if configured.is_file() and Tokenizer.load(configured).identity != mine.identity:
+                raise MtrainError(f"{prepared}: prepared with another tokenizer than {configured}; run mtrain "
+                                  f"prepare again")
     expected = expected_manifest(cfg, toks)
     for key, what in (("format", "another mtrain format"), ("encoding", "another mtrain format"),
                       ("tokenizer", "another tokenizer"), ("filters", "other data.max_len or max_len_ratio")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import os
 import random
@@ -36,6 +37,54 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _proto_fields(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """The top-level fields of a protobuf message: (field number, the field's bytes with its key,
+    the value's bytes when it is length-delimited, else b"")."""
+    def varint(at: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            byte = data[at]
+            value |= (byte & 0x7F) << shift
+            at, shift = at + 1, shift + 7
+            if byte < 0x80:
+                return value, at
+    at = 0
+    while at < len(data):
+        start = at
+        key, at = varint(at)
+        kind, value = key & 7, b""
+        if kind == 0:
+            _, at = varint(at)
+        elif kind == 1:
+            at += 8
+        elif kind == 5:
+            at += 4
+        elif kind == 2:
+            size, at = varint(at)
+            value, at = data[at:at + size], at + size
+        else:
+            raise ValueError(f"protobuf wire type {kind} not expected in a SentencePiece model")
+        yield key >> 3, data[start:at], value
+
+
+# Fields of SentencePiece's TrainerSpec (field 2 of ModelProto) that say where and how fast the model
+# was trained, not what it does: input, model_prefix, input_format, num_threads.
+_WHERE_TRAINED = {1, 2, 7, 16}
+
+
+def identity(proto: bytes) -> str:
+    """What decides a SentencePiece model's output (pieces, scores, normalizer, the trainer settings
+    encoding reads), hashed. SentencePiece writes its input and output paths and thread count into
+    the model, so the same data trained into two folders gives other bytes but the same identity."""
+    h = hashlib.sha256()
+    for number, raw, value in _proto_fields(proto):
+        if number == 2:  # trainer_spec: without the fields that name paths or threads
+            h.update(b"".join(r for n, r, _ in _proto_fields(value) if n not in _WHERE_TRAINED))
+        else:
+            h.update(raw)
+    return h.hexdigest()
+
+
 # Fixed ids so that every model built by mtrain agrees on them.
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -49,6 +98,7 @@ class Tokenizer:
         self.pad, self.unk, self.bos, self.eos = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(),
                                                   self.sp.eos_id())
         self.vocab_size = self.sp.get_piece_size()
+        self.identity = identity(model_proto)
 
     @classmethod
     def load(cls, path: Path | str) -> "Tokenizer":
@@ -88,16 +138,22 @@ class Tokenizers:
 
     @property
     def joint(self) -> bool:
-        return self.src.proto == self.tgt.proto
+        return self.src.identity == self.tgt.identity
+
+    @property
+    def identity(self) -> str:
+        """Both sides' identities: equal for tokenizers that encode and decode alike."""
+        return hashlib.sha256(f"{self.src.identity} {self.tgt.identity}".encode()).hexdigest()
 
 
 class Reservoir:
-    """The non-empty lines offered (stripped), all of them in order when they are at most `size`; else
-    `size` of them: a uniform sample (reservoir sampling, Vitter's algorithm R, from `seed`) kept in the
-    order offered, or the first `size` without `shuffle`. Memory is the sample's, whatever the corpus's."""
+    """The non-empty lines offered (stripped), all of them in order when they are at most `size` (0:
+    all, as SentencePiece's input_sentence_size); else `size` of them: a uniform sample (reservoir
+    sampling, Vitter's algorithm R, from `seed`) kept in the order offered, or the first `size` without
+    `shuffle`. Memory is the sample's, whatever the corpus's."""
 
     def __init__(self, size: int, shuffle: bool, seed: int = 1):
-        self.size, self.shuffle, self.rng = size, shuffle, random.Random(seed)
+        self.size, self.shuffle, self.rng = size or float("inf"), shuffle, random.Random(seed)
         self.kept: list[tuple[int, str]] = []
         self.seen = 0
 
@@ -217,7 +273,7 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
     """`mtrain tokenize`: settings from flags (None = default) or a config; yields report lines."""
     from mtrain.config import load_config
 
-    tc, inputs, sources = TokenizerConfig(), list(inputs), []
+    tc, inputs, sources, paths = TokenizerConfig(), list(inputs), [], None
     if overrides and config is None:  # nothing to override: they would be ignored
         raise MtrainError(f"--set {overrides[0]}: --set overrides keys of a --config; without one, use the "
                           f"flags (--vocab-size, --model-type, ...)")
@@ -226,9 +282,10 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
         tc = with_tags(cfg.tokenizer, cfg.data.tags)
         if not inputs:
             sources = cfg.data.train  # any kind, one or several: as plain text below
-        if output is None and tc.model:
-            output = Path(tc.model).with_suffix("")
         per_language = per_language or not tc.joint
+        if output is None and tc.model:  # where fit will look for them (tokenizer_paths)
+            output = Path(tc.model).with_suffix("")
+            paths = tokenizer_paths(dataclasses.replace(tc, joint=not per_language), Path("."))
     try:
         tc = dataclasses.replace(tc, **{k: v for k, v in settings.items() if v is not None})
     except ValueError as e:
@@ -243,8 +300,9 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
     if sources:  # one model, or one a side: sampled from the corpora as they are read
         samples = sample_sources(sources, dataclasses.replace(tc, joint=not per_language))
         names = ", ".join(source.label for source in sources)
-        groups = [([f"{names} ({side})"], Path(f"{output}.{side}")) for side in ("src", "tgt")] if per_language else \
-            [([f"{names} (both sides)"], output)]
+        sides = [paths[n].with_suffix("") if paths else Path(f"{output}.{side}") for n, side in enumerate(("src", "tgt"))]
+        groups = [([f"{names} ({side})"], prefix) for side, prefix in zip(("src", "tgt"), sides)] if per_language \
+            else [([f"{names} (both sides)"], output)]
         yield from _train_groups(groups, tc, samples)
     else:
         groups = [([p], Path(f"{output}.{_language(p)}")) for p in inputs] if per_language else [(inputs, output)]
@@ -277,13 +335,35 @@ def with_tags(tc: TokenizerConfig, tags: Sequence[str]) -> TokenizerConfig:
     return dataclasses.replace(tc, user_defined_symbols=list(dict.fromkeys([*tc.user_defined_symbols, *tags])))
 
 
+def model_paths(folder: Path, joint: bool) -> tuple[Path, Path]:
+    """The one naming rule of the SentencePiece models mtrain writes into a folder (a run, a prepared
+    directory): a joint model is spm.model; separate ones are spm.src.model and spm.tgt.model, so that
+    a folder never holds a spm.model that is one side only."""
+    folder = Path(folder)
+    return (folder / "spm.model",) * 2 if joint else (folder / "spm.src.model", folder / "spm.tgt.model")
+
+
+def tokenizer_paths(tc: TokenizerConfig, folder: Path) -> tuple[Path, Path]:
+    """(source, target) model paths of the tokenizer settings: tokenizer.model (and tgt_model) where
+    given, else `model_paths` in `folder`. A tgt_model left empty is next to model: X.src.model ->
+    X.tgt.model, X.model -> X.tgt.model."""
+    if not tc.model:
+        return model_paths(folder, tc.joint)
+    main = Path(tc.model)
+    if tc.joint:
+        return main, main
+    if tc.tgt_model:
+        return main, Path(tc.tgt_model)
+    stem = main.name[:-len(".src.model")] if main.name.endswith(".src.model") else main.stem
+    return main, main.with_name(stem + ".tgt.model")
+
+
 def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) -> Tokenizers:
     """Load the configured SentencePiece model(s), training them on the training data if missing
     (into the run directory when no path is configured). Only one process of a torchrun job may
     `write` (train); the others read what it wrote."""
     tc = cfg.tokenizer
-    main = Path(tc.model) if tc.model else run_dir / "spm.model"
-    tgt_path = main if tc.joint else (Path(tc.tgt_model) if tc.tgt_model else main.with_name(main.stem + ".tgt.model"))
+    main, tgt_path = tokenizer_paths(tc, run_dir)
     if write and (not main.is_file() or not tgt_path.is_file()):
         if not cfg.data.train:
             raise MtrainError("data.train: no training corpus given")
@@ -303,7 +383,9 @@ def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) ->
 
 
 def save_to_run(toks: Tokenizers, run_dir: Path) -> None:
-    """A copy of the tokenizer(s) in the run directory, so that it is self-contained."""
-    toks.src.save(run_dir / ("spm.model" if toks.joint else "spm.src.model"))
+    """A copy of the tokenizer(s) in a run (or prepared) directory, named by `model_paths`, so that
+    it is self-contained."""
+    src, tgt = model_paths(run_dir, toks.joint)
+    toks.src.save(src)
     if not toks.joint:
-        toks.tgt.save(run_dir / "spm.tgt.model")
+        toks.tgt.save(tgt)

@@ -31,7 +31,7 @@ from mtrain.model import Transformer
 from mtrain.prepare import MANIFEST, load_prepared, prepare
 from mtrain.report import Report, progress, write_line
 from mtrain.score import bleu
-from mtrain.tokenizer import Tokenizers, get_tokenizers, is_one_piece, save_to_run
+from mtrain.tokenizer import Tokenizer, Tokenizers, get_tokenizers, is_one_piece, save_to_run, tokenizer_paths
 from mtrain.translate import decode_ids, drop_unknown
 
 # ---------------------------------------------------------------- the learning rate
@@ -396,7 +396,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: W
     clock = Clock()
     start = load_init(Path(init), cfg, trust) if init is not None else None
     dev, ckpt = start_run(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report)
-    toks = start.toks if start else None
+    toks = start.toks if start else resumed_tokenizers(ckpt, cfg, run_dir) if ckpt is not None else None
     if cfg.data.prepared:
         make_prepared(cfg, world=world, report=report, toks=toks)
     with world.main_first():  # rank 0 trains the tokenizer and encodes the corpus; the others read its files
@@ -462,7 +462,7 @@ def load_init(path: Path, cfg: Config, trust: bool) -> Init:
                               f"run that starts from its weights needs its model (dropouts may differ)")
     for key, mine in (("model", toks.src), ("tgt_model", toks.tgt)):
         configured = getattr(cfg.tokenizer, key)
-        if configured and Path(configured).is_file() and Path(configured).read_bytes() != mine.proto:
+        if configured and Path(configured).is_file() and Tokenizer.load(configured).identity != mine.identity:
             raise MtrainError(f"tokenizer.{key}: {configured} is not the tokenizer of {path}; a run that starts "
                               f"from its weights uses the checkpoint's (leave tokenizer.{key} empty)")
     missing = [tag for tag in cfg.data.tags if not is_one_piece(tag, toks.src)]
@@ -471,6 +471,20 @@ def load_init(path: Path, cfg: Config, trust: bool) -> Init:
                           f"{', '.join(missing)} of the data; a model for them must learn them from the start "
                           f"(a tokenizer trained with them)")
     return Init(path, state["model"], toks)
+
+
+def resumed_tokenizers(ckpt: dict, cfg: Config, run_dir: Path) -> Tokenizers | None:
+    """A resumed run's tokenizers are its checkpoint's, never trained again. A configured model file
+    that now holds another model is refused: the ids would no longer mean what the weights learnt."""
+    if "tokenizer_src" not in ckpt:
+        return None
+    toks = checkpoint.model_and_tokenizers(ckpt, run_dir / "last.pt", model=False)[1]
+    if cfg.tokenizer.model:
+        for path, mine in zip(tokenizer_paths(cfg.tokenizer, run_dir), (toks.src, toks.tgt)):
+            if path.is_file() and Tokenizer.load(path).identity != mine.identity:
+                raise MtrainError(f"{path}: not the SentencePiece model this run trained with (in "
+                                  f"{run_dir / 'last.pt'}); cannot resume")
+    return toks
 
 
 @dataclass
@@ -488,9 +502,9 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
     if cfg.data.prepared:
         given = toks
         toks, parts, valid = load_prepared(cfg, Path(cfg.data.prepared), report.line)
-        if given is not None and (given.src.proto, given.tgt.proto) != (toks.src.proto, toks.tgt.proto):
-            raise MtrainError(f"{cfg.data.prepared}: prepared with another tokenizer than the one of the --init "
-                              f"checkpoint; prepare the data with that tokenizer (tokenizer.model)")
+        if given is not None and given.identity != toks.identity:
+            raise MtrainError(f"{cfg.data.prepared}: prepared with another tokenizer than the run's (from its "
+                              f"checkpoint); prepare the data with that tokenizer (tokenizer.model)")
     else:
         toks = toks or get_tokenizers(cfg, run_dir, report.line, write=world.main)
         for source in (*cfg.data.train, cfg.data.valid):  # a tag the tokenizer lacks: named before any encoding
@@ -498,11 +512,6 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
         parts = [load_corpus(source, toks, cfg.data, filtered=True, log=report.line) for source in cfg.data.train]
         valid = None if cfg.data.valid.empty else load_corpus(cfg.data.valid, toks, cfg.data, filtered=False,
                                                               log=report.line)
-    if ckpt is not None and "tokenizer_src" in ckpt and \
-            (ckpt["tokenizer_src"], ckpt.get("tokenizer_tgt")) != (toks.src.proto, toks.tgt.proto):
-        where = cfg.tokenizer.model or run_dir / "spm.model"
-        raise MtrainError(f"{where}: not the SentencePiece model this run trained with (in {run_dir / 'last.pt'}); "
-                          f"cannot resume")
     train_data = Corpora(parts, [s.weight for s in cfg.data.train], [s.label for s in cfg.data.train])
     if len(train_data) == 0:
         raise MtrainError(f"{', '.join(s.label for s in cfg.data.train)}: no training pairs left after filtering")

@@ -61,10 +61,18 @@ def test_a_run_from_a_models_weights_starts_at_its_loss_with_a_fresh_optimizer(t
     assert scratch["loss"] > first["loss"] + 0.5
 
 
+def another_tokenizer(tmp):
+    """A SentencePiece model unlike the parent's (a copy of the same model under another name is the
+    same tokenizer)."""
+    from mtrain.config import TokenizerConfig
+    from mtrain.tokenizer import train_tokenizer
+    return train_tokenizer([SAMPLE_DE], TokenizerConfig(vocab_size=60), tmp / "other")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda raw, tmp: raw["model"].update(d_model=64, heads=2),
      r"--init .*final.pt: model.d_model is 64 in the config and 32 in the checkpoint"),
-    (lambda raw, tmp: raw.__setitem__("tokenizer", {"model": str(tmp / "other.model")}),
+    (lambda raw, tmp: raw.__setitem__("tokenizer", {"model": str(another_tokenizer(tmp))}),
      r"tokenizer.model: .*other.model is not the tokenizer of .*final.pt; a run that starts from its weights uses "
      r"the checkpoint's"),
     (lambda raw, tmp: raw["data"]["train"].update(tag="<2fr>"),
@@ -72,7 +80,6 @@ def test_a_run_from_a_models_weights_starts_at_its_loss_with_a_fresh_optimizer(t
 ])
 def test_what_init_refuses_is_one_line_and_creates_nothing(tmp_path, spm_model, parent, change, message):
     raw = child_raw(tmp_path, spm_model, max_steps=2)
-    (tmp_path / "other.model").write_bytes(spm_model.read_bytes())
     change(raw, tmp_path)
     with pytest.raises(MtrainError, match=message):
         fit(config_from_dict(raw), tmp_path / "child", init=parent, log=lambda *_: None)

@@ -91,7 +91,7 @@ def test_fit_prepares_what_is_missing_and_refuses_a_directory_for_other_data(tmp
                                           r"prepare again"):
         load_prepared(config_from_dict({**raw, "tokenizer": {"model": str(other)}}), tmp_path / "prepared",
                       log=lambda *_: None)
-    manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 0'))
+    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 0'))
     with pytest.raises(MtrainError, match="prepared: prepared with another mtrain format; run mtrain prepare again"):
         load_prepared(config_from_dict(raw), tmp_path / "prepared", log=lambda *_: None)
     manifest.write_text("{not json")
@@ -162,3 +162,101 @@ def test_a_tag_the_tokenizer_lacks_is_named_before_any_corpus_is_encoded(tmp_pat
     with pytest.raises(MtrainError, match="half: tag <2xx> is not one piece of the source tokenizer"):
         fit(config_from_dict(raw), tmp_path / "run", log=lambda *_: None)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_prepare_refuses_a_folder_of_the_users_own_files_and_touches_nothing(tmp_path, spm_model):
+    """The raw validation text in DIR/valid/: prepare used to read it, encode it, then remove DIR/valid
+    to put its own output there. Now a folder that neither prepare's marker nor a manifest makes its
+    own is refused in one line, before anything is read or written."""
+    raw = tiny_raw(tmp_path, spm_model)
+    out = tmp_path / "data"
+    (out / "valid").mkdir(parents=True)
+    (out / "valid" / "val.en").write_text(SAMPLE_EN.read_text())
+    (out / "valid" / "val.de").write_text(SAMPLE_DE.read_text())
+    raw["data"]["valid"] = {"src": str(out / "valid" / "val.en"), "tgt": str(out / "valid" / "val.de")}
+    before = files_of(out)
+    with pytest.raises(MtrainError, match=r"data: holds files mtrain prepare did not write \(valid\); give prepare "
+                                          r"a new or empty folder"):
+        prepare(config_from_dict(raw), out, log=lambda *_: None)
+    assert files_of(out) == before and sorted(p.name for p in out.iterdir()) == ["valid"]
+    # A new folder is prepare's, and a second prepare into it is fine; so is an empty folder.
+    prepare(config_from_dict(raw), tmp_path / "new", log=lambda *_: None)
+    prepare(config_from_dict(raw), tmp_path / "new", log=lambda *_: None)
+    (tmp_path / "empty").mkdir()
+    prepare(config_from_dict(raw), tmp_path / "empty", log=lambda *_: None)
+    assert files_of(tmp_path / "empty") == files_of(tmp_path / "new")
+
+
+def test_encoding_never_replaces_a_folder_that_is_not_an_encoded_corpus(tmp_path, toks):
+    from mtrain import encode
+    from mtrain.config import DataConfig, DataSource
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(MtrainError, match=r"out: exists and is not an encoded corpus, so it is not replaced"):
+        encode.encode_to(tmp_path / "out", DataSource(src=str(SAMPLE_EN), tgt=str(SAMPLE_DE)), toks, DataConfig(),
+                         True, stamp={}, workers=1)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+class Crash(BaseException):
+    """A stop at a write boundary: not an Exception, so no handler of mtrain's takes it for bad data."""
+
+
+def stop_at(monkeypatch, boundary: int) -> list:
+    """Make the `boundary`-th call (from 0) of any file-system primitive that writes, renames, removes
+    or makes durable raise Crash; the calls seen are listed in the returned list."""
+    import builtins
+    import os
+    import shutil
+
+    calls = []
+
+    def wrap(module, name):
+        real = getattr(module, name)
+
+        def call(*args, **kwargs):
+            if name == "open" and not any(c in str(args[1] if len(args) > 1 else kwargs.get("mode", "r"))
+                                          for c in "wax+"):
+                return real(*args, **kwargs)  # reading is no boundary
+            calls.append((name, str(args[0])))
+            if len(calls) - 1 == boundary:
+                raise Crash(f"stopped at {name} {args[0]}")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, call)
+
+    for module, name in ((builtins, "open"), (os, "replace"), (os, "rename"), (os, "unlink"), (os, "fsync"),
+                         (os, "mkdir"), (os, "rmdir"), (os, "truncate"), (shutil, "rmtree")):
+        wrap(module, name)
+    return calls
+
+
+def test_a_prepare_stopped_at_every_write_boundary_resumes_to_the_same_bytes(tmp_path, spm_model, monkeypatch):
+    """Fault injection: prepare is stopped at each write, rename, removal, mkdir and fsync in turn
+    (monkeypatched to raise), then run again. Every time, the directory ends byte for byte as an
+    uninterrupted prepare's, holds no temporary file, and `fit` takes it. Before, a stop between the
+    removal of src.len and that of progress.json resumed to a corpus of empty sources."""
+    from mtrain import encode
+
+    raw = two_corpora(tmp_path, spm_model)
+    cfg = config_from_dict(raw)
+    monkeypatch.setattr(encode, "CHUNK", 7)  # several chunks, each with its own progress record
+    reference = files_of(prepare(cfg, tmp_path / "reference", log=lambda *_: None, workers=1))
+    boundary = 0
+    while True:
+        out = tmp_path / f"stopped{boundary}"
+        with monkeypatch.context() as m:
+            calls = stop_at(m, boundary)
+            try:
+                prepare(cfg, out, log=lambda *_: None, workers=1)
+                finished = True
+            except Crash:
+                finished = False
+        if finished:  # the boundary lies past the last write: every one has been tried
+            break
+        prepare(cfg, out, log=lambda *_: None, workers=1)
+        got = files_of(out)
+        assert got == reference, f"stopped at {calls[-1]} (boundary {boundary}): {sorted(set(got) ^ set(reference))}"
+        load_prepared(cfg, out, log=lambda *_: None)
+        boundary += 1
+    assert boundary > 60  # chunks of two corpora, each with its writes, fsyncs and renames

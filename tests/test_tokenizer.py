@@ -105,3 +105,51 @@ def test_tsv_and_several_corpora_are_sampled_as_read_without_a_copy(tmp_path, mo
     assert "pieces/sentence" in run.stdout
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["spm.model", "spm.vocab"]
     assert Tokenizer.load(tmp_path / "tok" / "spm.model").vocab_size == 60
+
+
+def test_input_sentence_size_zero_samples_every_sentence(tmp_path):
+    """0 is SentencePiece's "use every sentence": it sampled none, and training failed on no text."""
+    from mtrain.config import TokenizerConfig
+    from mtrain.tokenizer import sample_lines
+
+    lines = [x for x in SAMPLE_EN.read_text().splitlines() if x.strip()]
+    assert sample_lines([SAMPLE_EN], 0, shuffle=True) == lines
+    assert sample_lines([SAMPLE_EN], 0, shuffle=False) == lines
+    assert len(sample_lines([SAMPLE_EN], 3, shuffle=True)) == 3
+    from mtrain.tokenizer import train_tokenizer
+    model = train_tokenizer([SAMPLE_EN], TokenizerConfig(vocab_size=60, input_sentence_size=0), tmp_path / "all")
+    assert Tokenizer.load(model).vocab_size == 60
+    with pytest.raises(MtrainError, match="input_sentence_size must be >= 0"):
+        config_from_dict({**tiny_raw(tmp_path, model), "tokenizer": {"input_sentence_size": -1}})
+
+
+def test_a_tokenizer_is_identified_by_what_it_does_not_by_where_it_was_trained(tmp_path, spm_model):
+    """SentencePiece writes its input and output paths and thread count into the model: the same text
+    trained into two folders gives other bytes, the same identity; a tokenizer that encodes
+    otherwise has another identity."""
+    from mtrain.config import TokenizerConfig
+    from mtrain.tokenizer import train_tokenizer
+
+    here = Tokenizer.load(spm_model)
+    there = Tokenizer.load(train_tokenizer([SAMPLE_EN, SAMPLE_DE], TokenizerConfig(vocab_size=100),
+                                           tmp_path / "elsewhere" / "x"))
+    assert here.proto != there.proto and here.identity == there.identity
+    other = Tokenizer.load(train_tokenizer([SAMPLE_EN, SAMPLE_DE], TokenizerConfig(vocab_size=90), tmp_path / "o"))
+    assert other.identity != here.identity
+
+
+def test_the_same_data_prepared_into_two_folders_is_one_tokenizer(tmp_path, spm_model):
+    """Two prepared directories of the same data (a tokenizer trained into each: per_node preparation
+    does that on every node) hold the same tokenizer; either's model is accepted for the other."""
+    from mtrain.prepare import MANIFEST, load_prepared, prepare
+
+    raw = tiny_raw(tmp_path, spm_model)
+    raw["tokenizer"] = {"vocab_size": 100}
+    cfg = config_from_dict(raw)
+    a = prepare(cfg, tmp_path / "a", log=lambda *_: None, workers=1)
+    b = prepare(cfg, tmp_path / "b", log=lambda *_: None, workers=2)
+    assert (a / "spm.model").read_bytes() != (b / "spm.model").read_bytes()  # paths inside differ
+    import json
+    assert json.loads((a / MANIFEST).read_text())["tokenizer"] == json.loads((b / MANIFEST).read_text())["tokenizer"]
+    raw["tokenizer"] = {"model": str(a / "spm.model")}
+    load_prepared(config_from_dict(raw), b, log=lambda *_: None)  # refused as "another tokenizer" before
