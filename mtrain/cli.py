@@ -302,13 +302,16 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     beam: Optional[int] = typer.Option(None, help="Default beam size of a request [config decode.beam]."),
-    max_batch_tokens: int = typer.Option(4000, help="Source pieces in flight at most: requests join the "
-                                                    "running search while they fit."),
+    max_batch_tokens: int = typer.Option(32768, help="KV-cache positions in flight at most (hypotheses x "
+                                                     "output limit): requests join the running search while "
+                                                     "they fit; a request that alone needs more is refused."),
     max_wait_ms: float = typer.Option(0.0, help="How long a request to an idle worker waits for others to start "
                                                 "with (later ones join the running search anyway)."),
     max_lines: int = typer.Option(Limits.max_lines, help="Lines per request, at most."),
     max_chars: int = typer.Option(Limits.max_chars, help="Characters per line, at most."),
     max_body_bytes: int = typer.Option(Limits.max_body_bytes, help="Request body size, at most."),
+    max_queue: int = typer.Option(Limits.max_queue, help="Requests waiting for the worker, at most; more are "
+                                                         "refused with 503 and Retry-After."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
@@ -318,7 +321,8 @@ def serve(
     from mtrain.serve import run_server
     with user_errors():
         run_server(checkpoints, host, port, beam, max_batch_tokens, max_wait_ms,
-                   Limits(max_body_bytes=max_body_bytes, max_lines=max_lines, max_chars=max_chars), device,
+                   Limits(max_body_bytes=max_body_bytes, max_lines=max_lines, max_chars=max_chars,
+                          max_queue=max_queue), device,
                    precision, trust)
 
 

@@ -27,11 +27,16 @@ def length_penalty(length, alpha: float, kind: str = "gnmt"):
     return length ** alpha
 
 
+def output_limits(src_len: torch.Tensor, a: float, b: int, limit: int) -> torch.Tensor:
+    """Longest allowed outputs, EOS included: floor(a * |src| + b) pieces then EOS for sources of
+    `src_len` pieces without their EOS (as fairseq's max_len_a/b); capped by the model's positions
+    (before the cast to integers, so that a huge b cannot overflow)."""
+    return (a * src_len.float() + b).floor().add(1).clamp(min=1, max=limit).long()
+
+
 def max_lengths(src_pad_mask: torch.Tensor, a: float, b: int, limit: int) -> torch.Tensor:
-    """(B,) longest allowed output, EOS included: floor(a * |src| + b) pieces then EOS, where |src| counts
-    the source pieces without its EOS (as fairseq's max_len_a/b); capped by the model's positions."""
-    src_len = (~src_pad_mask).sum(1).float() - 1  # the source ends in EOS
-    return (a * src_len + b).floor().long().add(1).clamp(min=1, max=limit)
+    """(B,) output_limits of a batch of sources, each ending in EOS."""
+    return output_limits((~src_pad_mask).sum(1) - 1, a, b, limit)
 
 
 def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:

@@ -2,11 +2,13 @@
 
 Requests are answered by one worker thread that owns the model, with continuous batching: requests
 join the running beam search between two of its steps (one search per set of decoding options),
-as long as the source pieces in flight stay within --max-batch-tokens, and each request is answered
-as soon as its last line is done, while the others go on. An idle worker waits up to --max-wait-ms
-for company before it starts. Lines are read and finished by the same code as `mtrain translate`'s
-(read_sources, BeamSearch, Sources.finish). The event loop only parses, validates and waits, so a
-slow step never stops the server from accepting or refusing.
+as long as the KV cache they need stays within --max-batch-tokens positions, and each request is
+answered as soon as its last line is done, while the others go on. A server is meant to run for
+weeks: every request's work and the queue are bounded, and one request's failure is its own. An
+idle worker waits up to --max-wait-ms for company before it starts. Lines are read and finished
+by the same code as `mtrain translate`'s (read_sources, BeamSearch, Sources.finish). The event
+loop only parses, validates and waits, so a slow step never stops the server from accepting or
+refusing.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time,
@@ -38,6 +40,7 @@ class Limits:
     max_lines: int = 64
     max_chars: int = 2000
     max_beam: int = 32
+    max_queue: int = 256  # requests waiting for the worker; more get a 503 with Retry-After
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
@@ -53,6 +56,10 @@ class RequestError(Exception):
         self.status = status
 
 
+class Busy(Exception):
+    """The queue is full: the request is refused with a 503 and Retry-After."""
+
+
 # The options a request may set, with their JSON types: `mtrain translate`'s beam-search flags.
 # Sampling is left out: a sampled line depends on the random stream of the whole batch it lands in.
 OPTIONS = {"beam": int, "nbest": int, "lenpen": float, "max_len_a": float, "max_len_b": int, "min_len": int,
@@ -61,12 +68,15 @@ OPTIONS = {"beam": int, "nbest": int, "lenpen": float, "max_len_a": float, "max_
 
 @dataclass
 class Job:
-    """One request for the worker: its lines, the options that decide which search it joins, its
-    size in source pieces, and where its answer goes. `sources` are its lines made ready to decode."""
+    """One request for the worker: its lines, the options that decide which search it joins, the KV
+    cache it takes (`rows` hypotheses, each up to `columns` positions: its beam times its lines, and
+    its longest output limit), and where its answer goes. `sources` are its lines made ready to
+    decode."""
 
     lines: list[str]
     key: tuple
-    tokens: int
+    rows: int
+    columns: int = 1
     sources: object = None  # translate.Sources
     hyps: list = field(default_factory=list)  # per line decoded, once its search is done with it
     left: int = 0  # lines still in a search
@@ -89,11 +99,14 @@ class Batcher:
     and runs its steps, handing each job its answer when the engine says it is done.
 
     The engine has `admit(job)`, `step() -> [(job, answer), ...]` (the jobs finished by that step;
-    an exception for an answer fails that job alone) and `abort()` (forget every admitted job)."""
+    an exception for an answer fails that job alone) and `abort()` (forget every admitted job).
 
-    def __init__(self, engine, max_wait_ms: float, max_batch_tokens: int):
+    The jobs in flight take at most `max_batch_tokens` positions of KV cache: their rows times the
+    longest output limit among them (the cache is one rectangle). At most `max_queue` jobs wait."""
+
+    def __init__(self, engine, max_wait_ms: float, max_batch_tokens: int, max_queue: int = Limits.max_queue):
         self.engine, self.max_wait, self.max_tokens = engine, max_wait_ms / 1000, max_batch_tokens
-        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self.waiting: list[Job] = []  # taken from the queue, but over the budget when they came
         self.live: list[Job] = []  # admitted, not yet answered
         self.shared: set[int] = set()  # ids of live jobs that shared a step with another
@@ -111,8 +124,17 @@ class Batcher:
         self.thread.join()
 
     def submit(self, job: Job) -> concurrent.futures.Future:
-        self.queue.put(job)
+        """Queue the job; Busy when `max_queue` jobs wait already."""
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise Busy(f"{self.queue.maxsize} requests are waiting already") from None
         return job.future
+
+    def load(self, extra: Job | None = None) -> int:
+        """KV-cache positions the jobs in flight take (with `extra` too)."""
+        jobs = self.live + ([extra] if extra is not None else [])
+        return sum(j.rows for j in jobs) * max((j.columns for j in jobs), default=0)
 
     def _next(self, timeout: float | None) -> Job | None:
         try:
@@ -124,8 +146,9 @@ class Batcher:
         return job
 
     def _admit(self, job: Job) -> bool:
-        """Start `job` if its pieces fit the budget beside those in flight (a job alone always does)."""
-        if self.live and sum(j.tokens for j in self.live) + job.tokens > self.max_tokens:
+        """Start `job` if it fits the budget beside those in flight (a job alone always does: the
+        server refuses one over the budget when it comes)."""
+        if self.live and self.load(job) > self.max_tokens:
             return False
         try:
             self.engine.admit(job)
@@ -145,7 +168,7 @@ class Batcher:
             if job is not None and not self._admit(job):
                 self.waiting.append(job)
         deadline = time.monotonic() + (self.max_wait if idle else 0)
-        while not self.waiting and not self.stopping and sum(j.tokens for j in self.live) < self.max_tokens:
+        while not self.waiting and not self.stopping and self.load() < self.max_tokens:
             job = self._next(deadline - time.monotonic())
             if job is None:
                 break
@@ -157,7 +180,7 @@ class Batcher:
         with self.lock:
             self.counters.errors += 1
         for job in jobs:
-            job.future.set_exception(e)
+            settle(job.future, e)
 
     def _run(self) -> None:
         while True:
@@ -190,10 +213,23 @@ class Batcher:
             for job, _ in failed + finished:
                 self.live.remove(job)
                 self.shared.discard(id(job))
-            if failed:  # jobs that could not start (one error for all that joined at this step)
-                self._fail([job for job, _ in failed], failed[0][1])
+            for e in {id(e): e for _, e in failed}.values():  # each error logged once, with its jobs
+                self._fail([job for job, error in failed if error is e], e)
             for job, answer in finished:
-                job.future.set_result(answer)
+                settle(job.future, answer)
+
+
+def settle(future: concurrent.futures.Future, value) -> None:
+    """Give a job's future its answer (an exception fails it). A future cancelled meanwhile (a client
+    gone, uvicorn shutting down) takes none: set_result would raise InvalidStateError and end the
+    worker thread."""
+    try:
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _number(x: float) -> float | None:
@@ -224,8 +260,9 @@ class Translator:
                      "ensemble": self.ensemble, "tags": self.tags, "device": str(self.dev.device),
                      "decode": dataclasses.asdict(self.decode)}
 
-    def job(self, body: dict, limits: Limits) -> Job:
-        """Validate a parsed request body (RequestError otherwise) and make its job."""
+    def job(self, body: dict, limits: Limits, max_batch_tokens: int | None = None) -> Job:
+        """Validate a parsed request body (RequestError otherwise) and make its job, refused when its
+        KV cache alone would be over `max_batch_tokens` positions."""
         from mtrain.translate import tag_piece, with_overrides
 
         if not isinstance(body, dict):
@@ -248,6 +285,11 @@ class Translator:
                 raise RequestError(413, f"text[{n}]: {len(line)} characters, over the limit of {limits.max_chars}")
             if "\n" in line.strip() or "\r" in line.strip():  # translate would read two lines there
                 raise RequestError(422, f"text[{n}]: holds a line break; send each line as an item of the list")
+            try:  # JSON's \ud800 escapes can make strings that no text encoding holds
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(422, f"text[{n}]: holds an unpaired surrogate (U+{ord(line[e.start]):04X}), "
+                                        f"which is not a character") from None
         changes = {}
         for name, kind in OPTIONS.items():
             value = body.get(name)
@@ -282,12 +324,23 @@ class Translator:
         if attention and self.ensemble:
             raise RequestError(422, "attention: shows one model's attention, and this server decodes with an "
                                     f"ensemble of {len(self.info['models'])}")
+        import torch
+
+        from mtrain.search import output_limits
         from mtrain.translate import read_sources
 
         lines = [line.strip() for line in text]
         sources = read_sources(lines, self.toks, self.model.cfg.max_positions, tag=tag)
-        tokens = sum(len(x) + 1 for x in sources.ids)
-        return Job(lines, (dataclasses.astuple(decode), tag, attention), tokens, sources)
+        # +1: a hypothesis holds BOS and up to its limit of tokens, as BeamSearch's cache is sized
+        columns = int(output_limits(torch.tensor([len(x) for x in sources.ids] or [0]), decode.max_len_a,
+                                    decode.max_len_b, self.model.cfg.max_positions - 1).max()) + 1
+        rows = decode.beam * len(sources.ids)
+        if max_batch_tokens is not None and rows * columns > max_batch_tokens:
+            raise RequestError(413, f"the request needs {rows * columns:,} positions of KV cache ({len(sources.ids)} "
+                                    f"lines x beam {decode.beam} x {columns} output positions), over the server's "
+                                    f"--max-batch-tokens {max_batch_tokens:,}; send fewer or shorter lines, or a "
+                                    f"smaller beam or max_len_a/b")
+        return Job(lines, (dataclasses.astuple(decode), tag, attention), rows, columns, sources)
 
     # The worker's engine (see Batcher): one BeamSearch per key, which jobs with that key join.
 
@@ -336,8 +389,14 @@ class Translator:
         failed = self._start()
         finished, self.ready = self.ready, []
         for key, search in list(self.searches.items()):
-            with torch.inference_mode(), self.dev.autocast():
-                done = search.step()
+            try:
+                with torch.inference_mode(), self.dev.autocast():
+                    done = search.step()
+            except Exception as e:  # this search's jobs fail; those of other searches go on
+                del self.searches[key]
+                mine = [k for k in self.owners if k[0] == key]
+                failed += [(job, e) for job in {id(j): j for j, _ in (self.owners.pop(k) for k in mine)}.values()]
+                continue
             for sentence, hyps in done:
                 job, n = self.owners.pop((key, sentence))
                 job.hyps[n] = hyps
@@ -346,7 +405,15 @@ class Translator:
                     finished.append(job)
             if not len(search):
                 del self.searches[key]  # its cache goes with it
-        return failed + [(job, self.answer(job)) for job in finished]
+        return failed + [(job, self._answer(job)) for job in finished]
+
+    def _answer(self, job: Job) -> dict | Exception:
+        """The job's answer, or the error that building it raised (an attention pass out of memory):
+        that job's alone."""
+        try:
+            return self.answer(job)
+        except Exception as e:
+            return e
 
     def abort(self) -> None:
         self.searches, self.owners, self.ready, self.joining = {}, {}, [], {}
@@ -411,7 +478,7 @@ def make_app(translator: Translator, limits: Limits, max_wait_ms: float, max_bat
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 
-    batcher = Batcher(translator, max_wait_ms, max_batch_tokens)
+    batcher = Batcher(translator, max_wait_ms, max_batch_tokens, limits.max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -476,11 +543,18 @@ def make_app(translator: Translator, limits: Limits, max_wait_ms: float, max_bat
     async def translate(request: Request):
         try:
             body = await read_body(request, limits.max_body_bytes)
-            job = translator.job(body, limits)
+            job = translator.job(body, limits, max_batch_tokens)
         except RequestError as e:
             return error(e.status, str(e))
+        except Exception as e:  # whatever a body makes the parser or the checks raise is the client's error
+            return error(400, f"the body cannot be read: {type(e).__name__}: {e}".splitlines()[0][:300])
         try:
-            return await asyncio.wrap_future(batcher.submit(job))
+            future = batcher.submit(job)
+        except Busy as e:
+            return JSONResponse({"error": f"the server is busy ({e}); try again shortly"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        try:
+            return await asyncio.wrap_future(future)
         except Exception as e:  # logged once by the worker
             return error(500, f"translation failed: {type(e).__name__}: {e}".splitlines()[0][:300])
 
@@ -506,9 +580,23 @@ async def read_body(request, limit: int):
     except UnicodeDecodeError as e:
         raise RequestError(400, f"the body is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except json.JSONDecodeError as e:
         raise RequestError(400, f"the body is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise RequestError(400, "the body is not JSON this server reads: nested too deeply") from None
+
+
+def _no_constant(name: str):
+    """NaN and Infinity are Python's extensions to JSON, not JSON."""
+    raise RequestError(400, f"the body is not JSON: {name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise RequestError(400, f"the body holds the number {text[:40]}, too large for a float")
+    return value
 
 
 def listen(host: str, port: int):

@@ -50,7 +50,7 @@ def free_port() -> int:
 class Server:
     """uvicorn in a thread of this process, on 127.0.0.1 and a free port."""
 
-    def __init__(self, translator, limits=Limits(), max_wait_ms=20.0, max_batch_tokens=4000):
+    def __init__(self, translator, limits=Limits(), max_wait_ms=20.0, max_batch_tokens=32768):
         self.app = make_app(translator, limits, max_wait_ms, max_batch_tokens)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -213,6 +213,17 @@ BAD = [  # (body bytes, status, the error names ...)
     (json.dumps({"text": ["a dog ."] * 9}).encode(), 413, r"9 lines, over the limit of 8"),
     (json.dumps({"text": ["ok", "x" * 201]}).encode(), 413, r"text\[1\]: 201 characters, over the limit of 200"),
     (json.dumps({"text": ["a dog ."], "pad": "x" * 5000}).encode(), 413, r"over the limit of 4,000"),
+    # Whatever a body makes the parser or the checks raise is the client's error (a 500 before):
+    (b"[" * 1990 + b"]" * 1990, 400, r"nested too deeply"),  # within the test server's 4,000 bytes
+    (b'{"text": ["a dog ."], "lenpen": NaN}', 400, r"NaN is not a JSON number"),
+    (b'{"text": ["a dog ."], "lenpen": -Infinity}', 400, r"-Infinity is not a JSON number"),
+    (b'{"text": ["a dog ."], "lenpen": 1e999}', 400, r"the number 1e999, too large for a float"),
+    (b'{"text": ["a \\ud800 dog ."]}', 422, r"text\[0\]: holds an unpaired surrogate \(U\+D800\)"),
+    (b'{"text": ' + b"[" * 1900 + b"]" * 1900 + b"}", 400, r"nested too deeply"),
+    # Each request's work is bounded in KV-cache positions, as --max-batch-tokens counts them:
+    (json.dumps({"text": ["a dog runs on the grass and the man holds a red ball . " * 3] * 8,
+                 "beam": 32}).encode(), 413, r"the request needs [\d,]+ positions of KV cache \(8 lines x beam 32 x "
+                                             r"\d+ output positions\), over the server's --max-batch-tokens 32,768"),
 ]
 
 
@@ -223,6 +234,36 @@ def test_bad_input_gets_a_4xx_json_line_and_the_server_keeps_serving(server, raw
     assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
     code, answer = call(server.url + "/translate", {"text": [SOURCES[0]], "tag": "<2de>"})
     assert code == 200 and answer["translations"][0]["text"] == GERMAN[0]
+
+
+def test_no_mangled_body_is_a_server_error(server):
+    """Bodies cut, with bytes flipped, dropped or repeated (seeded): each is answered, and with a 4xx
+    whenever it is not a good request; never a 500."""
+    import random
+
+    rng = random.Random(7)
+    good = json.dumps({"text": [SOURCES[0], "a \u00e9 dog"], "tag": "<2de>", "beam": 2, "nbest": 2,
+                       "lenpen": 0.6, "attention": False}).encode()
+    codes = []
+    for _ in range(150):
+        body = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            if not body:
+                break
+            at = rng.randrange(len(body))
+            kind = rng.randrange(4)
+            if kind == 0:
+                body[at] = rng.randrange(256)
+            elif kind == 1:
+                del body[at:at + rng.randint(1, 8)]
+            elif kind == 2:
+                body[at:at] = body[at:at + rng.randint(1, 8)] * rng.randint(1, 3)
+            else:
+                body = body[:at]
+        code, answer = call(server.url + "/translate", raw=bytes(body))
+        codes.append(code)
+        assert code == 200 or (400 <= code < 500 and "\n" not in answer["error"]), (bytes(body), code, answer)
+    assert codes.count(200) < len(codes) / 2  # most mangled bodies are refused, as they should be
 
 
 def test_a_model_error_is_a_500_logged_once_and_the_server_goes_on(server, caplog):
@@ -485,3 +526,104 @@ def test_jobs_admitted_between_steps_start_in_one_encoder_pass(model_path, monke
         answers.update((id(j), a) for j, a in translator.step())
     got = [t["text"] for j in (first, second, third) for t in answers[id(j)]["translations"]]
     assert got == reference(model_path, SOURCES[:4], "<2de>")
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_the_queued_requests_are_answered(translator, monkeypatch):
+    """While the worker is busy in a step, requests wait in a queue of --max-queue; one more is refused
+    at once with 503 and Retry-After, and the waiting ones are answered when the step ends."""
+    release, stepping = threading.Event(), threading.Event()
+    step = translator.step
+
+    def slow_step():
+        stepping.set()
+        release.wait(30)
+        return step()
+
+    monkeypatch.setattr(translator, "step", slow_step)
+    with Server(translator, Limits(max_queue=1)) as s, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(call, s.url + "/translate", {"text": [SOURCES[0]], "tag": "<2de>"})
+        assert stepping.wait(30)  # the first request is in a step
+        second = pool.submit(call, s.url + "/translate", {"text": [SOURCES[1]], "tag": "<2de>"})
+        deadline = time.monotonic() + 30
+        while s.app.state.batcher.queue.qsize() < 1:  # the second waits in the queue
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        request = urllib.request.Request(s.url + "/translate", data=json.dumps({"text": ["a dog ."]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert "1 requests are waiting already" in json.loads(refused.value.read())["error"]
+        release.set()
+        for future, german in ((first, GERMAN[0]), (second, GERMAN[1])):
+            code, answer = future.result(30)
+            assert code == 200 and answer["translations"][0]["text"] == german
+
+
+def test_a_failure_is_its_own_jobs_alone(translator, monkeypatch):
+    """One job's answer that fails (its attention pass runs out of memory) fails that job; a search
+    whose step fails fails its own jobs; the other jobs of the same step get their answers."""
+    import mtrain.attention
+
+    def job(lines, **options):
+        return translator.job({"text": lines, "tag": "<2de>", **options}, Limits())
+
+    def run(*jobs):
+        for j in jobs:
+            translator.admit(j)
+        answers = {}
+        for _ in range(200):
+            answers.update((id(j), a) for j, a in translator.step())
+            if len(answers) == len(jobs):
+                return [answers[id(j)] for j in jobs]
+        raise AssertionError("not all answered")
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(mtrain.attention, "line_attention", no_memory)
+    plain, shown = run(job(SOURCES[:2]), job(SOURCES[2:3], attention=True))
+    assert [t["text"] for t in plain["translations"]] == GERMAN[:2]
+    assert isinstance(shown, RuntimeError) and "out of memory" in str(shown)
+    monkeypatch.undo()
+
+    from mtrain.search import BeamSearch
+    step = BeamSearch.step
+    monkeypatch.setattr(BeamSearch, "step", lambda self: no_memory() if self.k == 3 else step(self))
+    beam1, beam3, other = run(job(SOURCES[3:5]), job(SOURCES[5:6], beam=3), job(SOURCES[6:7]))
+    assert isinstance(beam3, RuntimeError)
+    assert [t["text"] for a in (beam1, other) for t in a["translations"]] == GERMAN[3:5] + GERMAN[6:7]
+    assert not translator.searches and not translator.owners  # nothing of the failed search is left
+
+
+def test_a_cancelled_request_does_not_end_the_worker():
+    """A job whose future was cancelled (its client went away, uvicorn shut down) is skipped when it
+    is done: set_result on it raised InvalidStateError and killed the worker thread."""
+    from mtrain.serve import Batcher, Job
+
+    engine = Steps()
+    release = threading.Event()
+    step = engine.step
+    engine.step = lambda: release.wait(10) and step()
+    batcher = Batcher(engine, max_wait_ms=0, max_batch_tokens=100)
+    batcher.start()
+    gone = batcher.submit(Job(["gone"], ("k",), 1))
+    time.sleep(0.1)
+    assert gone.cancel()
+    release.set()
+    later = batcher.submit(Job(["later", "x"], ("k",), 1))
+    assert later.result(timeout=10) == 2 and batcher.thread.is_alive()
+    batcher.stop()
+
+
+def test_a_request_that_alone_needs_more_than_the_budget_is_refused_and_the_rest_wait_their_turn():
+    """Admission counts the KV cache as it is allocated: every row as long as the longest output
+    limit in flight."""
+    from mtrain.serve import Batcher, Job
+
+    engine = Steps()
+    batcher = Batcher(engine, max_wait_ms=0, max_batch_tokens=100)
+    batcher.live = [Job(["a"], ("k",), rows=5, columns=10)]
+    assert batcher.load() == 50
+    assert batcher.load(Job(["b"], ("k",), rows=4, columns=2)) == 90  # 9 rows x 10 columns: fits
+    assert batcher.load(Job(["c"], ("k",), rows=2, columns=20)) == 140  # 7 rows x 20 columns: waits
