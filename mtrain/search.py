@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mtrain.ensemble import Ensemble
 from mtrain.model import Transformer
@@ -39,15 +40,16 @@ def max_lengths(src_pad_mask: torch.Tensor, a: float, b: int, limit: int) -> tor
     return output_limits((~src_pad_mask).sum(1) - 1, a, b, limit)
 
 
-def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
-    """Forbid any token that would repeat an n-gram already in its row's `tokens` (in place)."""
+def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int, pad: int) -> None:
+    """Forbid any token that would repeat an n-gram already in its row's `tokens` (in place). The
+    tokens that do not complete an n-gram are sent to the `pad` column, which is -inf already: no
+    list of matches, so nothing waits for the device."""
     if n < 1 or tokens.shape[1] < n:
         return
     grams = tokens.unfold(1, n, 1)  # (N, L-n+1, n)
     prefix = tokens[:, tokens.shape[1] - n + 1:] if n > 1 else tokens[:, :0]
     match = (grams[:, :, :n - 1] == prefix[:, None, :]).all(-1)  # (N, L-n+1)
-    rows, where = match.nonzero(as_tuple=True)
-    logp[rows, grams[rows, where, n - 1]] = float("-inf")
+    logp.scatter_(1, torch.where(match, grams[:, :, n - 1], pad), float("-inf"))
 
 
 class BeamSearch:
@@ -55,7 +57,12 @@ class BeamSearch:
     back as soon as it is done (`step`): `mtrain translate` adds one sorted batch and steps until it
     is empty; `mtrain serve` adds requests as they come, so the batch stays full (continuous
     batching). Each row group of `beam` rows belongs to one live sentence, whose steps are counted
-    apart from the others'; `unk`, when given, is never emitted."""
+    apart from the others'; `unk`, when given, is never emitted.
+
+    A step waits for the device at most twice, whatever the batch and beam: once for what the host
+    needs to know of every sentence (which candidates finished, the best live score), and once more
+    for the tokens of the hypotheses that finished, when any did. The finished hypotheses and the
+    stopping rule live on the host."""
 
     def __init__(self, model: Transformer | Ensemble, *, beam: int = 5, lenpen: float = 0.6,
                  lenpen_type: str = "gnmt", max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 1,
@@ -74,14 +81,17 @@ class BeamSearch:
         self.owed: torch.Tensor | None = None
         self.shrink = False
         self.joining = None
-        self.ids: list[int] = []  # id of each live sentence, in row-group order
-        self.finished: list[list[Hypothesis]] = []  # per live sentence
+        # Per live sentence, in row-group order, on the host:
+        self.ids: list[int] = []  # its id
+        self.finished: list[list[Hypothesis]] = []
+        self.taken: list[int] = []  # tokens it has taken
+        self.limit: list[int] = []  # longest output allowed, EOS included
+        self.nth_best: list[float] = []  # the nbest-th finished score, -inf until there is one
+        # On the device:
         self.tokens = torch.zeros(0, 1, dtype=torch.long)  # (n*k, W) right-aligned: BOS, outputs; pads before
         self.scores = torch.zeros(0, self.k)  # summed log-probs of live hypotheses
-        self.steps = torch.zeros(0, dtype=torch.long)  # tokens each sentence has taken
-        self.max_len = torch.zeros(0, dtype=torch.long)  # longest output allowed, EOS included
-        self.nth_best = torch.zeros(0)  # the nbest-th finished score, -inf until there is one
-        self.n_finished = torch.zeros(0, dtype=torch.long)
+        self.steps = torch.zeros(0, dtype=torch.long)  # = taken
+        self.max_len = torch.zeros(0, dtype=torch.long)  # = limit
 
     def __len__(self) -> int:
         """Sentences still being searched."""
@@ -92,12 +102,12 @@ class BeamSearch:
         """Start searching these sentences at the next step; their ids, as `step` will name them."""
         B, k, device = src.shape[0], self.k, src.device
         max_len = max_lengths(src_pad_mask, self.max_len_a, self.max_len_b, self.model.cfg.max_positions - 1)
-        cache = self.model.start(src, src_pad_mask, int(max_len.max()) + 1, repeat=k)
+        limits = max_len.tolist()
+        cache = self.model.start(src, src_pad_mask, max(limits) + 1, repeat=k)
         if self.cache is None:
             self.cache = cache
-            self.tokens = self.tokens.to(device)
-            self.scores, self.steps, self.max_len, self.nth_best, self.n_finished = (
-                x.to(device) for x in (self.scores, self.steps, self.max_len, self.nth_best, self.n_finished))
+            self.tokens, self.scores, self.steps, self.max_len = (
+                x.to(device) for x in (self.tokens, self.scores, self.steps, self.max_len))
         elif self.joining is None:
             self.joining = cache
         else:
@@ -110,12 +120,13 @@ class BeamSearch:
         self.scores = torch.cat([self.scores, scores])
         self.steps = torch.cat([self.steps, torch.zeros(B, dtype=torch.long, device=device)])
         self.max_len = torch.cat([self.max_len, max_len])
-        self.nth_best = torch.cat([self.nth_best, torch.full((B,), float("-inf"), device=device)])
-        self.n_finished = torch.cat([self.n_finished, torch.zeros(B, dtype=torch.long, device=device)])
         ids = list(range(self.added, self.added + B))
         self.added += B
         self.ids += ids
         self.finished += [[] for _ in range(B)]
+        self.taken += [0] * B
+        self.limit += limits
+        self.nth_best += [float("-inf")] * B
         return ids
 
     @torch.no_grad()
@@ -133,67 +144,81 @@ class BeamSearch:
         logp[:, self.pad] = logp[:, self.bos] = float("-inf")
         if self.unk is not None:
             logp[:, self.unk] = float("-inf")
-        logp[(t < self.min_len).repeat_interleave(k), eos] = float("-inf")
+        logp[:, eos].masked_fill_((t < self.min_len).repeat_interleave(k), float("-inf"))
         if self.no_repeat_ngram:  # pads and BOS before a row's outputs never complete an n-gram of it
-            block_ngrams(logp, self.tokens, self.no_repeat_ngram)
-        at_limit = (t + 1 >= self.max_len).repeat_interleave(k).nonzero().view(-1)  # this token must be EOS
-        logp.index_fill_(0, at_limit, float("-inf"))  # the rows named: a boolean mask would pass over all
-        logp[at_limit, eos] = eos_logp[at_limit]
+            block_ngrams(logp, self.tokens, self.no_repeat_ngram, self.pad)
 
         # 2k candidates, so that k live ones remain even if k of them end in EOS (as fairseq).
         cand = (self.scores[:, :, None] + logp.view(n, k, V)).view(n, k * V)
         top_scores, top_idx = cand.topk(min(2 * k, k * V), dim=1)
+        # A sentence at its length limit has one candidate a hypothesis: ended by EOS (its
+        # log-probability unmasked). Chosen by `where`, not by indexing the rows, which would wait.
+        ended, beams = (self.scores + eos_logp.view(n, k)).topk(k, dim=1)
+        at_limit = (t + 1 >= self.max_len)[:, None]
+        top_scores = torch.where(at_limit, F.pad(ended, (0, top_scores.shape[1] - k), value=float("-inf")),
+                                 top_scores)
+        top_idx = torch.where(at_limit, F.pad(beams * V + eos, (0, top_idx.shape[1] - k), value=eos), top_idx)
         src_beam, new_tok = top_idx // V, top_idx % V
         is_eos = new_tok == eos
-
-        # EOS candidates among the best k finish their hypotheses.
+        # EOS candidates among the best k finish their hypotheses; the best k others stay live.
         fin = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
-        if fin.any():
-            norm = top_scores[:, :k] / length_penalty(t[:, None] + 1.0, self.lenpen, self.lenpen_type)
-            width, taken = self.tokens.shape[1], t.tolist()
-            for i, j in fin.nonzero().tolist():
-                row = i * k + int(src_beam[i, j])
-                out = self.tokens[row, width - taken[i]:].tolist()
-                self.finished[i].append(Hypothesis(out, float(norm[i, j])))
-                self.n_finished[i] += 1
-                if len(self.finished[i]) >= self.nbest:
-                    self.nth_best[i] = sorted((h.score for h in self.finished[i]), reverse=True)[self.nbest - 1]
-
-        # The best k candidates that do not end in EOS stay live.
+        norm = top_scores[:, :k] / length_penalty(t[:, None] + 1.0, self.lenpen, self.lenpen_type)
         live_scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
         rows = (torch.arange(n, device=logp.device)[:, None] * k + src_beam.gather(1, pick)).view(-1)
-        self.tokens = torch.cat([self.tokens[rows], new_tok.gather(1, pick).view(-1, 1)], dim=1)
+        before = self.tokens
+        self.tokens = torch.cat([before[rows], new_tok.gather(1, pick).view(-1, 1)], dim=1)
         self.scores = live_scores
         self.steps = t + 1
-
-        # A sentence is done with k finished hypotheses (as fairseq; this makes beam 1 greedy), or
-        # earlier when no live one can beat them: a live hypothesis ends with a length in
-        # [t+2, max_len] and can only lose log-probability, so its best possible final score is
-        # its score now under the most favourable length penalty.
-        best_live = self.scores.max(dim=1).values
-        bound = torch.maximum(best_live / length_penalty(t + 2.0, self.lenpen, self.lenpen_type),
-                              best_live / length_penalty(self.max_len.float(), self.lenpen, self.lenpen_type))
-        done = ((self.n_finished >= k) | (self.nth_best >= bound) | torch.isinf(best_live)
-                | (t + 1 >= self.max_len))
         self.owed = rows
-        if not done.any():
+
+        # What the host needs, in one transfer.
+        summary = torch.cat([fin.view(-1).double(), src_beam[:, :k].reshape(-1).double(), norm.view(-1).double(),
+                             live_scores[:, 0].double()]).tolist()
+        nk = n * k
+        fin_at, beam_of, norm_of, best_live = summary[:nk], summary[nk:2 * nk], summary[2 * nk:3 * nk], summary[3 * nk:]
+        ending = [c for c in range(n * k) if fin_at[c]]
+        if ending:  # their tokens, in a second transfer
+            width = before.shape[1]
+            ending_rows = torch.tensor([c // k * k + int(beam_of[c]) for c in ending], device=before.device)
+            for c, seq in zip(ending, before.index_select(0, ending_rows).tolist()):
+                i = c // k
+                self.finished[i].append(Hypothesis(seq[width - self.taken[i]:], norm_of[c]))
+                if len(self.finished[i]) >= self.nbest:
+                    self.nth_best[i] = sorted((h.score for h in self.finished[i]), reverse=True)[self.nbest - 1]
+        self.taken = [x + 1 for x in self.taken]
+        done = [self._done(i, best_live[i]) for i in range(n)]
+        if not any(done):
             return []
         out = [(self.ids[i], sorted(self.finished[i], key=lambda h: -h.score)[:self.nbest])
-               for i in done.nonzero().view(-1).tolist()]
-        if done.all():
+               for i in range(n) if done[i]]
+        if all(done):
             self._empty()
             return out
-        keep = (~done).nonzero().view(-1)
+        kept = [i for i in range(n) if not done[i]]
+        keep = torch.tensor(kept, device=logp.device)
         keep_rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)
-        kept = keep.tolist()
-        self.ids = [self.ids[i] for i in kept]
-        self.finished = [self.finished[i] for i in kept]
+        self.ids, self.finished, self.taken, self.limit, self.nth_best = (
+            [x[i] for i in kept] for x in (self.ids, self.finished, self.taken, self.limit, self.nth_best))
         self.scores, self.steps, self.max_len = self.scores[keep], self.steps[keep], self.max_len[keep]
-        self.nth_best, self.n_finished = self.nth_best[keep], self.n_finished[keep]
         # Columns before the longest live output are pads in every row: drop them.
-        self.tokens = self.tokens[keep_rows, self.tokens.shape[1] - int(self.steps.max()) - 1:]
+        self.tokens = self.tokens[keep_rows, self.tokens.shape[1] - max(self.taken) - 1:]
         self.owed, self.shrink = rows[keep_rows], True  # the beams' reorder and the shrink in one copy
         return out
+
+    def _done(self, i: int, best_live: float) -> bool:
+        """Sentence i (which has taken its token of this step) is done when no live hypothesis can
+        enter its n-best list any more: a live one ends with a length in [taken + 1, limit] and can
+        only lose log-probability, so its best possible final score is its score now under the most
+        favourable length penalty. Beam 1 is done at its first finished hypothesis (greedy). A
+        sentence is not done merely because k hypotheses finished, as fairseq's and Marian's are:
+        hypotheses far worse than the best live one may be among them (seen: beam 3 ended with
+        'am dach' at -4.6 while 'am strand', at -0.005, was still live)."""
+        taken, limit = self.taken[i], self.limit[i]
+        if taken >= limit or best_live == float("-inf") or (self.k == 1 and self.finished[i]):
+            return True
+        bound = max(best_live / length_penalty(taken + 1.0, self.lenpen, self.lenpen_type),
+                    best_live / length_penalty(float(limit), self.lenpen, self.lenpen_type))
+        return self.nth_best[i] >= bound
 
     def _settle(self) -> None:
         """Give the cache what it is owed (see _empty)."""

@@ -56,6 +56,15 @@ def tagged_raw(tmp_path: Path, spm_model: Path) -> dict:
     return raw
 
 
+@pytest.fixture(scope="session")
+def tagged_model(tmp_path_factory, spm_model) -> Path:
+    """The checkpoint of `tagged_raw`, trained once for every test that needs a model that knows
+    the sample lines by heart."""
+    from mtrain.train import fit
+    tmp = tmp_path_factory.mktemp("tagged")
+    return fit(config_from_dict(tagged_raw(tmp, spm_model)), tmp / "run", log=lambda *_: None)
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path, spm_model):
     return lambda **train: config_from_dict(tiny_raw(tmp_path, spm_model, **train))

@@ -125,8 +125,8 @@ def test_length_penalty_formulas():
 
 def test_block_ngrams():
     logp = torch.zeros(1, 10)
-    block_ngrams(logp, torch.tensor([[4, 5, 6, 4]]), 2)  # "4 5" seen, last token 4 -> 5 is banned
-    assert torch.isinf(logp[0, 5]) and torch.isfinite(logp[0, 6])
+    block_ngrams(logp, torch.tensor([[4, 5, 6, 4]]), 2, pad=PAD)  # "4 5" seen, last token 4 -> 5 is banned
+    assert torch.isinf(logp[0]).nonzero().view(-1).tolist() == [PAD, 5]  # the rest go to pad (-inf in a search)
 
 
 def test_no_repeat_ngram_in_search():
@@ -249,3 +249,58 @@ def test_an_ensemble_search_takes_joining_sentences_too():
     together, _ = joined(ensemble, sources, [0, 1], beam=3, nbest=2)
     for src, hyps in zip(sources, together):
         assert [h.tokens for h in hyps] == [h.tokens for h in search(ensemble, src, beam=3, nbest=2)[0]]
+
+
+class CountWaits(torch.overrides.TorchFunctionMode):
+    """Counts the operations that make the host wait for the device, per search step: on a GPU each
+    is a synchronisation, and on a CPU they are the same calls. Reading a tensor's values on the host
+    (tolist, item, bool, int, float, nonzero) and indexing with a boolean mask or repeating by a
+    tensor of counts (whose output size only the device knows)."""
+
+    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
+             torch.Tensor.masked_select, torch.masked_select}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.READS:
+            self.count += 1
+        elif func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            self.count += any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+        elif func in (torch.Tensor.repeat_interleave, torch.repeat_interleave):
+            self.count += isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)
+        return func(*args, **kwargs)
+
+
+def waits_per_step(model, batch: int, beam: int, **kw) -> list[int]:
+    torch.manual_seed(batch)
+    src = torch.randint(4, 30, (batch, 6))
+    src[:, -1] = EOS
+    src[1::2, 4:] = PAD  # sentences of two lengths: they finish at different steps and leave
+    src[1::2, 3] = EOS
+    args = dict(beam=beam, lenpen=0.6, max_len_a=1.0, max_len_b=6, min_len=2, bos=BOS, eos=EOS, pad=PAD)
+    search = BeamSearch(model, **{**args, **kw})
+    search.add(src, src == PAD)
+    counts = []
+    while len(search):
+        with CountWaits() as waits:
+            search.step()
+        counts.append(waits.count)
+    return counts
+
+
+@pytest.mark.parametrize("kw", [{}, dict(no_repeat_ngram=2, nbest=2)])
+def test_a_step_waits_for_the_device_a_fixed_number_of_times(kw):
+    """One wait for what the host must know of every sentence, one more for the tokens of the
+    hypotheses that finished, one more when sentences leave (the cache's new size): never one per
+    finished hypothesis, per sentence or per beam, as before (an int() and a tolist() for each)."""
+    model = make(5)
+    small = waits_per_step(model, batch=2, beam=2, **kw)
+    large = waits_per_step(model, batch=8, beam=6, **kw)
+    assert max(small) <= 3 and max(large) <= 3, (small, large)
+    assert min(large) >= 1  # the counter sees the step's one read

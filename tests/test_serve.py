@@ -17,17 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE_DE, SAMPLE_EN, tagged_raw
+from conftest import ROOT, SAMPLE_DE, SAMPLE_EN
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from mtrain import checkpoint  # noqa: E402
 from mtrain.attention import alignment_layer, line_attention  # noqa: E402
-from mtrain.config import config_from_dict  # noqa: E402
 from mtrain.device import pick_device  # noqa: E402
 from mtrain.serve import Limits, Translator, make_app  # noqa: E402
-from mtrain.train import fit  # noqa: E402
 from mtrain.translate import Inspect, tag_piece, translate_lines, with_overrides  # noqa: E402
 
 SOURCES = SAMPLE_EN.read_text().splitlines()
@@ -35,10 +33,9 @@ GERMAN = SAMPLE_DE.read_text().splitlines()
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory, spm_model) -> Path:
+def model_path(tagged_model) -> Path:
     """A tiny model that learned two tagged corpora: <2de> the German, <2en> the English copied."""
-    tmp = tmp_path_factory.mktemp("serve")
-    return fit(config_from_dict(tagged_raw(tmp, spm_model)), tmp / "run", log=lambda *_: None)
+    return tagged_model
 
 
 def free_port() -> int:

@@ -240,16 +240,15 @@ def test_a_line_of_unknown_characters_alone_is_copied_through(trained, capsys):
     assert kept[0] != lines[0]  # --keep-unknown translates the <unk> pieces as before
 
 
-def test_a_tag_chooses_the_target_a_model_learned_for_it(tmp_path, spm_model):
+def test_a_tag_chooses_the_target_a_model_learned_for_it(tmp_path, tagged_model):
     """Two tagged corpora with the same sources and two targets (German, and the English itself): a
     tiny model learns both, and --tag picks which it writes; an unknown tag is one line naming those
     it knows."""
-    from conftest import SAMPLE_DE, tagged_raw
+    from conftest import SAMPLE_DE
 
-    from mtrain.config import config_from_dict
     from mtrain.errors import MtrainError
     from mtrain.translate import tag_piece
-    final = fit(config_from_dict(tagged_raw(tmp_path, spm_model)), tmp_path / "run", log=lambda *_: None)
+    final = tagged_model
     model, toks, cfg = checkpoint.load_for_inference([final])
     assert cfg.data.tags == ["<2de>", "<2en>"]
     sources = SAMPLE_EN.read_text().splitlines()
@@ -275,3 +274,21 @@ def test_a_tag_chooses_the_target_a_model_learned_for_it(tmp_path, spm_model):
     assert r.returncode == 0 and r.stdout == sources[0] + "\n", r.stderr
     info = subprocess.run([sys.executable, "-m", "mtrain", "info", str(final)], capture_output=True, text=True, cwd=ROOT)
     assert "tags:         <2de>, <2en>" in info.stdout
+
+
+def test_a_wider_beam_keeps_the_memorised_translation(tagged_model):
+    """A model that knows the sample lines by heart translates each of them so with every beam and
+    length penalty. The search used to stop once k hypotheses had finished, even when they were far
+    worse than one still live: beam 3-5 lost 3-4 of the 20 lines ('ein hund rennt am dach .' at
+    -4.6 for 'am strand .' at -0.005)."""
+    from conftest import SAMPLE_DE
+
+    from mtrain.translate import tag_piece, translate_texts
+    model, toks, cfg = checkpoint.load_for_inference([tagged_model])
+    tag = tag_piece("<2de>", toks, cfg.data.tags)
+    sources, targets = SAMPLE_EN.read_text().splitlines(), SAMPLE_DE.read_text().splitlines()
+    for beam in (2, 3, 5, 8):
+        for lenpen in (0.0, 1.4):
+            done = translate_texts(sources, model, toks, DecodeConfig(beam=beam, lenpen=lenpen),
+                                   pick_device("cpu", "fp32"), tag=tag)
+            assert [d.texts[0] for d in done] == targets, (beam, lenpen)
