@@ -17,6 +17,16 @@ with them: a shared machine's speed may drift within a run. Every answer is chec
 file translation of its line. With --screenshot, headless Chromium
 (Debian's chromium and chromium-driver) translates the first line on the page, points at the
 second output word, and saves the picture. Run it on an otherwise idle machine.
+
+    python scripts/bench_serve.py --soak -c MODEL.pt -i test.en --precision bf16 --seconds 300
+
+--soak instead: a server that must hold up for weeks, kept busy for --seconds. --clients (16)
+threads send, with no pause, requests of 1-4 lines of random length (1-200 source pieces, cut from
+the input's pieces) with random options (beam, n-best, length penalty, output limit, the model's
+tags, now and then attention), so that the server's search never empties and its KV cache keeps
+changing shape. Every --window seconds (30): requests answered, errors (any answer but 200), and the
+server process's peak RSS in that window. The server's memory should level off: the peak RSS of the
+last minute within 1.1x that of the second.
 """
 
 from __future__ import annotations
@@ -110,6 +120,106 @@ def in_flight(checkpoint: str, lines: list[str], n: int, tag: str | None) -> tup
     return len(lines) / (time.perf_counter() - start), [answers[id(job)] for job in jobs]
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory now (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(checkpoint: str, extra: list[str], env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """`mtrain serve` on 127.0.0.1 and a free port, once it answers /health."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mtrain", "serve", checkpoint, "--port", str(port),
+                               "--device", "cpu", *extra], cwd=ROOT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 120
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit("bench_serve: the server did not start")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return server, port
+        except OSError:
+            time.sleep(0.2)
+
+
+def soak(args) -> int:
+    """--soak: see the module's docstring."""
+    import random
+
+    from mtrain import checkpoint
+    from mtrain.corpus import open_text
+
+    lines = [x.strip() for _, x in zip(range(args.lines), open_text(args.input)) if x.strip()]
+    _, toks, cfg = checkpoint.load_for_inference([args.checkpoint])
+    stream = [p for ids in toks.src.encode_batch(lines) for p in ids]  # the input's pieces, one after another
+    tags = list(cfg.data.tags)
+    clients = max(map(int, args.clients.split(",")))
+    server, port = start_server(args.checkpoint, ["--precision", args.precision])
+    lock, stop = threading.Lock(), time.monotonic() + args.seconds
+    served, errors, samples = [], [], []  # (time, ...) of each answer, each error; (time, RSS MB)
+
+    def body(rng: random.Random) -> dict:
+        text = []
+        for _ in range(rng.randint(1, 4)):
+            n = rng.randint(1, 200)
+            at = rng.randrange(max(1, len(stream) - n))
+            text.append(toks.src.sp.decode(stream[at:at + n]).replace("\n", " ").strip() or "a")
+        beam = rng.choice([1, 2, 4, 5])
+        b = {"text": text, "beam": beam, "nbest": rng.randint(1, min(beam, 2)), "lenpen": rng.choice([0.6, 1.0, 1.4]),
+             "max_len_b": rng.choice([5, 10, 20])}
+        if tags:
+            b["tag"] = rng.choice(tags)
+        if rng.random() < 0.05:
+            b["attention"] = True
+        return b
+
+    def client(n: int):
+        rng = random.Random(n)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        while time.monotonic() < stop:
+            connection.request("POST", "/translate", json.dumps(body(rng)), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = response.read()
+            with lock:
+                (served if response.status == 200 else errors).append((time.monotonic(), response.status, answer[:200]))
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
+    start = time.monotonic()
+    try:
+        for t in threads:
+            t.start()
+        while time.monotonic() < stop:
+            samples.append((time.monotonic(), rss_mb(server.pid)))
+            time.sleep(1)
+        for t in threads:
+            t.join(600)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
+    print(f"\nsoak: model {args.checkpoint}, server --precision {args.precision}, {clients} clients without pauses, "
+          f"{args.seconds:.0f} s; requests of 1-4 lines of 1-200 pieces, random options\n")
+    print("| seconds | requests answered | errors | server peak RSS MB |")
+    print("|---|---|---|---|")
+    windows = []
+    count = int(args.seconds // args.window)
+    for w in range(count):  # the last window also takes the answers to requests sent before the end
+        lo, hi = start + w * args.window, start + (w + 1) * args.window if w < count - 1 else float("inf")
+        rss = max((r for at, r in samples if lo <= at < hi), default=float("nan"))
+        windows.append(rss)
+        print(f"| {w * args.window:.0f}-{(w + 1) * args.window:.0f} | {sum(lo <= x[0] < hi for x in served)} | "
+              f"{sum(lo <= x[0] < hi for x in errors)} | {rss:.0f} |")
+    print(f"\n{len(served)} requests answered, {len(errors)} errors" +
+          (f" (first: {errors[0][1]} {errors[0][2]!r})" if errors else ""))
+    per_minute = int(60 // args.window) or 1
+    if len(windows) >= 3 * per_minute:
+        second, last = max(windows[per_minute:2 * per_minute]), max(windows[-per_minute:])
+        print(f"peak RSS: second minute {second:.0f} MB, last minute {last:.0f} MB ({last / second:.2f}x)")
+    return 1 if errors else 0
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -160,7 +270,12 @@ def main() -> int:
     p.add_argument("--server-threads", type=int, default=0,
                    help="the server's intra-op threads (OMP_NUM_THREADS; default: all cores, as mtrain picks)")
     p.add_argument("--screenshot", type=Path, help="save a picture of the page here")
+    p.add_argument("--soak", action="store_true", help="hold the server busy with random requests instead")
+    p.add_argument("--precision", default="fp32", help="the soak server's --precision [fp32]")
+    p.add_argument("--window", type=float, default=30, help="the soak's reporting window, seconds [30]")
     args = p.parse_args()
+    if args.soak:
+        return soak(args)
 
     import torch
 
@@ -211,23 +326,11 @@ def main() -> int:
     engine = (n, *in_flight(args.checkpoint, lines, n, args.tag), file_before)
     same_batch = file_in_batches(n)
 
-    port = free_port()
+    server, port = start_server(args.checkpoint, ["--max-wait-ms", args.max_wait_ms],
+                                {"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else None)
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mtrain", "serve", args.checkpoint, "--port", str(port),
-                               "--device", "cpu", "--max-wait-ms", args.max_wait_ms], cwd=ROOT,
-                              env={**os.environ, **({"OMP_NUM_THREADS": str(args.server_threads)}
-                                                    if args.server_threads else {})})
     rows = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bench_serve: the server did not start")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.2)
         post(url + "/translate", {"text": lines[:4], **({"tag": args.tag} if args.tag else {})})  # warm up
         for clients in map(int, args.clients.split(",")):
             file_before, single = file_rate()[0], single_times()

@@ -624,3 +624,24 @@ def test_a_request_that_alone_needs_more_than_the_budget_is_refused_and_the_rest
     assert batcher.load() == 50
     assert batcher.load(Job(["b"], ("k",), rows=4, columns=2)) == 90  # 9 rows x 10 columns: fits
     assert batcher.load(Job(["c"], ("k",), rows=2, columns=20)) == 140  # 7 rows x 20 columns: waits
+
+
+def test_the_soak_benchmark_keeps_a_server_busy_without_errors(model_path, tmp_path):
+    """bench_serve --soak on the tiny model for a few seconds (bf16, where joining sentences crashed
+    the cache before): requests of random lengths and options are all answered, and the table counts
+    them by window with the server's memory."""
+    source = tmp_path / "test.en"
+    source.write_text("\n".join(SOURCES) + "\n")
+    run = subprocess.run([sys.executable, "scripts/bench_serve.py", "--soak", "-c", str(model_path), "-i", str(source),
+                          "--clients", "4", "--seconds", "8", "--window", "2", "--precision", "bf16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if "this CPU has no native bf16" in run.stderr:  # the server refuses bf16 on such a CPU: soak in fp32
+        run = subprocess.run([sys.executable, "scripts/bench_serve.py", "--soak", "-c", str(model_path), "-i",
+                              str(source), "--clients", "4", "--seconds", "8", "--window", "2"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+)-(\d+) \| (\d+) \| (\d+) \| (\d+) \|$", run.stdout, re.M)
+    assert len(rows) == 4 and all(errors == "0" and int(rss) > 50 for *_, errors, rss in rows), run.stdout
+    total = int(re.search(r"^(\d+) requests answered, 0 errors$", run.stdout, re.M)[1])
+    assert total == sum(int(r[2]) for r in rows) > 4
+    assert re.search(r"^peak RSS: second minute \d+ MB, last minute \d+ MB", run.stdout, re.M) is None  # < 3 min
