@@ -40,6 +40,48 @@ def test_label_smoothed_loss_gradient_equals_torch(eps):
     assert half.grad.dtype == torch.bfloat16  # the gradient comes back in the logits' dtype
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+def test_the_loss_in_row_chunks_is_the_loss_of_the_whole(monkeypatch, chunk_rows):
+    """The fp32 work goes a chunk of rows at a time: the loss and gradient are torch's whatever the
+    chunk; with bf16 logits the gradient is kept in bf16, within bf16's rounding (8 bits of mantissa:
+    2e-2 of the largest gradient) of fp32's."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", chunk_rows * 4 * 11)
+    logits, target = torch.randn(10, 11), torch.randint(0, 11, (10,))
+    mine = logits.clone().requires_grad_()
+    (label_smoothed_loss(mine, target, 0.1) * 0.5).backward()
+    ref = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(ref, target, label_smoothing=0.1, reduction="sum").mul(0.5).backward()
+    assert torch.allclose(mine.grad, ref.grad, atol=1e-6)
+    half = logits.bfloat16().requires_grad_()
+    value = label_smoothed_loss(half, target, 0.1)
+    (value * 0.5).backward()
+    assert value.dtype == torch.float32 and half.grad.dtype == torch.bfloat16
+    assert value.item() == pytest.approx(torch.nn.functional.cross_entropy(
+        half.detach().float(), target, label_smoothing=0.1, reduction="sum").item(), rel=1e-5)
+    assert (half.grad.float() - ref.grad).abs().max() <= 2e-2 * ref.grad.abs().max()
+
+
+def test_the_loss_adds_little_more_than_the_gradient_to_peak_memory():
+    """scripts/bench_memory.py's probe: forward and backward on 2,048 x 8,000 bf16 logits (31 MB)
+    raise the peak by the gradient (1x) and a chunk; whole and in fp32 the loss added 5.1x."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_memory
+    finally:
+        sys.path.pop(0)
+    found = bench_memory.probe(ROOT, 2048, 8000, "bfloat16")
+    assert found["logits_mb"] == pytest.approx(31.25)
+    assert found["added_mb"] <= 2.0 * found["logits_mb"], found
+    run = subprocess.run([sys.executable, "scripts/bench_memory.py", "--rows", "512", "--vocab", "1000"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "| × the logits |" in run.stdout, run.stderr
+
+
 def output_loss_and_grads(fn, hidden, weight, target, scale=0.5):
     hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     value = fn(hidden, weight, target)
