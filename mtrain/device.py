@@ -145,8 +145,11 @@ class World:
         return out
 
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """DDP around the model. Its only buffer, the positions table, is computed alike by every
+        process: broadcasting it before every forward (DDP's default) would be work for nothing."""
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
 
     def close(self) -> None:
         if self.size > 1:

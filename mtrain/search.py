@@ -209,15 +209,19 @@ class BeamSearch:
         """Sentence i (which has taken its token of this step) is done when no live hypothesis can
         enter its n-best list any more: a live one ends with a length in [taken + 1, limit] and can
         only lose log-probability, so its best possible final score is its score now under the most
-        favourable length penalty. Beam 1 is done at its first finished hypothesis (greedy). A
-        sentence is not done merely because k hypotheses finished, as fairseq's and Marian's are:
-        hypotheses far worse than the best live one may be among them (seen: beam 3 ended with
-        'am dach' at -4.6 while 'am strand', at -0.005, was still live)."""
-        taken, limit = self.taken[i], self.limit[i]
+        favourable length penalty. Once k hypotheses have finished, it is done as soon as none live
+        is better now than its n-th best finished one, scored as if it ended here (fairseq and
+        Marian stop at k finished whatever the live ones score: junk hypotheses end early, and beam
+        3 returned 'am dach' at -4.6 while 'am strand', at -0.005, was live; waiting for the bound
+        instead took 19% more steps on Multi30k's test set for no BLEU). Beam 1 is done at its
+        first finished hypothesis (greedy)."""
+        taken, limit, lp = self.taken[i], self.limit[i], self.lenpen
         if taken >= limit or best_live == float("-inf") or (self.k == 1 and self.finished[i]):
             return True
-        bound = max(best_live / length_penalty(taken + 1.0, self.lenpen, self.lenpen_type),
-                    best_live / length_penalty(float(limit), self.lenpen, self.lenpen_type))
+        if len(self.finished[i]) >= self.k:
+            return self.nth_best[i] >= best_live / length_penalty(taken + 1.0, lp, self.lenpen_type)
+        bound = max(best_live / length_penalty(taken + 1.0, lp, self.lenpen_type),
+                    best_live / length_penalty(float(limit), lp, self.lenpen_type))
         return self.nth_best[i] >= bound
 
     def _settle(self) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mtrain import checkpoint
 from mtrain.config import Config, config_from_dict, config_to_dict, drop_removed, dump_config
@@ -298,7 +297,7 @@ def _restore(ckpt: dict, t: "Trainer", seed: int) -> str | None:
         t.dev.scaler.load_state_dict(ckpt["scaler"])
     if t.ema is not None and ckpt.get("ema"):
         t.ema.module.load_state_dict(ckpt["ema"]["model"])
-        t.ema.n_averaged.fill_(ckpt["ema"]["updates"])
+        t.ema.updates = int(ckpt["ema"]["updates"])
     elif t.ema is not None:
         t.report.line("the checkpoint holds no moving average (train.ema was off): it starts from the next update")
     problem = t.batches.load_state_dict(ckpt["data"])  # a position in the global batch order: any process count
@@ -439,6 +438,34 @@ def start_run(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, worl
     return dev, ckpt
 
 
+# Under DDP, updates between two agreements on whether to stop (time, patience, a signal): a signal
+# waits at most this many updates.
+STOP_EVERY = 10
+
+
+class MovingAverage:
+    """An exponential moving average of the weights (train.ema): a copy of the model, lerped towards it
+    after every update with one multi-tensor lerp, ema += (1 - decay) (w - ema); it starts as a copy at
+    the first update. Its count of updates stays on the host: torch's AveragedModel keeps it on the
+    device and reads it back at every update (a synchronisation on a GPU)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+        self.module = copy.deepcopy(model)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        mine, theirs = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if self.updates:
+            torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
+        else:
+            torch._foreach_copy_(mine, theirs)
+        self.updates += 1
+
+
 @dataclass
 class Init:
     """fit --init: the weights a new run starts from, and the tokenizers they were trained with."""
@@ -575,9 +602,7 @@ class Trainer:
         # them; the step of the Multi30k recipe went from 10.5 to 2.9 ms (of ~250 ms per update).
         self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=lr_at(1, tc.warmup, tc.lr),
                                      betas=tuple(tc.betas), eps=tc.eps, fused=True)
-        # An exponential moving average of the weights (train.ema): a copy of the model, lerped towards it
-        # after every update by torch's multi-tensor EMA; it starts as a copy at the first update.
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema)) if tc.ema else None
+        self.ema = MovingAverage(self.model, tc.ema) if tc.ema else None
         self.state = TrainState(plan=tc.max_steps, init_from=str(init.path) if init else "")
         self.clock = clock
         clock.resume_from(0.0)  # training time starts now, once the data is ready
@@ -603,7 +628,7 @@ class Trainer:
                 continue
             self.nonfinite = 0
             if self.ema is not None:
-                self.ema.update_parameters(self.model)
+                self.ema.update(self.model)
             state.step += 1
             self.interval.add(loss, n_tokens, grad_norm)  # skipped updates stay out of the logged loss
             self.report.bar.update(1)
@@ -624,7 +649,14 @@ class Trainer:
                 bool(tc.patience) and state.bad_valid >= tc.patience,
                 interrupted]
         mine = next((n + 1 for n, hit in enumerate(seen) if hit), 0)
-        agreed = self.world.max(mine)  # processes stop together, whichever saw a reason first
+        if self.world.size == 1:
+            return list(Stop)[mine - 1] if mine else None
+        # Processes stop together, whichever saw a reason first. The step and epoch limits are the same
+        # on every process; the others (time, patience, a signal) are agreed on by an all-reduce, every
+        # STOP_EVERY updates rather than at each: each one waits for the device and the slowest process.
+        if not (seen[0] or seen[1]) and state.step % STOP_EVERY:
+            return None
+        agreed = self.world.max(mine)
         return list(Stop)[agreed - 1] if agreed else None
 
     def learning_rate(self) -> float:
@@ -716,8 +748,8 @@ class Trainer:
 
     def save(self, name: str, rngs: list) -> Path:
         path = self.run_dir / name
-        ema = ({"model": self.ema.module.state_dict(), "updates": int(self.ema.n_averaged)}
-               if self.ema is not None and int(self.ema.n_averaged) else None)
+        ema = ({"model": self.ema.module.state_dict(), "updates": self.ema.updates}
+               if self.ema is not None and self.ema.updates else None)
         checkpoint.save(path, {"config": config_to_dict(self.cfg), "model": self.model.state_dict(),
                                "optimizer": self.opt.state_dict(), "scaler": self.dev.scaler.state_dict(),
                                "data": self.stream.state_dict(), "train_state": self.state.state_dict(),
@@ -763,7 +795,7 @@ class Trainer:
         if reason is Stop.INTERRUPTED:
             self.report.line("checkpoint saved; continue with --resume")
             return self.run_dir / "last.pt"
-        ema = self.ema.module.state_dict() if self.ema is not None and int(self.ema.n_averaged) else None
+        ema = self.ema.module.state_dict() if self.ema is not None and self.ema.updates else None
         return finish(self.cfg, self.run_dir, self.state, self.valid, self.valid_refs, self.toks, self.dev,
                       log=self.report.log, ema=ema, trust=trust)
 

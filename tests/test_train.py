@@ -704,3 +704,45 @@ def test_collating_ahead_trains_the_same_as_in_the_loop(tmp_path, tiny_cfg):
     assert losses(tmp_path / "loop") == losses(tmp_path / "ahead")
     a, b = (checkpoint.load(tmp_path / run / "last.pt")["data"] for run in ("loop", "ahead"))
     assert a == b  # the position of the loop, not of the batches collated ahead
+
+
+def test_the_moving_average_is_torchs_ema_with_its_count_on_the_host():
+    """MovingAverage gives what torch's AveragedModel with its EMA function gives (a copy at the first
+    update, then ema += (1 - decay)(w - ema)), with its count of updates a Python int: AveragedModel
+    reads its device counter back at every update."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from mtrain.config import ModelConfig
+    from mtrain.model import Transformer
+    from mtrain.train import MovingAverage
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(encoder_layers=1, decoder_layers=1, d_model=16, heads=2, ffn_dim=32), 20, 20, 0)
+    ours, theirs = MovingAverage(model, 0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(model)
+        theirs.update_parameters(model)
+    assert ours.updates == 4 and isinstance(ours.updates, int)
+    for a, b in zip(ours.module.parameters(), theirs.module.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not any(p.requires_grad for p in ours.module.parameters())
+    assert ours.module.output.weight is ours.module.tgt_embed.weight  # tied weights stay tied in the copy
+
+
+def test_ddp_does_not_broadcast_the_positions_table(tmp_path):
+    """The positions table is each process's own computation: DDP's broadcast of buffers before every
+    forward (no_sync micro-batches included) is switched off."""
+    import torch.distributed as dist
+
+    from mtrain.config import ModelConfig
+    from mtrain.device import World
+    from mtrain.model import Transformer
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = Transformer(ModelConfig(encoder_layers=1, decoder_layers=1, d_model=16, heads=2, ffn_dim=32), 20, 20, 0)
+        wrapped = World(size=2).wrap(model, torch.device("cpu"))
+        assert wrapped.broadcast_buffers is False and wrapped.module is model
+    finally:
+        dist.destroy_process_group()
