@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -328,6 +329,10 @@ def serve(
 
 def main() -> None:
     """Entry point: click's usage errors (bad flags, missing files) also become one line."""
+    # Batches of varying shapes fragment CUDA's caching allocator; expandable segments let it grow a
+    # block instead of keeping many. Read when CUDA first allocates, so set here, before any command
+    # runs; a value the user set is kept.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     # `--alignment` alone means pieces; Typer options cannot have an optional value, so say it for the user.
     argv = sys.argv
     for n, arg in enumerate(argv):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, SAMPLE_DE, SAMPLE_EN
 
 
@@ -144,3 +145,19 @@ def test_info_and_plot_of_a_run(tmp_path, spm_model):
         assert not (tmp_path / name).exists()
     r = mtrain("plot", tmp_path / "run", "-o", tmp_path / "curves.svg")
     assert r.returncode == 0 and (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    """Set before any command, so that CUDA's first allocation reads it; a user's own setting stays."""
+    import os
+
+    from mtrain import cli
+    monkeypatch.setattr(sys, "argv", ["mtrain", "--version"])
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

@@ -14,7 +14,7 @@ from mtrain.config import DecodeConfig, config_from_dict
 from mtrain.device import pick_device
 from mtrain.report import read_metrics
 from mtrain.train import fit
-from mtrain.translate import translate_lines
+from mtrain.translate import translate_texts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -36,7 +36,9 @@ def test_fit_on_cuda(tmp_path, spm_model, precision):
     fit(gpu_cfg(tmp_path, spm_model, precision=precision), tmp_path / "run", log=lines.append)
     assert any(f"device: cuda:0, precision {precision}" in line for line in lines)
     got = losses(tmp_path / "run")
-    assert sorted(got) == list(range(1, 31))  # no update skipped: every step is logged once
+    assert sorted(got) == list(range(1, 31))  # every step is logged once
+    # A skipped update does not advance the step, so the steps cannot show one: the log line does.
+    assert not [line for line in lines if "update skipped" in line], lines
     assert sum(got[s] for s in range(26, 31)) < sum(got[s] for s in range(1, 6))  # the loss falls
     state = checkpoint.load(tmp_path / "run" / "last.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -62,8 +64,13 @@ def test_translate_on_cuda_matches_cpu(tmp_path, spm_model):
         model, toks, cfg = checkpoint.load_for_inference([final])
         dev = pick_device(device, "fp32")
         model.to(dev.device)
-        outputs[device] = list(translate_lines(lines, model, toks, DecodeConfig(beam=4, max_len_b=20), dev))
-    assert outputs["cuda"] == outputs["cpu"]
+        outputs[device] = translate_texts(lines, model, toks, DecodeConfig(beam=4, max_len_b=20), dev)
+    # CPU and GPU attention and matmul kernels sum in other orders: the scores agree to float rounding,
+    # and a line may differ only where two outputs tie within it.
+    same = [c.texts == g.texts for c, g in zip(outputs["cpu"], outputs["cuda"])]
+    assert sum(same) >= len(lines) - len(lines) // 10, outputs
+    for c, g in zip(outputs["cpu"], outputs["cuda"]):
+        assert g.scores == pytest.approx(c.scores, abs=1e-3)
     ckpts = sorted((tmp_path / "run").glob("ckpt_*.pt"))
     assert len(ckpts) == 2
     args = [sys.executable, "-m", "mtrain", "translate", "--device", "cuda", "--beam", "4", "-i", str(SAMPLE_EN)]
