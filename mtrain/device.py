@@ -117,6 +117,12 @@ class World:
         """Every process waits here until all have arrived, however long one prepares the data."""
         self._wait_for_main()
 
+    def wait_for_main_work(self) -> None:
+        """Every process waits here while rank 0 validates or writes a checkpoint: a large validation
+        set or a slow shared filesystem may take longer than train.dist_timeout, which bounds the
+        collectives of training, not this wait."""
+        self._wait_for_main()
+
     def _wait_for_main(self) -> None:
         if self.size > 1:
             import torch.distributed as dist

@@ -151,8 +151,8 @@ class BeamSearch:
         # 2k candidates, so that k live ones remain even if k of them end in EOS (as fairseq).
         cand = (self.scores[:, :, None] + logp.view(n, k, V)).view(n, k * V)
         top_scores, top_idx = cand.topk(min(2 * k, k * V), dim=1)
-        # A sentence at its length limit has one candidate a hypothesis: ended by EOS (its
-        # log-probability unmasked). Chosen by `where`, not by indexing the rows, which would wait.
+        # A sentence at its length limit has one candidate per hypothesis: that hypothesis ended by EOS
+        # (its log-probability unmasked). Chosen by `where`, not by indexing the rows, which would wait.
         ended, beams = (self.scores + eos_logp.view(n, k)).topk(k, dim=1)
         at_limit = (t + 1 >= self.max_len)[:, None]
         top_scores = torch.where(at_limit, F.pad(ended, (0, top_scores.shape[1] - k), value=float("-inf")),
@@ -176,7 +176,7 @@ class BeamSearch:
                              live_scores[:, 0].double()]).tolist()
         nk = n * k
         fin_at, beam_of, norm_of, best_live = summary[:nk], summary[nk:2 * nk], summary[2 * nk:3 * nk], summary[3 * nk:]
-        ending = [c for c in range(n * k) if fin_at[c]]
+        ending = [c for c in range(nk) if fin_at[c]]
         if ending:  # their tokens, in a second transfer
             width = before.shape[1]
             ending_rows = torch.tensor([c // k * k + int(beam_of[c]) for c in ending], device=before.device)

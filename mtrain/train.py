@@ -741,7 +741,7 @@ class Trainer:
                 self.save("best.pt", [rng_state(self.dev.device)])
             self.report.line(f"step {state.step}: valid loss {record['valid_loss']:.3f}, ppl "
                              f"{record['valid_ppl']:.2f}, BLEU {record['valid_bleu']:.2f}" + (" (best)" * improved))
-        self.world.barrier()
+        self.world.wait_for_main_work()
         state.bad_valid = self.world.max(state.bad_valid)
         self.interval.start = self.clock.elapsed()  # validation time is not training throughput
         return record
@@ -763,6 +763,7 @@ class Trainer:
         rngs = self.world.gather(rng_state(self.dev.device))  # every process's RNG: each resumes its own stream
         self.saved_at = self.state.step
         if not self.world.main:
+            self.world.wait_for_main_work()  # here, not in the next update's collective (train.dist_timeout)
             return
         keep_last, name = self.cfg.train.keep_last, f"ckpt_{self.state.step}.pt"
         # The list saved inside the checkpoint already holds it: a run resumed from it still deletes it
@@ -773,6 +774,7 @@ class Trainer:
         for old in kept[:-keep_last]:
             (self.run_dir / old).unlink(missing_ok=True)
         link_or_copy(path, self.run_dir / "last.pt")  # the same file (a hard link), not a second copy
+        self.world.wait_for_main_work()
 
     def end(self, reason: Stop, trust: bool) -> Path:
         """A last validation and checkpoint (what they found reaches last.pt, so a resume that extends the

@@ -185,3 +185,27 @@ def test_a_node_without_the_prepared_data_stops_with_one_line_and_shared_data_tr
         (tmp_path / "node3" / "prepared" / "train0" / "src.bin").read_bytes()
     c = losses(tmp_path / "three")
     assert sorted(c) == [1, 2, 3, 4] and all(c[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+
+
+def test_a_validation_longer_than_the_collective_timeout_does_not_end_the_job(tmp_path, configs):
+    """Only rank 0 validates and writes checkpoints; the others wait for it on the preparation group,
+    not in a collective bounded by train.dist_timeout (2 s here, against a 6-second validation)."""
+    cfg = configs("slow", max_steps=4, valid_every=2, save_every=2, dist_timeout=2)
+    script = tmp_path / "slow_valid.py"
+    script.write_text(
+        "import sys, time\n"
+        "import mtrain.train as train\n"
+        "real = train.validate\n"
+        "def slow(*args, **kwargs):\n"
+        "    time.sleep(6)\n"
+        "    return real(*args, **kwargs)\n"
+        "train.validate = slow\n"
+        "from mtrain.cli import main\n"
+        f"sys.argv = ['mtrain', 'fit', {str(cfg)!r}, '--output', {str(tmp_path / 'run')!r}]\n"
+        "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["step"] == 4
