@@ -99,7 +99,8 @@ class Batcher:
     and runs its steps, handing each job its answer when the engine says it is done.
 
     The engine has `admit(job)`, `step() -> [(job, answer), ...]` (the jobs finished by that step;
-    an exception for an answer fails that job alone) and `abort()` (forget every admitted job).
+    an exception for an answer fails that job alone), `abort()` (forget every admitted job) and
+    `decoding()`, a context the worker thread stays in for its whole life.
 
     The jobs in flight take at most `max_batch_tokens` positions of KV cache: their rows times the
     longest output limit among them (the cache is one rectangle). At most `max_queue` jobs wait."""
@@ -183,6 +184,10 @@ class Batcher:
             settle(job.future, e)
 
     def _run(self) -> None:
+        with self.engine.decoding():
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             self._take()
             if not self.live:
@@ -344,6 +349,20 @@ class Translator:
 
     # The worker's engine (see Batcher): one BeamSearch per key, which jobs with that key join.
 
+    def decoding(self):
+        """Where the worker decodes: no autograd and the precision's autocast, entered once for the
+        worker's life. Autocast keeps its casts of the weights while its region lasts, so they are
+        made once (a copy of the weights in the compute dtype is kept). Entered per step, as it was,
+        its exit dropped them and every step cast every weight again; and under inference_mode,
+        which the worker used, autocast keeps no casts at all: no_grad it is."""
+        import contextlib
+
+        import torch
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(self.dev.autocast())
+        return stack
+
     def admit(self, job: Job) -> None:
         """Queue the job's lines for the search with its options: the next step starts them, with
         those of every job admitted since the last step, in one encoder pass."""
@@ -357,7 +376,6 @@ class Translator:
     def _start(self) -> list[tuple[Job, Exception]]:
         """Add the queued jobs' lines to their searches (made when there is none); the jobs whose
         lines could not start, with the error."""
-        import torch
 
         from mtrain.config import DecodeConfig
         from mtrain.search import BeamSearch
@@ -369,8 +387,7 @@ class Translator:
                 self.searches[key] = BeamSearch(self.model, **beam_options(DecodeConfig(*key[0]), self.toks))
             try:
                 src = source_batch([ids for job in jobs for ids in job.sources.ids], self.toks, self.dev.device)
-                with torch.inference_mode(), self.dev.autocast():
-                    sentences = iter(self.searches[key].add(src, src == self.toks.src.pad))
+                sentences = iter(self.searches[key].add(src, src == self.toks.src.pad))
             except Exception as e:  # BeamSearch.add changes nothing before the encoder has run
                 failed += [(job, e) for job in jobs]
                 continue
@@ -384,14 +401,12 @@ class Translator:
         """One step of every search, after the jobs admitted since the last one joined; the jobs
         whose last line is done now, with their answers, and those that failed to start, with the
         error."""
-        import torch
 
         failed = self._start()
         finished, self.ready = self.ready, []
         for key, search in list(self.searches.items()):
             try:
-                with torch.inference_mode(), self.dev.autocast():
-                    done = search.step()
+                done = search.step()
             except Exception as e:  # this search's jobs fail; those of other searches go on
                 del self.searches[key]
                 mine = [k for k in self.owners if k[0] == key]
@@ -431,7 +446,8 @@ class Translator:
         maps = {}
         if attention:
             todo = [i for i, d in enumerate(done) if d.hyps]
-            with torch.inference_mode():
+            # in fp32, as translate --attention computes it (the worker is inside autocast)
+            with torch.autocast(self.dev.device.type, enabled=False):
                 found = line_attention(self.model, self.toks, [done[i].src_ids for i in todo],
                                        [done[i].hyps[0].tokens for i in todo], tag)
             first = 0 if tag is None else 1

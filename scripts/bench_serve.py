@@ -108,15 +108,16 @@ def in_flight(checkpoint: str, lines: list[str], n: int, tag: str | None) -> tup
     jobs = [translator.job({"text": [line], **({"tag": tag} if tag else {})}, Limits()) for line in lines]
     todo, live, answers = iter(jobs), 0, {}
     start = time.perf_counter()
-    while True:
-        while live < n and (job := next(todo, None)) is not None:
-            translator.admit(job)
-            live += 1
-        if not live:
-            break
-        for job, answer in translator.step():
-            answers[id(job)] = answer["translations"][0]["text"]
-            live -= 1
+    with translator.decoding():  # as the server's worker thread
+        while True:
+            while live < n and (job := next(todo, None)) is not None:
+                translator.admit(job)
+                live += 1
+            if not live:
+                break
+            for job, answer in translator.step():
+                answers[id(job)] = answer["translations"][0]["text"]
+                live -= 1
     return len(lines) / (time.perf_counter() - start), [answers[id(job)] for job in jobs]
 
 

@@ -152,3 +152,27 @@ def test_the_server_under_autocast_answers_as_fp32_translate_does(tagged_model, 
            for a in answers]
     assert_same_or_near_ties(tagged, hyps(model, toks, tag, FP32, decode), got, decode)
     assert batcher.counters.errors == 0 and batcher.counters.largest_batch > 1  # they did share steps
+
+
+def weight_casts(step, shapes) -> int:
+    """The copies step() makes of tensors shaped like the model's weights, as the profiler sees them
+    (autocast's casts are below the reach of a Python dispatch mode)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+               and tuple(e.input_shapes[0]) in shapes)
+
+
+def test_the_server_casts_the_weights_once_not_at_every_step(tagged_model):
+    """The worker decodes inside one autocast region for its life: the decoder and output weights are
+    cast to bf16 at the first step and reused (entered per step, the region's exit dropped the casts
+    and every step made them again)."""
+    pytest.importorskip("fastapi")
+    from mtrain.serve import Limits, Translator
+    translator = Translator([tagged_model], "cpu", "fp32", False, 2)
+    translator.dev = device("bf16")
+    shapes = {tuple(p.shape) for p in translator.model.decoder.parameters() if p.dim() == 2}
+    with translator.decoding():
+        translator.admit(translator.job({"text": LINES[:4], "tag": "<2de>"}, Limits()))
+        casts = [weight_casts(translator.step, shapes) for _ in range(4)]
+    assert casts[0] >= len(shapes) and casts[1:] == [0, 0, 0], casts

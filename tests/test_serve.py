@@ -435,6 +435,10 @@ class Steps:
     def abort(self):
         self.left = {}
 
+    def decoding(self):
+        import contextlib
+        return contextlib.nullcontext()
+
 
 def test_connections_are_accepted_with_nodelay():
     """Answers leave at once on a kept-open connection: accepted sockets inherit TCP_NODELAY."""
