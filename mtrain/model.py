@@ -338,7 +338,9 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for emb in {self.src_embed, self.tgt_embed}:
+        # In a fixed order: a set's order follows the modules' addresses, and it gave one seed two
+        # different models with separate vocabularies, run to run.
+        for emb in dict.fromkeys([self.src_embed, self.tgt_embed]):
             # N(0, d^-1/2) so that embeddings scaled by sqrt(d) have unit variance (as fairseq)
             nn.init.normal_(emb.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
             nn.init.zeros_(emb.weight[self.pad])

@@ -21,7 +21,7 @@ from mtrain.data import CACHE_VERSION, EncodedCorpus, open_encoded, source_finge
 from mtrain.encode import encode_to, tag_id
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, first_names, make_folder
-from mtrain.tokenizer import Tokenizers, get_tokenizers, model_paths, save_to_run, tokenizer_paths
+from mtrain.tokenizer import Tokenizers, configured_otherwise, get_tokenizers, model_paths, save_to_run
 
 FORMAT = 2  # of the prepared directory, beside the encoded corpora's own CACHE_VERSION
 MANIFEST = "manifest.json"
@@ -138,12 +138,11 @@ def load_prepared(cfg: Config, prepared: Path | str, log=print) -> tuple[Tokeniz
     if missing:
         raise MtrainError(f"{prepared}: prepared with another tokenizer ({missing[0]} missing for tokenizer.joint: "
                           f"{str(cfg.tokenizer.joint).lower()}); run mtrain prepare again")
-    toks = Tokenizers(*(Tokenizer.load(p) for p in paths))
-    if cfg.tokenizer.model:
-        for configured, mine in zip(tokenizer_paths(cfg.tokenizer, prepared), (toks.src, toks.tgt)):
-            if configured.is_file() and Tokenizer.load(configured).identity != mine.identity:
-                raise MtrainError(f"{prepared}: prepared with another tokenizer than {configured}; run mtrain "
-                                  f"prepare again")
+    src = Tokenizer.load(paths[0])
+    toks = Tokenizers(src, src if cfg.tokenizer.joint else Tokenizer.load(paths[1]))
+    other = configured_otherwise(cfg.tokenizer, toks)
+    if other is not None:
+        raise MtrainError(f"{prepared}: prepared with another tokenizer than {other}; run mtrain prepare again")
     expected = expected_manifest(cfg, toks)
     for key, what in (("format", "another mtrain format"), ("encoding", "another mtrain format"),
                       ("tokenizer", "another tokenizer"), ("filters", "other data.max_len or max_len_ratio")):

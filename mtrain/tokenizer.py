@@ -358,6 +358,17 @@ def tokenizer_paths(tc: TokenizerConfig, folder: Path) -> tuple[Path, Path]:
     return main, main.with_name(stem + ".tgt.model")
 
 
+def configured_otherwise(tc: TokenizerConfig, toks: Tokenizers) -> Path | None:
+    """The first model file the settings name (tokenizer.model, and tgt_model or the path next to
+    it) that exists and holds another tokenizer than that side of `toks`; None when there is none."""
+    if not tc.model:
+        return None
+    for path, mine in zip(tokenizer_paths(tc, Path(".")), (toks.src, toks.tgt)):
+        if path.is_file() and Tokenizer.load(path).identity != mine.identity:
+            return path
+    return None
+
+
 def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) -> Tokenizers:
     """Load the configured SentencePiece model(s), training them on the training data if missing
     (into the run directory when no path is configured). Only one process of a torchrun job may

@@ -30,7 +30,7 @@ from mtrain.model import Transformer
 from mtrain.prepare import MANIFEST, load_prepared, prepare
 from mtrain.report import Report, progress, write_line
 from mtrain.score import bleu
-from mtrain.tokenizer import Tokenizer, Tokenizers, get_tokenizers, is_one_piece, save_to_run, tokenizer_paths
+from mtrain.tokenizer import Tokenizer, Tokenizers, configured_otherwise, get_tokenizers, is_one_piece, save_to_run
 from mtrain.translate import decode_ids, drop_unknown
 
 # ---------------------------------------------------------------- the learning rate
@@ -506,11 +506,10 @@ def resumed_tokenizers(ckpt: dict, cfg: Config, run_dir: Path) -> Tokenizers | N
     if "tokenizer_src" not in ckpt:
         return None
     toks = checkpoint.model_and_tokenizers(ckpt, run_dir / "last.pt", model=False)[1]
-    if cfg.tokenizer.model:
-        for path, mine in zip(tokenizer_paths(cfg.tokenizer, run_dir), (toks.src, toks.tgt)):
-            if path.is_file() and Tokenizer.load(path).identity != mine.identity:
-                raise MtrainError(f"{path}: not the SentencePiece model this run trained with (in "
-                                  f"{run_dir / 'last.pt'}); cannot resume")
+    other = configured_otherwise(cfg.tokenizer, toks)
+    if other is not None:
+        raise MtrainError(f"{other}: not the SentencePiece model this run trained with (in {run_dir / 'last.pt'}); "
+                          f"cannot resume")
     return toks
 
 

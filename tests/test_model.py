@@ -194,3 +194,15 @@ def test_positions_selected_by_index_are_those_of_the_mask():
         torch.manual_seed(0)  # the same dropout masks
         hidden.append(model(*args, select, project=False))
     assert torch.equal(hidden[0], hidden[1]) and hidden[0].shape == (6, model.cfg.d_model)
+
+
+def test_one_seed_makes_one_model_with_separate_vocabularies():
+    """The embeddings were initialised in the order of a set of the two modules, which follows their
+    memory addresses: the same seed gave two different models, run to run (and within a run)."""
+    cfg = ModelConfig(encoder_layers=1, decoder_layers=1, d_model=16, heads=2, ffn_dim=32, share_embeddings=False)
+    sums = set()
+    for _ in range(20):
+        torch.manual_seed(0)
+        model = Transformer(cfg, 30, 40, pad=0)
+        sums.add(tuple(float(p.detach().double().sum()) for p in model.parameters()))
+    assert len(sums) == 1
