@@ -56,6 +56,37 @@ def tagged_raw(tmp_path: Path, spm_model: Path) -> dict:
     return raw
 
 
+@torch.no_grad()
+def forced_score(model, toks, src_ids: list[int], tokens: list[int], lenpen: float = 0.0,
+                 lenpen_type: str = "gnmt") -> float:
+    """The score beam search gives `tokens` (output ids without BOS and EOS) for the source `src_ids`
+    (without EOS), forced and in fp32: their log-probability, EOS included, over the length penalty."""
+    from mtrain.search import length_penalty
+    from mtrain.translate import source_batch
+    src = source_batch([src_ids], toks, torch.device("cpu"))
+    out = [*tokens, toks.tgt.eos]
+    logp = model.decode(torch.tensor([[toks.tgt.bos, *tokens]]), model.encode(src, src == toks.src.pad),
+                        src == toks.src.pad)[0].float().log_softmax(-1)
+    return float(logp[torch.arange(len(out)), torch.tensor(out)].sum()) / length_penalty(len(out), lenpen, lenpen_type)
+
+
+def assert_same_or_better(model, toks, lines, ours, theirs, lenpen, lenpen_type="gnmt", most_differ=2):
+    """Another decoder's outputs (`theirs`, target pieces) against mtrain's (`ours`) for the same lines:
+    equal, or where they differ mtrain's search found an output at least as good under the model's own
+    scores (mtrain does not stop a sentence while a live hypothesis is better than those finished,
+    where CTranslate2, as fairseq, may)."""
+    differ = 0
+    for line, mine, other in zip(lines, ours, theirs, strict=True):
+        if mine == other:
+            continue
+        differ += 1
+        src = toks.src.encode_batch([line])[0]
+        ids = [[toks.tgt.sp.piece_to_id(p) for p in pieces] for pieces in (mine, other)]
+        scores = [forced_score(model, toks, src, x, lenpen, lenpen_type) for x in ids]
+        assert scores[0] >= scores[1] - 1e-4, (line, mine, other, scores)
+    assert differ <= most_differ, f"{differ} lines differ"
+
+
 @pytest.fixture(scope="session")
 def tagged_model(tmp_path_factory, spm_model) -> Path:
     """The checkpoint of `tagged_raw`, trained once for every test that needs a model that knows

@@ -11,13 +11,13 @@ must score within 10% of fp32's at the same rank, as every output must."""
 
 import pytest
 import torch
-from conftest import SAMPLE_EN
+from conftest import SAMPLE_EN, forced_score
 
 from mtrain import checkpoint
 from mtrain.config import DecodeConfig
 from mtrain.device import Device, pick_device
 from mtrain.ensemble import Ensemble
-from mtrain.search import BeamSearch, Hypothesis, length_penalty
+from mtrain.search import BeamSearch, Hypothesis
 from mtrain.translate import Inspect, Sampling, beam_options, source_batch, tag_piece, translate_lines, translate_texts
 
 LINES = SAMPLE_EN.read_text().splitlines()
@@ -40,16 +40,10 @@ def tagged(tagged_model):
     return model, toks, tag_piece("<2de>", toks, cfg.data.tags)
 
 
-@torch.no_grad()
 def fp32_score(model, toks, tag, line: str, tokens: list[int], decode: DecodeConfig, sampled: bool) -> float:
-    """The score an output of `line` gets in fp32, forced: its log-probability, EOS included, over
-    the length penalty (none for sampling)."""
-    src = source_batch([[tag, *toks.src.encode_batch([line])[0]]], toks, torch.device("cpu"))
-    out = [*tokens, toks.tgt.eos]
-    logp = model.decode(torch.tensor([[toks.tgt.bos, *tokens]]), model.encode(src, src == toks.src.pad),
-                        src == toks.src.pad)[0].float().log_softmax(-1)
-    total = float(logp[torch.arange(len(out)), torch.tensor(out)].sum())
-    return total if sampled else total / length_penalty(len(out), decode.lenpen, decode.lenpen_type)
+    """The score an output of `line` gets in fp32, forced (no length penalty for sampling)."""
+    return forced_score(model, toks, [tag, *toks.src.encode_batch([line])[0]], tokens,
+                        0.0 if sampled else decode.lenpen, decode.lenpen_type)
 
 
 def assert_same_or_near_ties(tagged, want: list[list[Hypothesis]], got: list[list[Hypothesis]],
