@@ -452,17 +452,18 @@ class MovingAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         import copy
         self.module = copy.deepcopy(model)
-        for p in self.module.parameters():
+        self.params = list(self.module.parameters())  # once: the update runs after every step
+        for p in self.params:
             p.requires_grad_(False)
         self.decay, self.updates = decay, 0
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        mine, theirs = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        theirs = [p.detach() for p in model.parameters()]
         if self.updates:
-            torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
+            torch._foreach_lerp_(self.params, theirs, 1.0 - self.decay)
         else:
-            torch._foreach_copy_(mine, theirs)
+            torch._foreach_copy_(self.params, theirs)
         self.updates += 1
 
 
