@@ -19,8 +19,16 @@ from mtrain.serve import Limits
 USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
 ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Train and use Transformer translation models.")
+
+QUIET_HELP = "No progress on stderr (by default a bar on a terminal, else a line every 30 s)."
+
+
+def _quiet(value: bool) -> None:
+    from mtrain import progress
+    progress.quiet = value
+
 
 TRUST_HELP = ("Load a checkpoint that holds pickled Python objects (older mtrain versions), or any checkpoint on a "
               "torch older than 2.10; it can run code.")
@@ -96,9 +104,11 @@ def tokenize(
     per_language: bool = typer.Option(False, "--per-language", help="One model per input: PREFIX.<lang>.model."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Take inputs and settings from a config."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. tokenizer.vocab_size=4000."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Train a SentencePiece model on raw text and report pieces per sentence and the unknown rate."""
     from mtrain.tokenizer import run_tokenize
+    _quiet(quiet)
     with user_errors():
         for line in run_tokenize(inputs=input or [], output=output, config=config, overrides=set_,
                                  per_language=per_language, vocab_size=vocab_size,
@@ -108,29 +118,30 @@ def tokenize(
             typer.echo(line)
 
 
-@app.command()
-def prepare(
+@app.command("prepare")
+def prepare_command(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: --set data.max_len=200 (repeatable)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Prepared directory [data.prepared, else data/prepared/CONFIG_NAME]."),
     workers: int = typer.Option(0, help="Encoding processes [0: one per core this process may use]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Train the tokenizer and encode every corpus once, into a directory that fit reads (data.prepared)."""
-    from mtrain.config import load_config
-    from mtrain.prepare import prepare as prepare_fn
+    from mtrain.config import check_trainable, load_config
+    from mtrain.prepare import prepare
+    _quiet(quiet)
     with user_errors():
         if workers < 0:
             raise MtrainError(f"--workers: must be >= 0, got {workers}")
         cfg = load_config(config, set_)
-        if not cfg.data.train:
-            raise MtrainError(f"{config}: data.train: no training corpus given")
+        check_trainable(cfg, str(config))
         where = output or Path(cfg.data.prepared or Path("data") / "prepared" / config.stem)
-        prepare_fn(cfg, where, typer.echo, workers=workers)
+        prepare(cfg, where, typer.echo, workers=workers)
 
 
-@app.command()
-def fit(
+@app.command("fit")
+def fit_command(
     config: Path = typer.Argument(..., help="YAML config file."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: --set train.lr=5e-4 (repeatable)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory [runs/CONFIG_NAME]."),
@@ -141,16 +152,28 @@ def fit(
                                         "tokenizer (fine-tuning); the optimizer, schedule and data order start afresh."),
 ):
     """Train a Transformer; the run directory gets checkpoints, metrics.jsonl, config.yaml and the tokenizer."""
-    from mtrain.config import load_config
-    from mtrain.train import fit as fit_fn
+    from mtrain.config import check_trainable, load_config
+    from mtrain.train import fit
     with user_errors():
         if resume and overwrite:  # one keeps the run, the other deletes it: neither can be guessed
             raise MtrainError("--resume continues the run and --overwrite deletes it: give one of them")
         cfg = load_config(config, set_)
-        if not cfg.data.train:  # before any work: the device, the run directory
-            raise MtrainError(f"{config}: data.train: no training corpus given; write e.g. "
-                              "data: {train: {src: train.en, tgt: train.de}}")
-        fit_fn(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust, init=init)
+        check_trainable(cfg, str(config))  # before any work: the device, the run directory
+        fit(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite, trust=trust, init=init)
+
+
+@app.command("config")
+def show_config(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, as fit takes it (repeatable)."),
+):
+    """Print the resolved config (every key, defaults filled in, bases and --set applied) after checking it
+    as fit does; runs nothing. fit writes the same text to RUN/config.yaml."""
+    from mtrain.config import check_trainable, config_text, load_config
+    with user_errors():
+        cfg = load_config(config, set_)
+        check_trainable(cfg, str(config))
+        typer.echo(config_text(cfg), nl=False)
 
 
 @app.command()
@@ -190,9 +213,11 @@ def translate(
     buffer_lines: Optional[int] = typer.Option(
         None, help="Lines read, translated (sorted by length) and written at a time [2000; 1 when stdin is "
                    "a terminal]. 1 answers each line before reading the next (a program feeding a pipe)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Translate a file or stdin with beam search; one output line per input line, flushed per block of lines."""
     from mtrain.translate import run_translate, translate_modes
+    _quiet(quiet)
     with user_errors():
         sampling, inspect = translate_modes(
             sample=sample,

@@ -428,24 +428,60 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def read_yaml(path: Path) -> dict:
+    """One config file's mapping, as written (its `base` not yet followed)."""
+    if not path.is_file():
+        raise MtrainError(f"{path}: config file not found")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise MtrainError(f"{path}:{line} not valid YAML ({detail})") from None
+    if not isinstance(raw, dict):
+        raise MtrainError(f"{path}: expected a mapping with sections data, tokenizer, model, train, decode")
+    return raw
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`over` written on top of `base`: mappings merge key by key, at every depth; anything else (a
+    number, a string, a list such as data.train's corpora) replaces the base's value whole."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file with its `base: OTHER.yaml` (a path relative to the file) read first and this file's
+    keys written over it, following bases of bases. One key in the file names what it builds on, so
+    the file alone reproduces a run (Marian instead repeats --config on the command line)."""
+    raw = read_yaml(path)
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base:
+        raise MtrainError(f"{path}: base: expected the path of another config file, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise MtrainError(f"{path}: base: {base_path} not found")
+    chain = (*seen, path.resolve())
+    if base_path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*seen, path, base_path))
+        raise MtrainError(f"{path}: base: the configs build on each other in a cycle ({names})")
+    return merged(read_with_bases(base_path, chain), raw)
+
+
 def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (or start from defaults when path is None), apply --set overrides, validate."""
+    """Read a YAML file (with its bases; or start from defaults when path is None), apply --set
+    overrides, validate."""
     raw: dict = {}
     name = "config"
     if path is not None:
         path = Path(path)
         name = str(path)
-        if not path.is_file():
-            raise MtrainError(f"{path}: config file not found")
-        try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise MtrainError(f"{path}:{line} not valid YAML ({detail})") from None
-        if not isinstance(raw, dict):
-            raise MtrainError(f"{path}: expected a mapping with sections data, tokenizer, model, train, decode")
+        raw = read_with_bases(path)
     for assignment in overrides:
         apply_override(raw, assignment)
     cfg = config_from_dict(raw, name)
@@ -468,5 +504,18 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_text(cfg: Config) -> str:
+    """The resolved config as YAML: every key, defaults filled in, bases and overrides applied; what
+    `mtrain config` prints and `fit` writes to RUN/config.yaml."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
 def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    path.write_text(config_text(cfg), encoding="utf-8")
+
+
+def check_trainable(cfg: Config, name: str) -> None:
+    """What `fit` and `prepare` need beyond a valid config, checked before any work."""
+    if not cfg.data.train:
+        raise MtrainError(f"{name}: data.train: no training corpus given; write e.g. "
+                          "data: {train: {src: train.en, tgt: train.de}}")

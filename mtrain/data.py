@@ -320,7 +320,7 @@ class Corpora:
 
 
 @dataclass
-class Share:
+class UncollatedBatch:
     """One batch's sentences, collated only when its process trains on it."""
 
     indices: np.ndarray
@@ -378,13 +378,13 @@ class Batches:
                 self._next = (self.epoch + 1, thread, box)
         return self._epoch_batches
 
-    def next(self) -> Share:
+    def next(self) -> UncollatedBatch:
         batches = self.epoch_batches()
         if self.index >= len(batches):
             self.epoch, self.index, self._epoch_batches = self.epoch + 1, 0, None
             batches = self.epoch_batches()
         self.index += 1
-        return Share(batches[self.index - 1], self.corpus)
+        return UncollatedBatch(batches[self.index - 1], self.corpus)
 
     @property
     def epochs_done(self) -> int:
@@ -420,7 +420,7 @@ class Batches:
 
 
 @dataclass
-class Update:
+class UpdateBatches:
     """The batches of one optimizer update: this process's share collated (and on its device), the
     target tokens of the whole update over every process, and where the stream stood after it."""
 
@@ -442,16 +442,16 @@ class UpdateStream:
                  device: torch.device, ahead: int = 0):
         self.batches, self.per_update, self.mine, self.specials = batches, per_update, mine, specials
         self.device, self.ahead = device, ahead
-        self.current: Update | None = None  # the update the loop took last
+        self.current: UpdateBatches | None = None  # the update the loop took last
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _make(self) -> Update:
+    def _make(self) -> UpdateBatches:
         shares = [self.batches.next() for _ in range(self.per_update)]
         mine = [share.collate(*self.specials).to(self.device) for share in shares[self.mine]]
         b = self.batches
-        return Update(mine, sum(share.n_tgt_tokens for share in shares), b.state_dict(), b.epoch, b.epochs_done,
+        return UpdateBatches(mine, sum(share.n_tgt_tokens for share in shares), b.state_dict(), b.epoch, b.epochs_done,
                       dict(b.epoch_pairs))
 
     def _work(self) -> None:
@@ -469,7 +469,7 @@ class UpdateStream:
             if isinstance(item, BaseException):
                 return
 
-    def next(self) -> Update:
+    def next(self) -> UpdateBatches:
         if not self.ahead:
             self.current = self._make()
             return self.current

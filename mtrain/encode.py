@@ -33,6 +33,7 @@ from mtrain.config import DataConfig, DataSource
 from mtrain.corpus import check_input, decode_lines, is_plain_file, line_index, raw_pairs
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, fsync_dir
+from mtrain.progress import Progress
 from mtrain.tokenizer import Tokenizers, is_one_piece, usable_cores
 
 CHUNK = 50_000  # line pairs encoded at once: bounds memory, and is the unit of parallel work and of resuming
@@ -163,26 +164,34 @@ def _encode(job: LineRange | tuple[list[str], list[str]]) -> Chunk:
                  too_long=too_long, bad_ratio=bad_ratio)
 
 
-def _jobs(source: DataSource, skip: int) -> Iterator[LineRange | tuple[list[str], list[str]]]:
-    """The chunks of a source from chunk `skip` on: byte ranges of a plain file pair (both files' line
-    counts checked first), else lists of line pairs read here."""
+def _jobs(source: DataSource, skip: int) -> tuple[int | None, Iterator[LineRange | tuple[list[str], list[str]]]]:
+    """The pairs of a source when known (a plain file pair: both files' line counts, checked now), and
+    its chunks from chunk `skip` on: byte ranges of a plain file pair, else lists of line pairs read
+    here."""
     if source.src and is_plain_file(source.src) and is_plain_file(source.tgt):
         (src_starts, n_src), (tgt_starts, n_tgt) = (line_index(p, CHUNK) for p in (source.src, source.tgt))
         if n_src != n_tgt:
             raise MtrainError(f"line counts differ: {source.src} has {n_src} lines, {source.tgt} has {n_tgt}")
         sizes = [os.path.getsize(source.src), os.path.getsize(source.tgt)]
-        for k in range(skip, len(src_starts) if n_src else 0):
-            ends = [starts[k + 1] if k + 1 < len(starts) else size for starts, size in zip((src_starts, tgt_starts), sizes)]
-            yield LineRange(source.src, source.tgt, (src_starts[k], ends[0]), (tgt_starts[k], ends[1]), k * CHUNK + 1)
-        return
+
+        def ranges() -> Iterator[LineRange]:
+            for k in range(skip, len(src_starts) if n_src else 0):
+                ends = [starts[k + 1] if k + 1 < len(starts) else size
+                        for starts, size in zip((src_starts, tgt_starts), sizes)]
+                yield LineRange(source.src, source.tgt, (src_starts[k], ends[0]), (tgt_starts[k], ends[1]),
+                                k * CHUNK + 1)
+        return n_src, ranges()
     if source.src:  # named before anything is read, as for plain files
         check_input(Path(source.src))
         check_input(Path(source.tgt))
-    pairs = raw_pairs(source)
-    for _ in itertools.islice(pairs, skip * CHUNK):  # chunks done before an interruption: read past, not encoded
-        pass
-    while chunk := list(itertools.islice(pairs, CHUNK)):
-        yield [s for s, _ in chunk], [t for _, t in chunk]
+
+    def chunks() -> Iterator[tuple[list[str], list[str]]]:
+        pairs = raw_pairs(source)
+        for _ in itertools.islice(pairs, skip * CHUNK):  # chunks done before an interruption: read past, not encoded
+            pass
+        while chunk := list(itertools.islice(pairs, CHUNK)):
+            yield [s for s, _ in chunk], [t for _, t in chunk]
+    return None, chunks()
 
 
 def _encoded(jobs: Iterator, settings: Settings, workers: int) -> Iterator[Chunk]:
@@ -281,20 +290,25 @@ def _encode_into(partial: Path, source: DataSource, toks: Tokenizers, cfg: DataC
             f.truncate(progress["bytes"][name])
     settings = Settings(toks.src.proto, toks.tgt.proto, tag_id(source, toks), filtered, cfg.max_len,
                         cfg.max_len_ratio, dtype.name, workers)
+    total, jobs = _jobs(source, progress["chunks"])
     handles = {name: open(path, "ab") for name, path in files.items()}
     try:
-        for chunk in _encoded(_jobs(source, progress["chunks"]), settings, workers):
-            for name, array in (("src.bin", chunk.src), ("tgt.bin", chunk.tgt),
-                                ("src.len", chunk.n_src.astype(np.int32)), ("tgt.len", chunk.n_tgt.astype(np.int32))):
-                handles[name].write(array.tobytes())
-                handles[name].flush()
-                os.fsync(handles[name].fileno())  # on disk before the record that vouches for it
-                progress["bytes"][name] += array.nbytes
-            for key in ("read", "empty", "too_long", "bad_ratio"):
-                progress[key] += getattr(chunk, key)
-            progress["chunks"] += 1
-            with atomic_write(partial / PROGRESS, "w", "progress record") as f:
-                f.write(json.dumps(progress))
+        # counted here, as the chunks come back from the worker processes
+        with Progress(f"encoding {source.label}", total, unit="pairs", initial=progress["read"]) as shown:
+            for chunk in _encoded(jobs, settings, workers):
+                for name, array in (("src.bin", chunk.src), ("tgt.bin", chunk.tgt),
+                                    ("src.len", chunk.n_src.astype(np.int32)),
+                                    ("tgt.len", chunk.n_tgt.astype(np.int32))):
+                    handles[name].write(array.tobytes())
+                    handles[name].flush()
+                    os.fsync(handles[name].fileno())  # on disk before the record that vouches for it
+                    progress["bytes"][name] += array.nbytes
+                for key in ("read", "empty", "too_long", "bad_ratio"):
+                    progress[key] += getattr(chunk, key)
+                progress["chunks"] += 1
+                with atomic_write(partial / PROGRESS, "w", "progress record") as f:
+                    f.write(json.dumps(progress))
+                shown.update(chunk.read)
     finally:
         for f in handles.values():
             f.close()

@@ -1,11 +1,13 @@
-"""How a training run reports: lines for the user (above tqdm's bar, which they do not break), the
-progress bar on a terminal, and metrics.jsonl with TensorBoard events; and reading metrics back."""
+"""How a training run reports: lines for the user (above tqdm's bar, which they do not break) and in
+RUN/train.log, the progress bar on a terminal, and metrics.jsonl with TensorBoard events; and reading
+metrics back."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -66,16 +68,47 @@ def read_metrics(path: Path) -> list[dict]:
 
 class Report:
     """The one way a run reports, on rank 0 only: lines through `log` (by default above tqdm's bar, which
-    they do not break), the progress bar on a terminal, and metrics.jsonl with TensorBoard."""
+    they do not break) and into RUN/train.log, the progress bar on a terminal, and metrics.jsonl with
+    TensorBoard."""
 
     def __init__(self, log, main: bool):
         self.log, self.main = log, main
         self.bar: tqdm | None = None
         self.metrics: MetricsLog | None = None
+        self.file = None
+        self.early: list[str] = []  # lines reported before the run directory exists, for train.log
 
     def line(self, text: str) -> None:
         if self.main:
             self.log(text)
+            self.to_file(text)
+
+    def to_file(self, text: str) -> None:
+        """A line for train.log alone (e.g. the error the command line prints itself)."""
+        if not self.main:
+            return
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
+        if self.file is None:
+            self.early.append(stamped)
+        else:
+            self.file.write(stamped + "\n")
+            self.file.flush()
+
+    def open_log(self, run_dir: Path, resumed_at: int | None) -> None:
+        """RUN/train.log, appended to: a line marking the new start or the resume, then the lines so far."""
+        if not self.main or self.file is not None:
+            return
+        path = run_dir / "train.log"
+        torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self.file = open(path, "a", encoding="utf-8")
+        if torn:  # a kill -9 cut the last line
+            self.file.write("\n")
+        early, self.early = self.early, []
+        self.to_file(f"---- mtrain fit: {'resumed at step ' + str(resumed_at) if resumed_at is not None else 'new run'}"
+                     f" in {run_dir} ({' '.join(sys.argv[1:]) or 'called from Python'})")
+        for stamped in early:
+            self.file.write(stamped + "\n")
+        self.file.flush()
 
     def start(self, run_dir: Path, step: int, total: int) -> None:
         if self.main:
@@ -92,10 +125,17 @@ class Report:
         if record and self.metrics is not None:
             self.metrics.write({**record, "wall_s": round(session_s, 2)})
 
-    def close(self) -> None:
+    def end_training(self) -> None:
+        """The bar and the metrics are done; lines (the choice of final.pt) still come."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+
+    def close(self) -> None:
+        self.end_training()
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -161,7 +161,7 @@ class BeamSearch:
         src_beam, new_tok = top_idx // V, top_idx % V
         is_eos = new_tok == eos
         # EOS candidates among the best k finish their hypotheses; the best k others stay live.
-        fin = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
+        is_finished = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
         norm = top_scores[:, :k] / length_penalty(t[:, None] + 1.0, self.lenpen, self.lenpen_type)
         live_scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
         rows = (torch.arange(n, device=logp.device)[:, None] * k + src_beam.gather(1, pick)).view(-1)
@@ -172,7 +172,7 @@ class BeamSearch:
         self.owed = rows
 
         # What the host needs, in one transfer.
-        summary = torch.cat([fin.view(-1).double(), src_beam[:, :k].reshape(-1).double(), norm.view(-1).double(),
+        summary = torch.cat([is_finished.view(-1).double(), src_beam[:, :k].reshape(-1).double(), norm.view(-1).double(),
                              live_scores[:, 0].double()]).tolist()
         nk = n * k
         fin_at, beam_of, norm_of, best_live = summary[:nk], summary[nk:2 * nk], summary[2 * nk:3 * nk], summary[3 * nk:]

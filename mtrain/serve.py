@@ -6,7 +6,7 @@ as long as the KV cache they need stays within --max-batch-tokens positions, and
 answered as soon as its last line is done, while the others go on. A server is meant to run for
 weeks: every request's work and the queue are bounded, and one request's failure is its own. An
 idle worker waits up to --max-wait-ms for company before it starts. Lines are read and finished
-by the same code as `mtrain translate`'s (read_sources, BeamSearch, Sources.finish). The event
+by the same code as `mtrain translate`'s (read_sources, BeamSearch, EncodedLines.finish). The event
 loop only parses, validates and waits, so a slow step never stops the server from accepting or
 refusing.
 """
@@ -77,7 +77,7 @@ class Job:
     key: tuple
     rows: int
     columns: int = 1
-    sources: object = None  # translate.Sources
+    sources: object = None  # translate.EncodedLines
     hyps: list = field(default_factory=list)  # per line decoded, once its search is done with it
     left: int = 0  # lines still in a search
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)

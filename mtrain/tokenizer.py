@@ -20,6 +20,7 @@ from mtrain.config import Config, DataSource, TokenizerConfig
 from mtrain.corpus import check_line_counts, open_text, read_pairs
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_write, make_folder
+from mtrain.progress import Progress, note
 
 
 def is_one_piece(text: str, tok: "Tokenizer") -> bool:
@@ -181,31 +182,35 @@ class Reservoir:
 def sample_lines(inputs: Sequence[Path | str], size: int, shuffle: bool, seed: int = 1) -> list[str]:
     """A Reservoir's sample of the lines of `inputs`, in one streaming pass."""
     sample = Reservoir(size, shuffle, seed)
-    for path in inputs:
-        for line in open_text(path):
-            if sample.full:
-                return sample.lines()
-            sample.offer(line)
+    with Progress("tokenizer: reading", unit="lines") as shown:
+        for path in inputs:
+            for line in open_text(path):
+                if sample.full:
+                    return sample.lines()
+                sample.offer(line)
+                shown.update()
     return sample.lines()
 
 
-def sample_sources(sources: Sequence[DataSource], tc: TokenizerConfig) -> list[list[str]]:
+def sample_sources(sources: Sequence[DataSource], tok_cfg: TokenizerConfig) -> list[list[str]]:
     """What SentencePiece trains on, taken from the training corpora in one streaming pass, with nothing
     written out: one sample of both sides for a joint model, else one per side. A file pair is read as
     its two files, source then target."""
-    size, shuffle = tc.input_sentence_size, tc.shuffle_input_sentence
+    size, shuffle = tok_cfg.input_sentence_size, tok_cfg.shuffle_input_sentence
     if len(sources) == 1 and sources[0].src:
         paths = [sources[0].src, sources[0].tgt]
-        if tc.joint:
+        if tok_cfg.joint:
             return [sample_lines(paths, size, shuffle)]
         return [sample_lines(paths[:1], size, shuffle), sample_lines(paths[1:], size, shuffle)]
-    samples = [Reservoir(size, shuffle)] if tc.joint else [Reservoir(size, shuffle), Reservoir(size, shuffle)]
-    for source in sources:
-        for src, tgt in read_pairs(source):
-            if all(sample.full for sample in samples):
-                break
-            samples[0].offer(src)
-            samples[-1].offer(tgt)
+    samples = [Reservoir(size, shuffle)] if tok_cfg.joint else [Reservoir(size, shuffle), Reservoir(size, shuffle)]
+    with Progress("tokenizer: reading", unit="pairs") as shown:
+        for source in sources:
+            for src, tgt in read_pairs(source):
+                if all(sample.full for sample in samples):
+                    break
+                samples[0].offer(src)
+                samples[-1].offer(tgt)
+                shown.update()
     return [sample.lines() for sample in samples]
 
 
@@ -224,6 +229,8 @@ def train_tokenizer(inputs: Sequence[Path | str], cfg: TokenizerConfig, output_p
         if not lines:
             raise MtrainError(f"{', '.join(map(str, inputs))}: no text to train a tokenizer on")
         joined.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        if len(lines) >= 100_000:  # minutes of work ahead, without progress of SentencePiece's own
+            note(f"tokenizer: SentencePiece trains on {len(lines):,} lines (it reports no progress of its own)")
         del lines, sample
         log = open(Path(tmp) / "spm.log", "w")  # SentencePiece needs a real file descriptor
         try:
@@ -273,21 +280,21 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
     """`mtrain tokenize`: settings from flags (None = default) or a config; yields report lines."""
     from mtrain.config import load_config
 
-    tc, inputs, sources, paths = TokenizerConfig(), list(inputs), [], None
+    tok_cfg, inputs, sources, paths = TokenizerConfig(), list(inputs), [], None
     if overrides and config is None:  # nothing to override: they would be ignored
         raise MtrainError(f"--set {overrides[0]}: --set overrides keys of a --config; without one, use the "
                           f"flags (--vocab-size, --model-type, ...)")
     if config is not None:
         cfg = load_config(config, overrides)
-        tc = with_tags(cfg.tokenizer, cfg.data.tags)
+        tok_cfg = with_tags(cfg.tokenizer, cfg.data.tags)
         if not inputs:
             sources = cfg.data.train  # any kind, one or several: as plain text below
-        per_language = per_language or not tc.joint
-        if output is None and tc.model:  # where fit will look for them (tokenizer_paths)
-            output = Path(tc.model).with_suffix("")
-            paths = tokenizer_paths(dataclasses.replace(tc, joint=not per_language), Path("."))
+        per_language = per_language or not tok_cfg.joint
+        if output is None and tok_cfg.model:  # where fit will look for them (tokenizer_paths)
+            output = Path(tok_cfg.model).with_suffix("")
+            paths = tokenizer_paths(dataclasses.replace(tok_cfg, joint=not per_language), Path("."))
     try:
-        tc = dataclasses.replace(tc, **{k: v for k, v in settings.items() if v is not None})
+        tok_cfg = dataclasses.replace(tok_cfg, **{k: v for k, v in settings.items() if v is not None})
     except ValueError as e:
         raise MtrainError(f"tokenize: {e}") from None
     if not inputs and not sources:
@@ -298,18 +305,18 @@ def run_tokenize(inputs: Sequence[Path], output: Path | None, config: Path | Non
     if output.suffix == ".model":  # `-o spm.model` means the file spm.model, not spm.model.model
         output = output.with_suffix("")
     if sources:  # one model, or one a side: sampled from the corpora as they are read
-        samples = sample_sources(sources, dataclasses.replace(tc, joint=not per_language))
+        samples = sample_sources(sources, dataclasses.replace(tok_cfg, joint=not per_language))
         names = ", ".join(source.label for source in sources)
         sides = [paths[n].with_suffix("") if paths else Path(f"{output}.{side}") for n, side in enumerate(("src", "tgt"))]
         groups = [([f"{names} ({side})"], prefix) for side, prefix in zip(("src", "tgt"), sides)] if per_language \
             else [([f"{names} (both sides)"], output)]
-        yield from _train_groups(groups, tc, samples)
+        yield from _train_groups(groups, tok_cfg, samples)
     else:
         groups = [([p], Path(f"{output}.{_language(p)}")) for p in inputs] if per_language else [(inputs, output)]
-        yield from _train_groups(groups, tc)
+        yield from _train_groups(groups, tok_cfg)
 
 
-def _train_groups(groups: list[tuple[list, Path]], tc: TokenizerConfig, samples: list[list[str]] | None = None
+def _train_groups(groups: list[tuple[list, Path]], tok_cfg: TokenizerConfig, samples: list[list[str]] | None = None
                   ) -> Iterator[str]:
     """One model per group of inputs (files, or the names of `samples`, one for each); report lines."""
     prefixes = [prefix for _, prefix in groups]
@@ -320,7 +327,7 @@ def _train_groups(groups: list[tuple[list, Path]], tc: TokenizerConfig, samples:
                               f"give one file per language")
     for n, (files, prefix) in enumerate(groups):
         start = time.time()
-        model = train_tokenizer(files, tc, prefix, sample=None if samples is None else samples[n])
+        model = train_tokenizer(files, tok_cfg, prefix, sample=None if samples is None else samples[n])
         tok = Tokenizer.load(model)
         yield f"wrote {model} and {prefix}.vocab ({tok.vocab_size} pieces, {time.time() - start:.1f} s)"
         for path in files:
@@ -329,10 +336,10 @@ def _train_groups(groups: list[tuple[list, Path]], tc: TokenizerConfig, samples:
                    f"unknown rate {100 * s['unk_rate']:.3f}% (first {s['sentences']} lines)")
 
 
-def with_tags(tc: TokenizerConfig, tags: Sequence[str]) -> TokenizerConfig:
+def with_tags(tok_cfg: TokenizerConfig, tags: Sequence[str]) -> TokenizerConfig:
     """The tokenizer settings with the corpora's tags among its user-defined symbols, so that each
     tag is one piece."""
-    return dataclasses.replace(tc, user_defined_symbols=list(dict.fromkeys([*tc.user_defined_symbols, *tags])))
+    return dataclasses.replace(tok_cfg, user_defined_symbols=list(dict.fromkeys([*tok_cfg.user_defined_symbols, *tags])))
 
 
 def model_paths(folder: Path, joint: bool) -> tuple[Path, Path]:
@@ -343,27 +350,27 @@ def model_paths(folder: Path, joint: bool) -> tuple[Path, Path]:
     return (folder / "spm.model",) * 2 if joint else (folder / "spm.src.model", folder / "spm.tgt.model")
 
 
-def tokenizer_paths(tc: TokenizerConfig, folder: Path) -> tuple[Path, Path]:
+def tokenizer_paths(tok_cfg: TokenizerConfig, folder: Path) -> tuple[Path, Path]:
     """(source, target) model paths of the tokenizer settings: tokenizer.model (and tgt_model) where
     given, else `model_paths` in `folder`. A tgt_model left empty is next to model: X.src.model ->
     X.tgt.model, X.model -> X.tgt.model."""
-    if not tc.model:
-        return model_paths(folder, tc.joint)
-    main = Path(tc.model)
-    if tc.joint:
+    if not tok_cfg.model:
+        return model_paths(folder, tok_cfg.joint)
+    main = Path(tok_cfg.model)
+    if tok_cfg.joint:
         return main, main
-    if tc.tgt_model:
-        return main, Path(tc.tgt_model)
+    if tok_cfg.tgt_model:
+        return main, Path(tok_cfg.tgt_model)
     stem = main.name[:-len(".src.model")] if main.name.endswith(".src.model") else main.stem
     return main, main.with_name(stem + ".tgt.model")
 
 
-def configured_otherwise(tc: TokenizerConfig, toks: Tokenizers) -> Path | None:
+def configured_otherwise(tok_cfg: TokenizerConfig, toks: Tokenizers) -> Path | None:
     """The first model file the settings name (tokenizer.model, and tgt_model or the path next to
     it) that exists and holds another tokenizer than that side of `toks`; None when there is none."""
-    if not tc.model:
+    if not tok_cfg.model:
         return None
-    for path, mine in zip(tokenizer_paths(tc, Path(".")), (toks.src, toks.tgt)):
+    for path, mine in zip(tokenizer_paths(tok_cfg, Path(".")), (toks.src, toks.tgt)):
         if path.is_file() and Tokenizer.load(path).identity != mine.identity:
             return path
     return None
@@ -373,24 +380,24 @@ def get_tokenizers(cfg: Config, run_dir: Path, log=print, write: bool = True) ->
     """Load the configured SentencePiece model(s), training them on the training data if missing
     (into the run directory when no path is configured). Only one process of a torchrun job may
     `write` (train); the others read what it wrote."""
-    tc = cfg.tokenizer
-    main, tgt_path = tokenizer_paths(tc, run_dir)
+    tok_cfg = cfg.tokenizer
+    main, tgt_path = tokenizer_paths(tok_cfg, run_dir)
     if write and (not main.is_file() or not tgt_path.is_file()):
         if not cfg.data.train:
             raise MtrainError("data.train: no training corpus given")
         for source in (*cfg.data.train, cfg.data.valid):  # mismatched or missing files: named before SentencePiece
             if source.src:
                 check_line_counts(Path(source.src), Path(source.tgt))
-        tc = with_tags(tc, cfg.data.tags)
-        log(f"tokenizer: training SentencePiece ({tc.model_type}, {tc.vocab_size}) on "
+        tok_cfg = with_tags(tok_cfg, cfg.data.tags)
+        log(f"tokenizer: training SentencePiece ({tok_cfg.model_type}, {tok_cfg.vocab_size}) on "
             f"{', '.join(s.label for s in cfg.data.train)}")
-        samples = sample_sources(cfg.data.train, tc)
+        samples = sample_sources(cfg.data.train, tok_cfg)
         names = [source.label for source in cfg.data.train]
-        train_tokenizer(names, tc, main.with_suffix(""), sample=samples[0])
-        if not tc.joint:
-            train_tokenizer(names, tc, tgt_path.with_suffix(""), sample=samples[1])
+        train_tokenizer(names, tok_cfg, main.with_suffix(""), sample=samples[0])
+        if not tok_cfg.joint:
+            train_tokenizer(names, tok_cfg, tgt_path.with_suffix(""), sample=samples[1])
     src_tok = Tokenizer.load(main)
-    return Tokenizers(src_tok, src_tok if tc.joint else Tokenizer.load(tgt_path))
+    return Tokenizers(src_tok, src_tok if tok_cfg.joint else Tokenizer.load(tgt_path))
 
 
 def save_to_run(toks: Tokenizers, run_dir: Path) -> None:

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,11 +216,11 @@ class Interval:
 
 
 # What a run writes into its directory, and so all that --overwrite may delete.
-RUN_OUTPUTS = re.compile(r"(ckpt_\d+|last|best|final)\.pt|metrics\.jsonl|tensorboard|\..*\.(tmp|link)\d+")
+RUN_OUTPUTS = re.compile(r"(ckpt_\d+|last|best|final)\.pt|metrics\.jsonl|train\.log|tensorboard|\..*\.(tmp|link)\d+")
 RUN_FILES = re.compile(rf"{RUN_OUTPUTS.pattern}|config\.yaml|spm(\.src|\.tgt)?\.(model|vocab)")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """A new run needs a new or empty directory, or (with --overwrite) an old mtrain run, of which only
     the files mtrain wrote are deleted; anything else there is never touched. Creates nothing: the
     directory appears once the data has been read without error."""
@@ -351,6 +352,21 @@ def is_lost_peer(e: BaseException) -> bool:
         r"gloo|nccl|connection (closed|reset)|timed out|timeout|broken pipe|peer", str(e), re.IGNORECASE))
 
 
+def user_error(e: BaseException, cfg: Config, run_dir: Path, world: World) -> MtrainError | None:
+    """The one line a failure of `fit` is for its user, or None for a bug (which keeps its traceback)."""
+    if isinstance(e, MtrainError):
+        return e
+    if isinstance(e, torch.OutOfMemoryError):
+        train_cfg = cfg.train
+        return MtrainError(f"process {world.rank}: out of memory on {train_cfg.device}; lower train.batch_tokens (now "
+                           f"{train_cfg.batch_tokens}) and raise train.update_freq (now {train_cfg.update_freq}) to keep the "
+                           f"update size; {resume_advice(run_dir)}")
+    if isinstance(e, RuntimeError) and world.size > 1 and is_lost_peer(e):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return MtrainError(f"process {world.rank}: lost the other processes ({first}); {resume_advice(run_dir)}")
+    return None
+
+
 def resume_advice(run_dir: Path) -> str:
     last = run_dir / "last.pt"
     if last.is_file():
@@ -372,17 +388,13 @@ def fit(cfg: Config, run_dir: Path | str, resume: bool = False, overwrite: bool 
     try:
         final = train(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report,
                       init=init)
-    except torch.OutOfMemoryError:
-        tc = cfg.train
-        raise MtrainError(f"process {world.rank}: out of memory on {tc.device}; lower train.batch_tokens (now "
-                          f"{tc.batch_tokens}) and raise train.update_freq (now {tc.update_freq}) to keep the "
-                          f"update size; {resume_advice(run_dir)}") from None
-    except RuntimeError as e:
-        if world.size == 1 or not is_lost_peer(e):
-            raise  # a bug: keep its traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MtrainError(f"process {world.rank}: lost the other processes ({first}); "
-                          f"{resume_advice(run_dir)}") from None
+    except BaseException as e:
+        error = user_error(e, cfg, run_dir, world)
+        # the command line prints the error; train.log (once the run has one) keeps it too
+        report.to_file(f"mtrain: {error}" if error else "".join(traceback.format_exception(e)).rstrip())
+        if error:
+            raise error from None
+        raise
     finally:
         report.close()
     world.close()
@@ -397,9 +409,9 @@ def train(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, world: W
     dev, ckpt = start_run(cfg, run_dir, resume=resume, overwrite=overwrite, world=world, trust=trust, report=report)
     toks = start.toks if start else resumed_tokenizers(ckpt, cfg, run_dir) if ckpt is not None else None
     if cfg.data.prepared:
-        make_prepared(cfg, world=world, report=report, toks=toks)
+        ensure_prepared(cfg, world=world, report=report, toks=toks)
     with world.main_first():  # rank 0 trains the tokenizer and encodes the corpus; the others read its files
-        data = prepare_data(cfg, run_dir, world=world, ckpt=ckpt, report=report, toks=toks)
+        data = load_training_data(cfg, run_dir, world=world, ckpt=ckpt, report=report, toks=toks)
     trainer = Trainer(cfg, run_dir, world=world, dev=dev, data=data, report=report, clock=clock, init=start)
     start = None  # the model holds its own copy of the weights now: let the mapped file go
     if ckpt is not None:
@@ -420,10 +432,10 @@ def start_run(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, worl
               report: Report) -> tuple[Device, dict | None]:
     """Device and precision; the run directory checked (nothing is created yet); the checkpoint to
     resume from, loaded and checked against the config; seeds."""
-    tc = cfg.train
-    dev = pick_device(tc.device, tc.precision, tc.threads, world)
+    train_cfg = cfg.train
+    dev = pick_device(train_cfg.device, train_cfg.precision, train_cfg.threads, world)
     if world.main:
-        prepare_run_dir(run_dir, resume, overwrite)
+        check_run_dir(run_dir, resume, overwrite)
     ckpt = None
     if resume:
         # Mapped, not read: the checkpoint (the optimizer's moments are twice the weights) costs no memory
@@ -434,7 +446,7 @@ def start_run(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, worl
     report.line(f"device: {dev.device}, precision {dev.precision}"
                 + (f", {torch.get_num_threads()} threads" if dev.device.type == "cpu" else "")
                 + (f", {world.size} processes" if world.size > 1 else ""))
-    seed_everything(tc.seed + world.rank)
+    seed_everything(train_cfg.seed + world.rank)
     return dev, ckpt
 
 
@@ -468,7 +480,7 @@ class MovingAverage:
 
 
 @dataclass
-class Init:
+class InitCheckpoint:
     """fit --init: the weights a new run starts from, and the tokenizers they were trained with."""
 
     path: Path
@@ -476,7 +488,7 @@ class Init:
     toks: Tokenizers
 
 
-def load_init(path: Path, cfg: Config, trust: bool) -> Init:
+def load_init(path: Path, cfg: Config, trust: bool) -> InitCheckpoint:
     """The checkpoint a new run starts from, checked against the config before anything is created: the
     same model (dropouts aside), its own tokenizer (a config naming another is refused), and every tag
     of the data one piece of it."""
@@ -498,7 +510,7 @@ def load_init(path: Path, cfg: Config, trust: bool) -> Init:
         raise MtrainError(f"--init {path}: its tokenizer lacks the tag{'s' * (len(missing) > 1)} "
                           f"{', '.join(missing)} of the data; a model for them must learn them from the start "
                           f"(a tokenizer trained with them)")
-    return Init(path, state["model"], toks)
+    return InitCheckpoint(path, state["model"], toks)
 
 
 def resumed_tokenizers(ckpt: dict, cfg: Config, run_dir: Path) -> Tokenizers | None:
@@ -515,15 +527,15 @@ def resumed_tokenizers(ckpt: dict, cfg: Config, run_dir: Path) -> Tokenizers | N
 
 
 @dataclass
-class Data:
+class TrainingData:
     toks: Tokenizers
     batches: Batches  # the training corpus as an endless, resumable stream of batches
     valid: EncodedCorpus | None
     valid_refs: list[str]
 
 
-def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report,
-                 toks: Tokenizers | None = None) -> Data:
+def load_training_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None, report: Report,
+                 toks: Tokenizers | None = None) -> TrainingData:
     """Tokenizer (`toks`, or the config's, trained when missing) and corpora (encoded once, then cached);
     then the run directory fills."""
     if cfg.data.prepared:
@@ -546,14 +558,15 @@ def prepare_data(cfg: Config, run_dir: Path, *, world: World, ckpt: dict | None,
         check_valid(valid, cfg, toks, report)
     if world.main:  # only now, with the data read, does the run directory fill
         make_folder(run_dir, "run directory")
+        report.open_log(run_dir, resumed_at=ckpt.get("step", 0) if ckpt is not None else None)
         dump_config(cfg, run_dir / "config.yaml")
         save_to_run(toks, run_dir)
     valid_refs = [t for _, t in read_pairs(cfg.data.valid)] if valid is not None else []
     batches = Batches(train_data, cfg.train.batch_tokens, cfg.train.seed, lookahead=cfg.train.prefetch > 0)
-    return Data(toks, batches, valid, valid_refs)
+    return TrainingData(toks, batches, valid, valid_refs)
 
 
-def make_prepared(cfg: Config, *, world: World, report: Report, toks: Tokenizers | None = None) -> None:
+def ensure_prepared(cfg: Config, *, world: World, report: Report, toks: Tokenizers | None = None) -> None:
     """data.prepared, made when it is missing (as `mtrain prepare` would) by global rank 0, or with
     data.prepare: per_node by the first process of each node (each node's own disk); every process
     waits for it, then reads it. One that still finds none (another node, without a shared
@@ -584,15 +597,15 @@ class Trainer:
     """The model, its optimizer and moving average, the data stream, the train state and the clock of one
     process; `run` is the loop, `end` the last validation, checkpoint and final.pt."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, world: World, dev: Device, data: Data, report: Report,
-                 clock: Clock, init: Init | None = None):
-        tc, toks = cfg.train, data.toks
+    def __init__(self, cfg: Config, run_dir: Path, *, world: World, dev: Device, data: TrainingData, report: Report,
+                 clock: Clock, init: InitCheckpoint | None = None):
+        train_cfg, toks = cfg.train, data.toks
         self.cfg, self.run_dir, self.world, self.dev, self.report = cfg, run_dir, world, dev, report
         self.toks, self.batches, self.valid, self.valid_refs = toks, data.batches, data.valid, data.valid_refs
-        per_process = tc.update_freq
+        per_process = train_cfg.update_freq
         self.stream = UpdateStream(data.batches, per_process * world.size,
                                    slice(world.rank * per_process, (world.rank + 1) * per_process),
-                                   (toks.tgt.pad, toks.tgt.bos, toks.tgt.eos), dev.device, ahead=tc.prefetch)
+                                   (toks.tgt.pad, toks.tgt.bos, toks.tgt.eos), dev.device, ahead=train_cfg.prefetch)
         self.model = Transformer(cfg.model, toks.src.vocab_size, toks.tgt.vocab_size, toks.tgt.pad).to(dev.device)
         report.line(f"model: {self.model.num_parameters():,} parameters")
         if init is not None:  # before the optimizer and the moving average see the weights
@@ -600,10 +613,11 @@ class Trainer:
             report.line(f"model: weights from {init.path}; optimizer, schedule and data order start afresh")
         # fused: one kernel over all parameters, on CPUs too (torch >= 2.4), instead of a Python loop over
         # them; the step of the Multi30k recipe went from 10.5 to 2.9 ms (of ~250 ms per update).
-        self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=lr_at(1, tc.warmup, tc.lr),
-                                     betas=tuple(tc.betas), eps=tc.eps, fused=True)
-        self.ema = MovingAverage(self.model, tc.ema) if tc.ema else None
-        self.state = TrainState(plan=tc.max_steps, init_from=str(init.path) if init else "")
+        self.opt = torch.optim.AdamW(param_groups(self.model, train_cfg.weight_decay),
+                                     lr=lr_at(1, train_cfg.warmup, train_cfg.lr), betas=tuple(train_cfg.betas),
+                                     eps=train_cfg.eps, fused=True)
+        self.ema = MovingAverage(self.model, train_cfg.ema) if train_cfg.ema else None
+        self.state = TrainState(plan=train_cfg.max_steps, init_from=str(init.path) if init else "")
         self.clock = clock
         clock.resume_from(0.0)  # training time starts now, once the data is ready
         self.saved_at = -1  # the step of the last checkpoint this session wrote
@@ -612,10 +626,10 @@ class Trainer:
 
     def run(self, interrupt: StopRequest) -> Stop:
         """The loop: one iteration is one optimizer update over update_freq x processes batches."""
-        tc, state = self.cfg.train, self.state
+        train_cfg, state = self.cfg.train, self.state
         # DDP broadcasts rank 0's weights, then averages gradients during backward.
         self.train_model = self.model if self.world.size == 1 else self.world.wrap(self.model, self.dev.device)
-        self.report.start(self.run_dir, state.step, tc.max_steps)
+        self.report.start(self.run_dir, state.step, train_cfg.max_steps)
         if state.step == 0 and state.init_from:  # where the weights came from, first in metrics.jsonl
             self.report.record({"step": 0, "init_from": state.init_from}, self.clock.session())
         self.interval = Interval(self.dev.device, self.clock.elapsed())
@@ -632,21 +646,21 @@ class Trainer:
             state.step += 1
             self.interval.add(loss, n_tokens, grad_norm)  # skipped updates stay out of the logged loss
             self.report.bar.update(1)
-            record = self.log_interval(lr) if state.step % tc.log_every == 0 else {}
-            if self.valid is not None and state.step % tc.valid_every == 0:
+            record = self.log_interval(lr) if state.step % train_cfg.log_every == 0 else {}
+            if self.valid is not None and state.step % train_cfg.valid_every == 0:
                 record = self.validate(record)
             state.elapsed = self.clock.elapsed()
             self.report.record(record, self.clock.session())
-            if state.step % tc.save_every == 0:
+            if state.step % train_cfg.save_every == 0:
                 self.save_checkpoint()
         return reason
 
     def stop_reason(self, interrupted: bool) -> Stop | None:
-        tc, state = self.cfg.train, self.state
-        seen = [bool(tc.max_steps) and state.step >= tc.max_steps,
-                bool(tc.max_epochs) and self.stream.epochs_done >= tc.max_epochs,
-                self.clock.elapsed() >= tc.max_seconds,
-                bool(tc.patience) and state.bad_valid >= tc.patience,
+        train_cfg, state = self.cfg.train, self.state
+        seen = [bool(train_cfg.max_steps) and state.step >= train_cfg.max_steps,
+                bool(train_cfg.max_epochs) and self.stream.epochs_done >= train_cfg.max_epochs,
+                self.clock.elapsed() >= train_cfg.max_seconds,
+                bool(train_cfg.patience) and state.bad_valid >= train_cfg.patience,
                 interrupted]
         mine = next((n + 1 for n, hit in enumerate(seen) if hit), 0)
         if self.world.size == 1:
@@ -661,20 +675,21 @@ class Trainer:
 
     def learning_rate(self) -> float:
         """The rate of the next update; under a time budget the decay's end is re-estimated as it trains."""
-        tc, state = self.cfg.train, self.state
-        if not math.isfinite(tc.max_seconds):
-            state.plan = tc.max_steps  # a pure function of the step
+        train_cfg, state = self.cfg.train, self.state
+        if not math.isfinite(train_cfg.max_seconds):
+            state.plan = train_cfg.max_steps  # a pure function of the step
         elif state.step and state.step % PLAN_EVERY == 0:
             # Every process must apply the same learning rate: they agree on one plan.
-            state.plan = self.world.max(planned_updates(state.step, self.clock.elapsed(), tc.max_seconds,
-                                                        tc.max_steps))
+            state.plan = self.world.max(planned_updates(state.step, self.clock.elapsed(), train_cfg.max_seconds,
+                                                        train_cfg.max_steps))
             self.report.bar.total = state.plan  # the progress bar's end and time left follow the plan
-        return lr_at(state.step + 1, tc.warmup, tc.lr, tc.schedule, state.plan)  # counts applied updates only
+        # counts applied updates only
+        return lr_at(state.step + 1, train_cfg.warmup, train_cfg.lr, train_cfg.schedule, state.plan)
 
     def update(self, lr: float) -> tuple[float, int, torch.Tensor]:
         """One optimizer update. Returns the gradient norm before clipping (not finite: nothing was
         applied), the target tokens of the whole update, and this process's summed loss."""
-        tc, world, dev = self.cfg.train, self.world, self.dev
+        train_cfg, world, dev = self.cfg.train, self.world, self.dev
         update = self.stream.next()  # this process's share of the update's batches, collated ahead
         self.note_epoch(update)
         n_tokens = update.n_tokens  # all target tokens of the update, every process's share
@@ -686,11 +701,11 @@ class Trainer:
             sync = world.size == 1 or j == len(update.batches) - 1
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
                 with dev.autocast():
-                    summed = batch_loss(self.train_model, batch, tc.label_smoothing)
+                    summed = batch_loss(self.train_model, batch, train_cfg.label_smoothing)
                 # DDP averages gradients over processes; * world.size makes that a sum.
                 dev.scaler.scale(summed * (world.size / n_tokens)).backward()
             loss += summed.detach()
-        return optimizer_update(self.opt, self.model.parameters(), dev.scaler, tc.clip_norm), n_tokens, loss
+        return optimizer_update(self.opt, self.model.parameters(), dev.scaler, train_cfg.clip_norm), n_tokens, loss
 
     def note_epoch(self, update) -> None:
         """With several corpora or weights, the pairs each gave to an epoch, once per epoch."""
@@ -711,19 +726,20 @@ class Trainer:
                               f"checkpoint is {self.run_dir / 'last.pt'} (try a lower train.lr or precision fp32)")
 
     def log_interval(self, lr: float) -> dict:
-        tc, iv, step = self.cfg.train, self.interval, self.state.step
+        train_cfg, interval, step = self.cfg.train, self.interval, self.state.step
         now = self.clock.elapsed()
-        loss = self.world.sum(iv.loss) / iv.tokens  # the only host sync of the loss: once per log interval
-        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": iv.tokens / max(now - iv.start, 1e-9),
-                  "epoch": self.stream.epoch, "grad_norm": sum(iv.norms) / len(iv.norms),
-                  "clipped": sum(n > tc.clip_norm for n in iv.norms) / len(iv.norms) if tc.clip_norm else 0.0}
+        loss = self.world.sum(interval.loss) / interval.tokens  # the only host sync of the loss: once per log interval
+        norms = interval.norms
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": interval.tokens / max(now - interval.start, 1e-9),
+                  "epoch": self.stream.epoch, "grad_norm": sum(norms) / len(norms),
+                  "clipped": sum(n > train_cfg.clip_norm for n in norms) / len(norms) if train_cfg.clip_norm else 0.0}
         if self.report.on_terminal:
             self.report.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                         gnorm=f"{record['grad_norm']:.2f}")
         else:  # a log file instead of a terminal: how far, in the line
             self.report.line(f"step {step}: loss {loss:.3f}, lr {lr:.2e}, {record['tokens_per_s']:.0f} tok/s, "
                              f"grad norm {record['grad_norm']:.2f}, epoch {self.stream.epoch}, "
-                             f"{progress(now, tc.max_seconds)}")
+                             f"{progress(now, train_cfg.max_seconds)}")
         self.interval = Interval(self.dev.device, now)
         return record
 
@@ -779,11 +795,11 @@ class Trainer:
     def end(self, reason: Stop, trust: bool) -> Path:
         """A last validation and checkpoint (what they found reaches last.pt, so a resume that extends the
         run compares against it), then final.pt; an interrupted run only saves, to be resumed."""
-        state, tc = self.state, self.cfg.train
+        state, train_cfg = self.state, self.cfg.train
         self.report.bar.close()
         self.report.line(f"stopped at step {state.step}: {reason.value}")
         validated = False
-        if reason is not Stop.INTERRUPTED and self.valid is not None and state.step and state.step % tc.valid_every:
+        if reason is not Stop.INTERRUPTED and self.valid is not None and state.step and state.step % train_cfg.valid_every:
             state.elapsed = self.clock.elapsed()
             self.report.record(self.validate({}), self.clock.session())
             validated = True
@@ -791,7 +807,7 @@ class Trainer:
         unsaved = validated or self.saved_at != state.step or not (self.run_dir / "last.pt").is_file()
         if self.world.max(unsaved):  # every process takes part in a save: they agree on rank 0's view too
             self.save_checkpoint()
-        self.report.close()
+        self.report.end_training()
         if not self.world.main:
             return self.run_dir / "last.pt"
         if reason is Stop.INTERRUPTED:
@@ -799,7 +815,7 @@ class Trainer:
             return self.run_dir / "last.pt"
         ema = self.ema.module.state_dict() if self.ema is not None and self.ema.updates else None
         return finish(self.cfg, self.run_dir, self.state, self.valid, self.valid_refs, self.toks, self.dev,
-                      log=self.report.log, ema=ema, trust=trust)
+                      log=self.report.line, ema=ema, trust=trust)
 
 
 # ---------------------------------------------------------------- final.pt

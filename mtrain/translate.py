@@ -8,7 +8,7 @@ import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from mtrain.ensemble import Ensemble
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_text, check_folder, check_parent
 from mtrain.model import Transformer
+from mtrain.progress import Progress
 from mtrain.search import Hypothesis, beam_search, sample
 from mtrain.tokenizer import Tokenizers, is_one_piece
 
@@ -75,9 +76,11 @@ def source_batch(src_ids: Sequence[Sequence[int]], toks: Tokenizers, device: tor
 
 
 def decode_ids(model: Transformer | Ensemble, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
-               dev: Device, sampling: Sampling | None = None) -> list[list[Hypothesis]]:
+               dev: Device, sampling: Sampling | None = None, done: Callable[[int], None] | None = None
+               ) -> list[list[Hypothesis]]:
     """n-best hypotheses for each id sequence (EOS is added here), in input order; with `sampling`
-    one sampled hypothesis each instead. <unk> is never emitted unless cfg.allow_unk."""
+    one sampled hypothesis each instead. <unk> is never emitted unless cfg.allow_unk. `done(n)` hears
+    of each batch of n sentences decoded."""
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     options = beam_options(cfg, toks)
     src_ids = fit_positions(src_ids, model.cfg.max_positions)
@@ -94,6 +97,8 @@ def decode_ids(model: Transformer | Ensemble, src_ids: Sequence[Sequence[int]], 
                 hyps = beam_search(model, src, src == toks.src.pad, **options)
         for i, h in zip(batch, hyps):
             results[i] = h
+        if done is not None:
+            done(len(batch))
     return results
 
 
@@ -130,7 +135,7 @@ def drop_unknown(ids: list[list[int]], unk: int) -> tuple[list[list[int]], list[
 
 
 @dataclass
-class Translated:
+class TranslatedLine:
     """One input line's result: its n-best texts and scores (best first), the hypotheses behind them,
     and the source ids the model read besides the tag (`kept`: where each stood in the line's
     encoding, when translate left <unk> pieces out). An empty line has nothing; a line copied
@@ -144,27 +149,27 @@ class Translated:
 
 
 @dataclass
-class Sources:
+class EncodedLines:
     """Stripped lines made ready to decode: `todo` are the lines to decode and `ids` the pieces the
     model reads of each (the tag first, when there is one; cut to fit the model's positions). `done` holds the lines that need no
     decoding (empty, or copied through) and, after `finish`, all of them."""
 
-    done: list[Translated]
+    done: list[TranslatedLine]
     todo: list[int]
     ids: list[list[int]]
     plain: list[list[int]]  # the ids without the tag
     kept: list[list[int]] | None
 
-    def finish(self, hyps: Sequence[list[Hypothesis]], toks: Tokenizers) -> list[Translated]:
+    def finish(self, hyps: Sequence[list[Hypothesis]], toks: Tokenizers) -> list[TranslatedLine]:
         """Every line's result, given the hypotheses of each line to decode (in `todo` order)."""
         for n, (i, h) in enumerate(zip(self.todo, hyps)):
-            self.done[i] = Translated(toks.tgt.decode_batch([x.tokens for x in h]), [x.score for x in h], h,
+            self.done[i] = TranslatedLine(toks.tgt.decode_batch([x.tokens for x in h]), [x.score for x in h], h,
                                       self.plain[n], self.kept[n] if self.kept else None)
         return self.done
 
 
 def read_sources(text: Sequence[str], toks: Tokenizers, max_positions: int, keep_unknown: bool = False,
-                 tag: int | None = None, first_line: int = 1) -> Sources:
+                 tag: int | None = None, first_line: int = 1) -> EncodedLines:
     """Encode stripped lines. Source pieces the tokenizer could only make <unk> are left out (said
     on stderr, counting lines from `first_line`) unless keep_unknown; a line of nothing else is
     copied through. `tag`: a piece put before every source line, as training puts a corpus's tag."""
@@ -190,23 +195,28 @@ def read_sources(text: Sequence[str], toks: Tokenizers, max_positions: int, keep
     if long:
         print(f"mtrain: {long} input lines longer than {max_positions - 2} pieces were truncated",
               file=sys.stderr)
-    done = [Translated([text[i]], [0.0], [], []) if i in copied else Translated([], [], [], [])
+    done = [TranslatedLine([text[i]], [0.0], [], []) if i in copied else TranslatedLine([], [], [], [])
             for i in range(len(text))]
     tagged = ids if tag is None else [[tag, *x] for x in ids]
-    return Sources(done, todo, fit_positions(tagged, max_positions), ids, kept)
+    return EncodedLines(done, todo, fit_positions(tagged, max_positions), ids, kept)
 
 
 def translate_texts(text: Sequence[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
                     dev: Device, sampling: Sampling | None = None, keep_unknown: bool = False,
-                    tag: int | None = None, first_line: int = 1) -> list[Translated]:
-    """Translate stripped lines in one go (sorted by length and batched inside); see read_sources."""
+                    tag: int | None = None, first_line: int = 1, done: Callable[[int], None] | None = None
+                    ) -> list[TranslatedLine]:
+    """Translate stripped lines in one go (sorted by length and batched inside); see read_sources.
+    `done(n)` hears of n more lines translated, as batches finish."""
     sources = read_sources(text, toks, model.cfg.max_positions, keep_unknown, tag, first_line)
-    return sources.finish(decode_ids(model, sources.ids, cfg, toks, dev, sampling), toks)
+    if done is not None and len(text) > len(sources.todo):
+        done(len(text) - len(sources.todo))  # empty lines and lines copied through
+    return sources.finish(decode_ids(model, sources.ids, cfg, toks, dev, sampling, done), toks)
 
 
 def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
                     dev: Device, sampling: Sampling | None = None, inspect: Inspect | None = None,
-                    block: int = BLOCK, keep_unknown: bool = False, tag: int | None = None) -> Iterator[str]:
+                    block: int = BLOCK, keep_unknown: bool = False, tag: int | None = None,
+                    done: Callable[[int], None] | None = None) -> Iterator[str]:
     """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1;
     `TEXT ||| ALIGNMENT` with inspect.alignment). Reads `block` lines at a time and yields all their
     outputs before reading more, so that block=1 answers each line before the next is read."""
@@ -219,17 +229,19 @@ def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: T
     lines = iter(lines)
     while chunk := list(itertools.islice(lines, block)):
         text = [line.rstrip("\r\n").strip() for line in chunk]
-        done = translate_texts(text, model, toks, cfg, dev, sampling, keep_unknown, tag, first_line=index + 1)
+        results = translate_texts(text, model, toks, cfg, dev, sampling, keep_unknown, tag, first_line=index + 1,
+                                  done=done)
         shown = [""] * len(text)
         if inspect and (inspect.alignment or inspect.attention_dir):
             from mtrain.attention import annotate
-            todo = [i for i, d in enumerate(done) if d.hyps]
-            notes = annotate(model, toks, [done[i].src_ids for i in todo], [done[i].hyps[0].tokens for i in todo],
-                             [index + i + 1 for i in todo], inspect.alignment, inspect.attention_dir,
-                             inspect.attention_limit, src_positions=[done[i].kept for i in todo], tag=tag)
+            todo = [i for i, d in enumerate(results) if d.hyps]
+            notes = annotate(model, toks, [results[i].src_ids for i in todo],
+                             [results[i].hyps[0].tokens for i in todo], [index + i + 1 for i in todo],
+                             inspect.alignment, inspect.attention_dir, inspect.attention_limit,
+                             src_positions=[results[i].kept for i in todo], tag=tag)
             for i, note in zip(todo, notes):
                 shown[i] = note
-        for d, note in zip(done, shown):
+        for d, note in zip(results, shown):
             if cfg.nbest == 1:
                 best = d.texts[0] if d.texts else ""
                 yield f"{best} ||| {note}" if inspect and inspect.alignment else best
@@ -293,7 +305,7 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
     A file output appears whole when every line is translated, or not at all: an error on line 2000
     leaves no half-written file (and an older file of that name untouched)."""
     from mtrain.checkpoint import load_models
-    from mtrain.corpus import check_input, open_text
+    from mtrain.corpus import check_input, count_lines, open_text
     from mtrain.device import pick_device
 
     if not checkpoints:
@@ -312,9 +324,13 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
     model.to(dev.device)
     decode = with_overrides(cfg.decode, **decode_flags)
     lines = open_text(input if input is not None else "-")
-    with atomic_text(output) if output is not None else contextlib.nullcontext(sys.stdout) as out:
+    # Progress on stderr, unless translations or typed lines share the terminal with it
+    shown = (Progress("translate", count_lines(input) if input is not None else None)  # input was checked
+             if (output is not None or not sys.stdout.isatty()) and buffer_lines > 1 else None)
+    with atomic_text(output) if output is not None else contextlib.nullcontext(sys.stdout) as out, \
+            shown if shown is not None else contextlib.nullcontext():
         for line in translate_lines(lines, model, toks, decode, dev, sampling, inspect, buffer_lines, keep_unknown,
-                                    tag_id):
+                                    tag_id, done=shown.update if shown is not None else None):
             out.write(line + "\n")
             if out is sys.stdout:
                 out.flush()  # each block reaches the next command of the pipe at once

@@ -1,6 +1,9 @@
-import pytest
+import re
 
-from mtrain.config import load_config, parse_duration
+import pytest
+from conftest import ROOT
+
+from mtrain.config import config_to_dict, load_config, parse_duration
 from mtrain.errors import MtrainError
 
 
@@ -97,3 +100,69 @@ def test_training_pairs_must_fit_the_positions(tmp_path):
     with pytest.raises(MtrainError, match=r"cfg\.yaml: data\.max_len \(128\) exceeds model\.max_positions \(64\)$"):
         load_config(path)
     assert load_config(path, ["data.max_len=64"]).data.max_len == 64
+
+
+# ---------------------------------------------------------------- configs that build on one another
+
+
+def test_a_config_builds_on_its_base(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "root.yaml").write_text(
+        "data:\n  train: [{src: a.en, tgt: a.de}, {src: b.en, tgt: b.de}]\n  max_len: 80\n"
+        "model:\n  d_model: 128\n  heads: 4\ntrain:\n  lr: 1.0e-3\n  warmup: 100\n")
+    (tmp_path / "shared" / "mid.yaml").write_text("base: root.yaml\ntrain:\n  warmup: 200\n")  # relative to itself
+    child = write(tmp_path, "base: shared/mid.yaml\ndata:\n  train: {src: c.en, tgt: c.de}\ntrain:\n  lr: 5.0e-4\n")
+    cfg = load_config(child, ["model.heads=8"])
+    assert [s.src for s in cfg.data.train] == ["c.en"]  # a list replaces the base's whole
+    assert cfg.data.max_len == 80 and cfg.model.d_model == 128  # kept from the base of the base
+    assert cfg.train.lr == 5e-4 and cfg.train.warmup == 200  # each file writes over the one it builds on
+    assert cfg.model.heads == 8  # --set last
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cfg.yaml": "base: other.yaml\n"}, "cfg.yaml: base: {d}/other.yaml not found"),
+    ({"cfg.yaml": "base: [a.yaml]\n"}, "cfg.yaml: base: expected the path of another config file, got ['a.yaml']"),
+    ({"cfg.yaml": "base: a.yaml\n", "a.yaml": "base: cfg.yaml\n"},
+     "a.yaml: base: the configs build on each other in a cycle ({d}/cfg.yaml -> {d}/a.yaml -> {d}/cfg.yaml)"),
+    ({"cfg.yaml": "base: cfg.yaml\n"}, "base: the configs build on each other in a cycle"),
+    ({"cfg.yaml": "base: a.yaml\n", "a.yaml": "train:\n  lr: x\n"}, "cfg.yaml: train.lr: expected a number"),
+])
+def test_a_bad_base_is_one_line(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(MtrainError) as e:
+        load_config(tmp_path / "cfg.yaml")
+    assert expected.format(d=tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_shipped_configs_load_and_stay_inside_the_repository():
+    """Every config under configs/ is valid as fit reads it, and names no path outside the checkout
+    (an absolute path or one climbing out with '..'), in its keys or its comments."""
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    outside = re.compile(r"(^|[\s:{,\[\"'=(])(/|~/|\.\./)|\.\./")
+    for path in configs:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            assert not outside.search(line.replace("(../", "(")), f"{path.name}:{n}: {line}"
+        cfg = load_config(path)
+
+        def paths(node):
+            if isinstance(node, dict):
+                for v in node.values():
+                    yield from paths(v)
+            elif isinstance(node, list):
+                for v in node:
+                    yield from paths(v)
+            elif isinstance(node, str) and ("/" in node or node.endswith((".gz", ".model", ".yaml"))):
+                yield node
+        for value in paths(config_to_dict(cfg)):
+            assert not value.startswith(("/", "~")) and ".." not in value.split("/"), f"{path.name}: {value}"
+
+
+def test_the_multilingual_config_is_the_single_pair_one_but_for_its_corpora():
+    one, three = (config_to_dict(load_config(ROOT / "configs" / f"multi30k_en_{name}.yaml")) for name in ("de", "defrcs"))
+    assert "base: multi30k_en_de.yaml" in (ROOT / "configs" / "multi30k_en_defrcs.yaml").read_text()
+    assert one["model"] == three["model"] and one["decode"] == three["decode"]
+    assert {k for k in one["train"] if one["train"][k] != three["train"][k]} == {"max_time"}
+    assert [c["tag"] for c in three["data"]["train"]] == ["<2de>", "<2fr>", "<2cs>"]
+    assert three["tokenizer"]["vocab_size"] == 8000 and three["tokenizer"]["model"] == ""

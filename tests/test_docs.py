@@ -78,6 +78,17 @@ def test_the_readme_is_a_guide_without_history():
         assert (ROOT / link).exists(), link
 
 
+def test_the_results_page_reports_without_history():
+    """docs/results.md says what was run, where, and the figure; the history (goals missed or met,
+    what a round of work changed, the version before) belongs to the notebook, docs/sweeps."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    history = re.compile(r"short of|this round|this version|previous (version|recipe)|\btargets?\b (of|for|was|set)|"
+                         r"\bgoal\b|runs/exp/|\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b|\b\w+(st|nd|rd|th) try",
+                         re.IGNORECASE)
+    assert not history.search(text), history.search(text)
+    assert "sweeps/runs.md" in text  # where the history went
+
+
 def test_docs_link_only_inside_the_repository():
     for page in (ROOT / "docs").rglob("*.md"):
         for link in re.findall(r"\]\(((?!https?:)[^)#]*)", page.read_text()):
