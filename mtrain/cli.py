@@ -311,15 +311,32 @@ def plot(
 def export(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to export (final.pt, or any other)."),
     checkpoint_opt: List[Path] = typer.Option([], "--checkpoint", "-c", help=CHECKPOINT_OPT_HELP),
-    ctranslate2: Path = typer.Option(..., "--ctranslate2", help="Output directory of the CTranslate2 model."),
+    fmt: str = typer.Option("ctranslate2", "--format", "-f", help="ctranslate2 or hf (Hugging Face Transformers)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory."),
+    ctranslate2: Optional[Path] = typer.Option(None, "--ctranslate2", help="Output directory of a CTranslate2 model "
+                                               "(the same as --format ctranslate2 -o DIR)."),
     quantization: Optional[str] = typer.Option(None, help="CTranslate2 weight type: int8, int8_float16, float16..."),
     trust: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP),
 ):
-    """Export to CTranslate2 for fast inference (needs the ctranslate2 package)."""
-    from mtrain.export import export_ctranslate2
+    """Export to CTranslate2 (fast inference; needs ctranslate2) or to Hugging Face Transformers
+    (AutoModelForSeq2SeqLM and AutoTokenizer load it; needs transformers)."""
     checkpoint = _one_checkpoint(checkpoint, checkpoint_opt, "export")
     with user_errors():
-        typer.echo(export_ctranslate2(checkpoint, ctranslate2, quantization, trust))
+        if fmt not in ("ctranslate2", "hf"):
+            raise MtrainError(f"--format {fmt}: expected ctranslate2 or hf")
+        if ctranslate2 is not None and (output is not None or fmt != "ctranslate2"):
+            raise MtrainError("--ctranslate2 DIR is --format ctranslate2 -o DIR: give one of them")
+        output = output or ctranslate2
+        if output is None:
+            raise MtrainError("--output: give the output directory, e.g. -o exported/")
+        if fmt == "hf":
+            if quantization is not None:
+                raise MtrainError("--quantization is CTranslate2's; a Transformers export is in float32")
+            from mtrain.export_hf import export_hf
+            typer.echo(export_hf(checkpoint, output, trust))
+        else:
+            from mtrain.export import export_ctranslate2
+            typer.echo(export_ctranslate2(checkpoint, output, quantization, trust))
 
 
 @app.command()

@@ -42,8 +42,12 @@ if [ "$force" = 1 ] || ! python -c 'import torch' 2>/dev/null; then
   fi
   echo "install.sh: installing PyTorch ($torch_choice build; --torch cpu|cuda chooses)"
   python -m pip install -q --upgrade pip
-  if [ "$torch_choice" = cuda ] || [ "$(uname -s)" = Darwin ]; then
-    python -m pip install -q "$torch_pin"                # PyPI: the CUDA build on Linux
+  # What the configured index gives: PyPI's Linux wheel is the CUDA build; a local wheelhouse or macOS
+  # may give a CPU build already.
+  plain="$(python -m pip install --dry-run --no-deps --ignore-installed -q --report - "$torch_pin" 2>/dev/null \
+    | python -c 'import json, sys; print(json.load(sys.stdin)["install"][0]["metadata"]["version"])' 2>/dev/null || true)"
+  if [ "$torch_choice" = cuda ] || [ "$(uname -s)" = Darwin ] || [[ "$plain" == *+cpu ]]; then
+    python -m pip install -q "$torch_pin"
   else
     # The CPU-only wheels; an extra index (not --index-url), so that the other packages come from PyPI.
     python -m pip install -q "$torch_pin" --extra-index-url https://download.pytorch.org/whl/cpu
