@@ -213,6 +213,10 @@ def translate(
     buffer_lines: Optional[int] = typer.Option(
         None, help="Lines read, translated (sorted by length) and written at a time [2000; 1 when stdin is "
                    "a terminal]. 1 answers each line before reading the next (a program feeding a pipe)."),
+    constraints: Optional[Path] = typer.Option(None, "--constraints", help="Target phrases each output must hold: "
+                                               "a line per input line, phrases separated by tabs (docs/terminology.md)."),
+    prefix: Optional[Path] = typer.Option(None, "--prefix", help="The text each output begins with: a line per "
+                                          "input line (empty: none); the model continues it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Translate a file or stdin with beam search; one output line per input line, flushed per block of lines."""
@@ -229,7 +233,7 @@ def translate(
                                         max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len,
                                         no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk or None),
                       sampling=sampling, trust=trust, inspect=inspect, buffer_lines=buffer_lines,
-                      keep_unknown=keep_unknown, tag=tag)
+                      keep_unknown=keep_unknown, tag=tag, constraints=constraints, prefix=prefix)
 
 
 @app.command()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mtrain.ensemble import Ensemble
+from mtrain.guide import Guide, Progress, allocate
 from mtrain.model import Transformer
 
 
@@ -87,19 +88,26 @@ class BeamSearch:
         self.taken: list[int] = []  # tokens it has taken
         self.limit: list[int] = []  # longest output allowed, EOS included
         self.nth_best: list[float] = []  # the nbest-th finished score, -inf until there is one
+        self.guides: list[Guide | None] = []  # its constraints and prefix, if any
+        self.progress: list[list[Progress] | None] = []  # its hypotheses' progress through its constraints
+        self.forced_n: list[int] = []  # prefix tokens: forced, so they count in neither score nor length
         # On the device:
         self.tokens = torch.zeros(0, 1, dtype=torch.long)  # (n*k, W) right-aligned: BOS, outputs; pads before
         self.scores = torch.zeros(0, self.k)  # summed log-probs of live hypotheses
         self.steps = torch.zeros(0, dtype=torch.long)  # = taken
         self.max_len = torch.zeros(0, dtype=torch.long)  # = limit
+        self.forced = torch.zeros(0, 0, dtype=torch.long)  # (n, P) prefix tokens, padded
+        self.forced_len = torch.zeros(0, dtype=torch.long)  # = forced_n
 
     def __len__(self) -> int:
         """Sentences still being searched."""
         return len(self.ids)
 
     @torch.no_grad()
-    def add(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> list[int]:
-        """Start searching these sentences at the next step; their ids, as `step` will name them."""
+    def add(self, src: torch.Tensor, src_pad_mask: torch.Tensor, guides: list[Guide | None] | None = None) -> list[int]:
+        """Start searching these sentences at the next step; their ids, as `step` will name them.
+        `guides`: each sentence's constraints and prefix (None: none), whose prefix must leave room
+        for at least the EOS within the sentence's output limit (the caller checks it)."""
         B, k, device = src.shape[0], self.k, src.device
         max_len = max_lengths(src_pad_mask, self.max_len_a, self.max_len_b, self.model.cfg.max_positions - 1)
         limits = max_len.tolist()
@@ -120,6 +128,16 @@ class BeamSearch:
         self.scores = torch.cat([self.scores, scores])
         self.steps = torch.cat([self.steps, torch.zeros(B, dtype=torch.long, device=device)])
         self.max_len = torch.cat([self.max_len, max_len])
+        guides = list(guides) if guides is not None else [None] * B
+        prefixes = [list(g.prefix) if g else [] for g in guides]
+        width = max([self.forced.shape[1], *map(len, prefixes)])
+        forced = torch.tensor([p + [self.pad] * (width - len(p)) for p in prefixes], dtype=torch.long).view(B, width)
+        self.forced = torch.cat([F.pad(self.forced.to(device), (0, width - self.forced.shape[1]), value=self.pad),
+                                 forced.to(device)])
+        self.forced_len = torch.cat([self.forced_len.to(device), torch.tensor(list(map(len, prefixes)), device=device)])
+        self.guides += [g if g and (g.constraints or g.prefix or g.rest) else None for g in guides]
+        self.progress += [[Progress(rest=g.rest)] * k if g and (g.constraints or g.rest) else None for g in guides]
+        self.forced_n += list(map(len, prefixes))
         ids = list(range(self.added, self.added + B))
         self.added += B
         self.ids += ids
@@ -144,9 +162,12 @@ class BeamSearch:
         logp[:, self.pad] = logp[:, self.bos] = float("-inf")
         if self.unk is not None:
             logp[:, self.unk] = float("-inf")
-        logp[:, eos].masked_fill_((t < self.min_len).repeat_interleave(k), float("-inf"))
+        logp[:, eos].masked_fill_((t < self.min_len + self.forced_len).repeat_interleave(k), float("-inf"))
         if self.no_repeat_ngram:  # pads and BOS before a row's outputs never complete an n-gram of it
             block_ngrams(logp, self.tokens, self.no_repeat_ngram, self.pad)
+        guided = [i for i in range(n) if self.guides[i] is not None]
+        if guided:
+            logp = self._guide(logp, guided)
 
         # 2k candidates, so that k live ones remain even if k of them end in EOS (as fairseq).
         cand = (self.scores[:, :, None] + logp.view(n, k, V)).view(n, k * V)
@@ -162,11 +183,20 @@ class BeamSearch:
         is_eos = new_tok == eos
         # EOS candidates among the best k finish their hypotheses; the best k others stay live.
         is_finished = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
-        norm = top_scores[:, :k] / length_penalty(t[:, None] + 1.0, self.lenpen, self.lenpen_type)
+        # the prefix counts in neither score nor length (no hypothesis ends within it)
+        generated = (t - self.forced_len).clamp(min=0)[:, None] + 1.0
+        norm = top_scores[:, :k] / length_penalty(generated, self.lenpen, self.lenpen_type)
         live_scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)
-        rows = (torch.arange(n, device=logp.device)[:, None] * k + src_beam.gather(1, pick)).view(-1)
+        live_beam, live_tok = src_beam.gather(1, pick), new_tok.gather(1, pick)
+        # (a sentence at its length limit ends now, with the EOS candidates above)
+        constrained = [i for i in guided if self.progress[i] is not None and self.taken[i] + 1 < self.limit[i]]
+        if constrained:  # dynamic beam allocation, on the host, for the sentences with constraints
+            choice = self._allocate(constrained, logp, top_scores, top_idx, V)
+            at = torch.tensor(constrained, device=logp.device)
+            live_scores[at], live_beam[at], live_tok[at] = (x.to(logp.device) for x in choice)
+        rows = (torch.arange(n, device=logp.device)[:, None] * k + live_beam).view(-1)
         before = self.tokens
-        self.tokens = torch.cat([before[rows], new_tok.gather(1, pick).view(-1, 1)], dim=1)
+        self.tokens = torch.cat([before[rows], live_tok.view(-1, 1)], dim=1)
         self.scores = live_scores
         self.steps = t + 1
         self.owed = rows
@@ -197,13 +227,87 @@ class BeamSearch:
         kept = [i for i in range(n) if not done[i]]
         keep = torch.tensor(kept, device=logp.device)
         keep_rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)
-        self.ids, self.finished, self.taken, self.limit, self.nth_best = (
-            [x[i] for i in kept] for x in (self.ids, self.finished, self.taken, self.limit, self.nth_best))
+        self.ids, self.finished, self.taken, self.limit, self.nth_best, self.guides, self.progress, self.forced_n = (
+            [x[i] for i in kept] for x in (self.ids, self.finished, self.taken, self.limit, self.nth_best, self.guides,
+                                           self.progress, self.forced_n))
         self.scores, self.steps, self.max_len = self.scores[keep], self.steps[keep], self.max_len[keep]
+        self.forced, self.forced_len = self.forced[keep], self.forced_len[keep]
         # Columns before the longest live output are pads in every row: drop them.
         self.tokens = self.tokens[keep_rows, self.tokens.shape[1] - max(self.taken) - 1:]
         self.owed, self.shrink = rows[keep_rows], True  # the beams' reorder and the shrink in one copy
         return out
+
+    def _guide(self, logp: torch.Tensor, guided: list[int]) -> torch.Tensor:
+        """The guided sentences' rules on this step's log-probabilities: a prefix's token forced (at no
+        cost: the score counts what the model generated), the word it ends in spelled out, and EOS
+        refused to a hypothesis that has not met all its constraints."""
+        k, V = self.k, logp.shape[1]
+        if any(self.taken[i] < self.forced_n[i] for i in guided):
+            t, P = self.steps, self.forced.shape[1]
+            in_prefix = (t < self.forced_len).repeat_interleave(k)[:, None]
+            token = self.forced.gather(1, t.clamp(max=P - 1)[:, None]).repeat_interleave(k, 0)
+            logp = torch.where(in_prefix, torch.full_like(logp, float("-inf")).scatter_(1, token, 0.0), logp)
+        for i in guided:
+            if self.progress[i] is None or self.taken[i] < self.forced_n[i]:
+                continue
+            for b, p in enumerate(self.progress[i]):
+                if p.rest:  # the prefix's last word, still being spelled out
+                    allowed = torch.full((V,), float("-inf"), device=logp.device)
+                    allowed[self.guides[i].completions.allowed(p.rest)] = 0.0
+                    logp[i * k + b] += allowed
+        unmet = [i * k + b for i in guided if self.progress[i] is not None
+                 for b, p in enumerate(self.progress[i]) if not p.complete(self.guides[i])]
+        if unmet:
+            logp[torch.tensor(unmet, device=logp.device), self.eos] = float("-inf")
+        return logp
+
+    def _allocate(self, constrained: list[int], logp: torch.Tensor, top_scores: torch.Tensor, top_idx: torch.Tensor,
+                  V: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The k live hypotheses of each sentence with constraints, by dynamic beam allocation over
+        the candidates: the best 2k of the step, each hypothesis's best token, and every token that
+        moves a hypothesis through its constraints. Their progress is updated; (scores, beams,
+        tokens) come back, each (len(constrained), k)."""
+        k, device = self.k, logp.device
+        pairs = [(i * k + b, token) for i in constrained for b, p in enumerate(self.progress[i])
+                 for token in sorted(p.wanted(self.guides[i]))]
+        rows = torch.tensor([i * k + b for i in constrained for b in range(k)], device=device)
+        previous = self.scores.view(-1)
+        best_logp, best_tok = logp[rows].max(1)
+        pair_rows = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=device)
+        pair_toks = torch.tensor([t for _, t in pairs], dtype=torch.long, device=device)
+        at = torch.tensor(constrained, device=device)
+        # One transfer for all of them.
+        flat = torch.cat([top_scores[at].flatten().double(), top_idx[at].flatten().double(),
+                          (best_logp + previous[rows]).double(), best_tok.double(),
+                          (logp[pair_rows, pair_toks] + previous[pair_rows]).double()]).tolist()
+        width = top_scores.shape[1]
+        m = len(constrained)
+        tops, idxs = flat[:m * width], flat[m * width:2 * m * width]
+        bests, best_toks = flat[2 * m * width:2 * m * width + m * k], flat[2 * m * width + m * k:2 * m * width + 2 * m * k]
+        pair_scores = dict(zip(pairs, flat[2 * m * width + 2 * m * k:]))
+        out_scores, out_beams, out_toks = [], [], []
+        for j, i in enumerate(constrained):
+            guide, progress = self.guides[i], self.progress[i]
+            found: dict[tuple[int, int], float] = {}
+            for c in range(width):
+                beam, token = divmod(int(idxs[j * width + c]), V)
+                found[beam, token] = tops[j * width + c]
+            for b in range(k):
+                found[b, int(best_toks[j * k + b])] = bests[j * k + b]
+                for token in progress[b].wanted(guide):
+                    found[b, token] = pair_scores[i * k + b, token]
+            spelling = self.taken[i] >= self.forced_n[i]  # past the prefix's forced tokens
+            candidates = [(score, beam, token, progress[beam].after(token, guide, spelling))
+                          for (beam, token), score in found.items()
+                          if token != self.eos and score != float("-inf")]
+            chosen = allocate(candidates, k, guide, self.limit[i] - self.taken[i] - 2)
+            chosen += [(float("-inf"), 0, self.pad, Progress())] * (k - len(chosen))
+            self.progress[i] = [c[3] for c in chosen]
+            out_scores.append([c[0] for c in chosen])
+            out_beams.append([c[1] for c in chosen])
+            out_toks.append([c[2] for c in chosen])
+        return (torch.tensor(out_scores, dtype=logp.dtype), torch.tensor(out_beams, dtype=torch.long),
+                torch.tensor(out_toks, dtype=torch.long))
 
     def _done(self, i: int, best_live: float) -> bool:
         """Sentence i (which has taken its token of this step) is done when no live hypothesis can
@@ -218,10 +322,13 @@ class BeamSearch:
         taken, limit, lp = self.taken[i], self.limit[i], self.lenpen
         if taken >= limit or best_live == float("-inf") or (self.k == 1 and self.finished[i]):
             return True
+        forced = self.forced_n[i]  # lengths count the generated tokens only
+        if taken < forced:  # within its prefix: nothing has finished
+            return False
         if len(self.finished[i]) >= self.k:
-            return self.nth_best[i] >= best_live / length_penalty(taken + 1.0, lp, self.lenpen_type)
-        bound = max(best_live / length_penalty(taken + 1.0, lp, self.lenpen_type),
-                    best_live / length_penalty(float(limit), lp, self.lenpen_type))
+            return self.nth_best[i] >= best_live / length_penalty(taken + 1.0 - forced, lp, self.lenpen_type)
+        bound = max(best_live / length_penalty(taken + 1.0 - forced, lp, self.lenpen_type),
+                    best_live / length_penalty(float(limit - forced), lp, self.lenpen_type))
         return self.nth_best[i] >= bound
 
     def _settle(self) -> None:
@@ -240,10 +347,11 @@ class BeamSearch:
 
 @torch.no_grad()
 def beam_search(model: Transformer | Ensemble, src: torch.Tensor, src_pad_mask: torch.Tensor,
-                **options) -> list[list[Hypothesis]]:
-    """Best `nbest` hypotheses per sentence of one batch, best first (BeamSearch's options)."""
+                guides: list[Guide | None] | None = None, **options) -> list[list[Hypothesis]]:
+    """Best `nbest` hypotheses per sentence of one batch, best first (BeamSearch's options; `guides`:
+    each sentence's constraints and prefix)."""
     search = BeamSearch(model, **options)
-    ids = search.add(src, src_pad_mask)
+    ids = search.add(src, src_pad_mask, guides)
     results: dict[int, list[Hypothesis]] = {}
     while len(search):
         results.update(search.step())

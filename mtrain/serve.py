@@ -41,6 +41,7 @@ class Limits:
     max_chars: int = 2000
     max_beam: int = 32
     max_queue: int = 256  # requests waiting for the worker; more get a 503 with Retry-After
+    max_constraints: int = 16  # constraint phrases per line
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
@@ -78,6 +79,8 @@ class Job:
     rows: int
     columns: int = 1
     sources: object = None  # translate.EncodedLines
+    guides: list | None = None  # per line decoded, its constraints and prefix (guide.Guide or None)
+    warnings: dict = field(default_factory=dict)  # line -> what its guide could not do
     hyps: list = field(default_factory=list)  # per line decoded, once its search is done with it
     left: int = 0  # lines still in a search
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -272,7 +275,7 @@ class Translator:
 
         if not isinstance(body, dict):
             raise RequestError(422, f"the body must be a JSON object, got {type(body).__name__}")
-        allowed = ["text", "tag", "attention", *OPTIONS]
+        allowed = ["text", "tag", "attention", "constraints", "prefix", *OPTIONS]
         unknown = [k for k in body if k not in allowed]
         if unknown:
             raise RequestError(422, f"unknown option {unknown[0]!r} (the options: {', '.join(allowed)})")
@@ -334,8 +337,23 @@ class Translator:
         from mtrain.search import output_limits
         from mtrain.translate import read_sources
 
+        wishes = self.wishes(body, len(text), limits)
         lines = [line.strip() for line in text]
         sources = read_sources(lines, self.toks, self.model.cfg.max_positions, tag=tag)
+        guides, warnings = None, {}
+        if wishes is not None:
+            from mtrain.guide import make_guide
+            limits_of = output_limits(torch.tensor([len(x) for x in sources.ids] or [0]), decode.max_len_a,
+                                      decode.max_len_b, self.model.cfg.max_positions - 1).tolist()
+            guides = []
+            for i, limit in zip(sources.todo, limits_of):
+                try:
+                    guide, warning = make_guide(wishes[i], self.toks.tgt, limit, f"line {i}")
+                except MtrainError as e:
+                    raise RequestError(422, str(e)) from None
+                guides.append(guide)
+                if warning:
+                    warnings[i] = warning
         # +1: a hypothesis holds BOS and up to its limit of tokens, as BeamSearch's cache is sized
         columns = int(output_limits(torch.tensor([len(x) for x in sources.ids] or [0]), decode.max_len_a,
                                     decode.max_len_b, self.model.cfg.max_positions - 1).max()) + 1
@@ -345,7 +363,34 @@ class Translator:
                                     f"lines x beam {decode.beam} x {columns} output positions), over the server's "
                                     f"--max-batch-tokens {max_batch_tokens:,}; send fewer or shorter lines, or a "
                                     f"smaller beam or max_len_a/b")
-        return Job(lines, (dataclasses.astuple(decode), tag, attention), rows, columns, sources)
+        return Job(lines, (dataclasses.astuple(decode), tag, attention), rows, columns, sources, guides, warnings)
+
+    @staticmethod
+    def wishes(body: dict, n: int, limits: Limits) -> list | None:
+        """The request's `constraints` (per line, a list of target phrases) and `prefix` (per line, a
+        string), checked (RequestError otherwise); None when it has neither."""
+        from mtrain.guide import Wish
+        given = {name: body.get(name) for name in ("constraints", "prefix") if body.get(name) is not None}
+        if not given:
+            return None
+        for name, value in given.items():
+            if not isinstance(value, list) or len(value) != n:
+                raise RequestError(422, f"{name}: must be a list with one item per line of text ({n})")
+        constraints, prefixes = given.get("constraints", [[]] * n), given.get("prefix", [""] * n)
+        for i, (phrases, prefix) in enumerate(zip(constraints, prefixes)):
+            if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+                raise RequestError(422, f"constraints[{i}]: must be a list of strings")
+            if len(phrases) > limits.max_constraints:
+                raise RequestError(413, f"constraints[{i}]: {len(phrases)} phrases, over the limit of "
+                                        f"{limits.max_constraints} per line")
+            if not isinstance(prefix, str):
+                raise RequestError(422, f"prefix[{i}]: must be a string")
+            for what, value in [*((f"constraints[{i}]", p) for p in phrases), (f"prefix[{i}]", prefix)]:
+                if len(value) > limits.max_chars:
+                    raise RequestError(413, f"{what}: {len(value)} characters, over the limit of {limits.max_chars}")
+                if "\n" in value or "\r" in value or "\t" in value:
+                    raise RequestError(422, f"{what}: holds a line break or tab")
+        return [Wish(tuple(c), p) for c, p in zip(constraints, prefixes)]
 
     # The worker's engine (see Batcher): one BeamSearch per key, which jobs with that key join.
 
@@ -387,7 +432,8 @@ class Translator:
                 self.searches[key] = BeamSearch(self.model, **beam_options(DecodeConfig(*key[0]), self.toks))
             try:
                 src = source_batch([ids for job in jobs for ids in job.sources.ids], self.toks, self.dev.device)
-                sentences = iter(self.searches[key].add(src, src == self.toks.src.pad))
+                guides = [g for job in jobs for g in (job.guides or [None] * len(job.sources.ids))]
+                sentences = iter(self.searches[key].add(src, src == self.toks.src.pad, guides))
             except Exception as e:  # BeamSearch.add changes nothing before the encoder has run
                 failed += [(job, e) for job in jobs]
                 continue
@@ -464,7 +510,15 @@ class Translator:
                 item["nbest"] = [{"text": t, "score": _number(s)} for t, s in zip(d.texts, d.scores)]
             if attention:
                 item["attention"] = maps.get(i)
+            if i in job.warnings:
+                item["warning"] = job.warnings[i]
             items.append(item)
+        if job.guides is not None:  # whether each output holds its phrases (one cut by its length limit may not)
+            from mtrain.guide import holds
+            for i, guide in zip(job.sources.todo, job.guides):
+                if guide is not None and guide.constraints:
+                    tokens = done[i].hyps[0].tokens if done[i].hyps else []
+                    items[i]["constraints_met"] = all(holds(tokens, c) for c in guide.constraints)
         return {"translations": items}
 
 

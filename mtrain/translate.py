@@ -19,9 +19,10 @@ from mtrain.device import Device
 from mtrain.ensemble import Ensemble
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_text, check_folder, check_parent
+from mtrain.guide import Guide, Wish, holds, make_guide
 from mtrain.model import Transformer
 from mtrain.progress import Progress
-from mtrain.search import Hypothesis, beam_search, sample
+from mtrain.search import Hypothesis, beam_search, output_limits, sample
 from mtrain.tokenizer import Tokenizers, is_one_piece
 
 BLOCK = 2000  # lines read before decoding: enough to sort by length, small enough to stream a pipe
@@ -76,11 +77,12 @@ def source_batch(src_ids: Sequence[Sequence[int]], toks: Tokenizers, device: tor
 
 
 def decode_ids(model: Transformer | Ensemble, src_ids: Sequence[Sequence[int]], cfg: DecodeConfig, toks: Tokenizers,
-               dev: Device, sampling: Sampling | None = None, done: Callable[[int], None] | None = None
-               ) -> list[list[Hypothesis]]:
+               dev: Device, sampling: Sampling | None = None, done: Callable[[int], None] | None = None,
+               guides: Sequence[Guide | None] | None = None) -> list[list[Hypothesis]]:
     """n-best hypotheses for each id sequence (EOS is added here), in input order; with `sampling`
     one sampled hypothesis each instead. <unk> is never emitted unless cfg.allow_unk. `done(n)` hears
-    of each batch of n sentences decoded."""
+    of each batch of n sentences decoded. `guides`: each sequence's constraints and prefix (beam
+    search only)."""
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     options = beam_options(cfg, toks)
     src_ids = fit_positions(src_ids, model.cfg.max_positions)
@@ -94,7 +96,8 @@ def decode_ids(model: Transformer | Ensemble, src_ids: Sequence[Sequence[int]], 
                     bos=toks.tgt.bos, eos=toks.tgt.eos, pad=toks.tgt.pad, unk=options["unk"],
                     generator=sampling.generator_on(dev.device))]
             else:
-                hyps = beam_search(model, src, src == toks.src.pad, **options)
+                hyps = beam_search(model, src, src == toks.src.pad,
+                                   guides=[guides[i] for i in batch] if guides is not None else None, **options)
         for i, h in zip(batch, hyps):
             results[i] = h
         if done is not None:
@@ -203,20 +206,49 @@ def read_sources(text: Sequence[str], toks: Tokenizers, max_positions: int, keep
 
 def translate_texts(text: Sequence[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
                     dev: Device, sampling: Sampling | None = None, keep_unknown: bool = False,
-                    tag: int | None = None, first_line: int = 1, done: Callable[[int], None] | None = None
-                    ) -> list[TranslatedLine]:
+                    tag: int | None = None, first_line: int = 1, done: Callable[[int], None] | None = None,
+                    wishes: Sequence[Wish | None] | None = None, where: str = "line") -> list[TranslatedLine]:
     """Translate stripped lines in one go (sorted by length and batched inside); see read_sources.
-    `done(n)` hears of n more lines translated, as batches finish."""
+    `done(n)` hears of n more lines translated, as batches finish. `wishes`: each line's constraints
+    and prefix (`where` names their source in messages, e.g. a file's name)."""
     sources = read_sources(text, toks, model.cfg.max_positions, keep_unknown, tag, first_line)
     if done is not None and len(text) > len(sources.todo):
         done(len(text) - len(sources.todo))  # empty lines and lines copied through
-    return sources.finish(decode_ids(model, sources.ids, cfg, toks, dev, sampling, done), toks)
+    guides = None
+    if wishes is not None and any(wishes):
+        if sampling is not None:
+            raise MtrainError("constraints and prefixes guide beam search; --sample draws without them")
+        guides = line_guides([wishes[i] for i in sources.todo], sources.ids, [first_line + i for i in sources.todo],
+                             cfg, toks, model.cfg.max_positions, where)
+    results = sources.finish(decode_ids(model, sources.ids, cfg, toks, dev, sampling, done, guides), toks)
+    if guides is not None:
+        for i, guide in zip(sources.todo, guides):
+            hyps = results[i].hyps
+            if guide and guide.constraints and hyps and not all(holds(hyps[0].tokens, c) for c in guide.constraints):
+                print(f"mtrain: {where} {first_line + i}: the output limit came before every constraint was met; "
+                      f"the best output reaching it is given", file=sys.stderr)
+    return results
+
+
+def line_guides(wishes: Sequence[Wish | None], ids: Sequence[Sequence[int]], lines: Sequence[int], cfg: DecodeConfig,
+                toks: Tokenizers, max_positions: int, where: str) -> list[Guide | None]:
+    """The Guide of each line to decode, checked against its output limit (one line for bad input;
+    a warning on stderr for constraints that cannot fit)."""
+    limits = output_limits(torch.tensor([len(x) for x in ids]), cfg.max_len_a, cfg.max_len_b, max_positions - 1)
+    guides = []
+    for wish, limit, line in zip(wishes, limits.tolist(), lines):
+        guide, warning = make_guide(wish, toks.tgt, limit, f"{where} {line}")
+        if warning:
+            print(f"mtrain: {warning}", file=sys.stderr)
+        guides.append(guide)
+    return guides
 
 
 def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
                     dev: Device, sampling: Sampling | None = None, inspect: Inspect | None = None,
                     block: int = BLOCK, keep_unknown: bool = False, tag: int | None = None,
-                    done: Callable[[int], None] | None = None) -> Iterator[str]:
+                    done: Callable[[int], None] | None = None, wishes: Iterable[Wish | None] | None = None,
+                    where: str = "line") -> Iterator[str]:
     """One output line per input line (nbest lines `INDEX ||| TEXT ||| SCORE` when cfg.nbest > 1;
     `TEXT ||| ALIGNMENT` with inspect.alignment). Reads `block` lines at a time and yields all their
     outputs before reading more, so that block=1 answers each line before the next is read."""
@@ -227,10 +259,14 @@ def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: T
     model.eval()
     index = 0
     lines = iter(lines)
+    wishes = iter(wishes) if wishes is not None else None
     while chunk := list(itertools.islice(lines, block)):
         text = [line.rstrip("\r\n").strip() for line in chunk]
+        asked = list(itertools.islice(wishes, len(chunk))) if wishes is not None else None
+        if asked is not None and len(asked) < len(chunk):
+            raise MtrainError(f"{where.removesuffix(': line')}: {index + len(asked)} lines, fewer than the input")
         results = translate_texts(text, model, toks, cfg, dev, sampling, keep_unknown, tag, first_line=index + 1,
-                                  done=done)
+                                  done=done, wishes=asked, where=where)
         shown = [""] * len(text)
         if inspect and (inspect.alignment or inspect.attention_dir):
             from mtrain.attention import annotate
@@ -298,7 +334,7 @@ def tag_piece(tag: str, toks: Tokenizers, known: Sequence[str], option: str = "-
 def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path | None, device: str,
                   precision: str, decode_flags: dict, sampling: Sampling | None, trust: bool = False,
                   inspect: Inspect | None = None, buffer_lines: int | None = None, keep_unknown: bool = False,
-                  tag: str | None = None) -> None:
+                  tag: str | None = None, constraints: Path | None = None, prefix: Path | None = None) -> None:
     """`mtrain translate`: load a checkpoint or an ensemble of several, stream lines from a file or stdin.
     `buffer_lines` lines are read, translated and written at a time (None: one at a time when stdin
     is a terminal, so that each typed line is answered at once, else BLOCK).
@@ -318,6 +354,11 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
         check_parent(output, "output")
     if input is not None:
         check_input(input)
+    for path in (constraints, prefix):
+        if path is not None:
+            check_input(path)
+    if sampling is not None and (constraints or prefix):
+        raise MtrainError("--constraints and --prefix guide beam search; --sample draws without them")
     model, toks, cfg = load_models(checkpoints, trust)
     tag_id = None if tag is None else tag_piece(tag, toks, cfg.data.tags)
     dev = pick_device(device, precision, setting="--")
@@ -329,9 +370,34 @@ def run_translate(checkpoints: Sequence[Path], input: Path | None, output: Path 
              if (output is not None or not sys.stdout.isatty()) and buffer_lines > 1 else None)
     with atomic_text(output) if output is not None else contextlib.nullcontext(sys.stdout) as out, \
             shown if shown is not None else contextlib.nullcontext():
+        wishes = read_wishes(constraints, prefix) if constraints or prefix else None
+        where = f"{', '.join(str(p) for p in (constraints, prefix) if p)}: line"
         for line in translate_lines(lines, model, toks, decode, dev, sampling, inspect, buffer_lines, keep_unknown,
-                                    tag_id, done=shown.update if shown is not None else None):
+                                    tag_id, done=shown.update if shown is not None else None, wishes=wishes,
+                                    where=where):
             out.write(line + "\n")
             if out is sys.stdout:
                 out.flush()  # each block reaches the next command of the pipe at once
+        if wishes is not None and next(wishes, None) is not None:
+            raise MtrainError(f"{where.removesuffix(': line')}: more lines than the input")
 
+
+def read_wishes(constraints: Path | None, prefix: Path | None) -> Iterator[Wish]:
+    """Each line's Wish from the constraints file (tab-separated target phrases; an empty line asks
+    for none) and the prefix file (one prefix a line), read as the input is. It ends with the files;
+    files that end apart are one line."""
+    from mtrain.corpus import open_text
+    files = {path: open_text(path) for path in (constraints, prefix) if path is not None}
+    n = 0
+    while True:
+        parts = {path: next(lines, None) for path, lines in files.items()}
+        ended = [str(path) for path, text in parts.items() if text is None]
+        if len(ended) == len(files):
+            return
+        if ended:
+            raise MtrainError(f"{', '.join(ended)}: {n} lines, fewer than {', '.join(str(p) for p in files)}")
+        n += 1
+        phrases = tuple(parts[constraints].split("\t")) if constraints and parts[constraints].strip() else ()
+        if any(not p.strip() for p in phrases):
+            raise MtrainError(f"{constraints}: line {n}: an empty constraint phrase (a tab at an end, or two in a row)")
+        yield Wish(phrases, parts[prefix].rstrip("\r\n") if prefix else "")

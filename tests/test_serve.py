@@ -1,6 +1,7 @@
 """`mtrain serve`: a real server on 127.0.0.1 answers as `mtrain translate` does, batches concurrent
 requests, refuses bad input with a 4xx JSON line and keeps serving, and its page works in Chromium."""
 
+import concurrent.futures
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from mtrain import checkpoint  # noqa: E402
 from mtrain.attention import alignment_layer, line_attention  # noqa: E402
 from mtrain.device import pick_device  # noqa: E402
 from mtrain.serve import Limits, Translator, make_app  # noqa: E402
-from mtrain.translate import Inspect, tag_piece, translate_lines, with_overrides  # noqa: E402
+from mtrain.translate import Inspect, tag_piece, translate_lines, translate_texts, with_overrides  # noqa: E402
 
 SOURCES = SAMPLE_EN.read_text().splitlines()
 GERMAN = SAMPLE_DE.read_text().splitlines()
@@ -217,11 +218,48 @@ BAD = [  # (body bytes, status, the error names ...)
     (b'{"text": ["a dog ."], "lenpen": 1e999}', 400, r"the number 1e999, too large for a float"),
     (b'{"text": ["a \\ud800 dog ."]}', 422, r"text\[0\]: holds an unpaired surrogate \(U\+D800\)"),
     (b'{"text": ' + b"[" * 1900 + b"]" * 1900 + b"}", 400, r"nested too deeply"),
+    # Constraints and prefixes: one item per line, checked
+    (b'{"text": ["a dog ."], "constraints": ["hund"]}', 422, r"constraints\[0\]: must be a list of strings"),
+    (b'{"text": ["a dog .", "x"], "constraints": [["hund"]]}', 422, r"constraints: must be a list with one item per "
+                                                                   r"line of text \(2\)"),
+    (b'{"text": ["a dog ."], "constraints": [[""]]}', 422, r"line 0: an empty constraint phrase"),
+    (json.dumps({"text": ["a dog ."], "constraints": [["hund"] * 17]}).encode(), 413,
+     r"constraints\[0\]: 17 phrases, over the limit of 16 per line"),
+    (json.dumps({"text": ["a dog ."], "constraints": [["☃"]]}).encode(), 422, r"target tokenizer does not know"),
+    (b'{"text": ["a dog ."], "prefix": [3]}', 422, r"prefix\[0\]: must be a string"),
+    (json.dumps({"text": ["a dog ."], "prefix": ["ein " * 40]}).encode(), 422, r"line 0: the prefix has \d+ pieces"),
     # Each request's work is bounded in KV-cache positions, as --max-batch-tokens counts them:
     (json.dumps({"text": ["a dog runs on the grass and the man holds a red ball . " * 3] * 8,
                  "beam": 32}).encode(), 413, r"the request needs [\d,]+ positions of KV cache \(8 lines x beam 32 x "
                                              r"\d+ output positions\), over the server's --max-batch-tokens 32,768"),
 ]
+
+
+def test_constraints_and_prefixes_are_served_batched_with_other_requests(server, model_path):
+    """Requests with constraints or a prefix share the search with plain ones; each answer is what
+    `mtrain translate` gives with the same constraints, and says whether they were met."""
+    from mtrain.guide import Wish
+    model, toks, cfg = checkpoint.load_for_inference([model_path])
+    lines = SOURCES[:4]
+    constraints = [["fahrrad"], [], ["katze", "sofa"], []]
+    prefixes = ["", "", "", "ein ma"]
+    want = [r.texts[0] for r in translate_texts(lines, model, toks, with_overrides(cfg.decode, beam=3),
+                                                 pick_device("cpu", "fp32"), tag=tag_piece("<2de>", toks, cfg.data.tags),
+                                                 wishes=[Wish(tuple(c), p) for c, p in zip(constraints, prefixes)])]
+    bodies = [{"text": lines, "tag": "<2de>", "beam": 3, "constraints": constraints, "prefix": prefixes},
+              {"text": lines, "tag": "<2de>", "beam": 3}] * 3
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda b: call(server.url + "/translate", b), bodies))
+    plain = reference(model_path, lines, "<2de>", beam=3)
+    for n, (code, answer) in enumerate(answers):
+        assert code == 200, answer
+        got = [t["text"] for t in answer["translations"]]
+        if n % 2:
+            assert got == plain and all("constraints_met" not in t for t in answer["translations"])
+        else:
+            assert got == want
+            assert "fahrrad" in got[0] and "katze" in got[2] and "sofa" in got[2] and got[3].startswith("ein ma")
+            assert [t.get("constraints_met") for t in answer["translations"]] == [True, None, True, None]
 
 
 @pytest.mark.parametrize("raw,status,message", BAD, ids=[m for _, _, m in BAD])
