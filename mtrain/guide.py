@@ -63,6 +63,12 @@ class Guide:
         """Constraint tokens in all: the highest bank."""
         return sum(map(len, self.constraints))
 
+    @functools.cached_property
+    def starts(self) -> frozenset:
+        """The first tokens of the phrases: any other token leaves a hypothesis that is in no phrase
+        where it was."""
+        return frozenset(c[0] for c in self.constraints)
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -70,10 +76,11 @@ class Progress:
     phrase: int = -1  # the phrase being matched, -1 when none
     matched: int = 0  # its tokens matched so far
     rest: str = ""  # of the prefix's last word, what is still to be spelled out
+    tokens: int = 0  # constraint tokens met: the whole phrases', and the part of the one in progress
 
     def bank(self, guide: Guide) -> int:
-        """Constraint tokens met: the whole phrases, and the part of the one in progress."""
-        return sum(len(guide.constraints[c]) for c in self.met) + self.matched
+        """Constraint tokens met (kept, not counted: beam allocation asks for it at every step)."""
+        return self.tokens
 
     def complete(self, guide: Guide) -> bool:
         """Whether the hypothesis may end: every phrase met, the prefix's last word spelled out."""
@@ -91,15 +98,22 @@ class Progress:
         """The progress once `token` is emitted. A phrase in progress that the token does not continue
         is given up (its tokens stay in the output, but count no more). `spelling` False: a token of
         the prefix, before the word to spell out."""
+        if self.phrase < 0 and not self.rest and token not in guide.starts:
+            return self  # the common case, on every candidate of every step: nothing changes
         rest = guide.completions.after(self.rest, token) if self.rest and spelling else self.rest
         if self.phrase >= 0 and guide.constraints[self.phrase][self.matched] == token:
             if self.matched + 1 == len(guide.constraints[self.phrase]):
-                return Progress(self.met | {self.phrase}, rest=rest)
-            return Progress(self.met, self.phrase, self.matched + 1, rest)
+                return Progress(self.met | {self.phrase}, rest=rest, tokens=self.tokens + 1)
+            return Progress(self.met, self.phrase, self.matched + 1, rest, self.tokens + 1)
+        whole = self.tokens - self.matched  # a phrase in progress given up counts no more
         for c, phrase in enumerate(guide.constraints):
             if c not in self.met and phrase[0] == token:
-                return Progress(self.met | {c}, rest=rest) if len(phrase) == 1 else Progress(self.met, c, 1, rest)
-        return Progress(self.met, rest=rest)
+                if len(phrase) == 1:
+                    return Progress(self.met | {c}, rest=rest, tokens=whole + 1)
+                return Progress(self.met, c, 1, rest, whole + 1)
+        if whole == self.tokens and rest == self.rest:
+            return self  # nothing changed: no new object
+        return Progress(self.met, rest=rest, tokens=whole)
 
 
 def allocate(candidates: list[tuple[float, int, int, Progress]], k: int, guide: Guide, steps_left: int

@@ -268,34 +268,40 @@ class BeamSearch:
         moves a hypothesis through its constraints. Their progress is updated; (scores, beams,
         tokens) come back, each (len(constrained), k)."""
         k, device = self.k, logp.device
-        pairs = [(i * k + b, token) for i in constrained for b, p in enumerate(self.progress[i])
-                 for token in sorted(p.wanted(self.guides[i]))]
+        previous = self.scores.view(-1).tolist()  # (hypotheses that are -inf have no candidates)
+        wanted = {i * k + b: sorted(p.wanted(self.guides[i])) for i in constrained
+                  for b, p in enumerate(self.progress[i]) if previous[i * k + b] != float("-inf")}
+        pairs = [(r, token) for r, tokens in wanted.items() for token in tokens]
         rows = torch.tensor([i * k + b for i in constrained for b in range(k)], device=device)
-        previous = self.scores.view(-1)
-        best_logp, best_tok = logp[rows].max(1)
+        best_logp, best_tok = logp.max(1)
         pair_rows = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=device)
         pair_toks = torch.tensor([t for _, t in pairs], dtype=torch.long, device=device)
         at = torch.tensor(constrained, device=device)
         # One transfer for all of them.
-        flat = torch.cat([top_scores[at].flatten().double(), top_idx[at].flatten().double(),
-                          (best_logp + previous[rows]).double(), best_tok.double(),
-                          (logp[pair_rows, pair_toks] + previous[pair_rows]).double()]).tolist()
-        width = top_scores.shape[1]
-        m = len(constrained)
+        # the step's best k candidates of each sentence (of its 2k), with each hypothesis's best token and
+        # every token that moves it forward: Post and Vilar's candidate set
+        width, m = k, len(constrained)
+        flat = torch.cat([top_scores[at, :k].flatten().double(), top_idx[at, :k].flatten().double(),
+                          best_logp[rows].double(), best_tok[rows].double(), logp[pair_rows, pair_toks].double()]).tolist()
         tops, idxs = flat[:m * width], flat[m * width:2 * m * width]
         bests, best_toks = flat[2 * m * width:2 * m * width + m * k], flat[2 * m * width + m * k:2 * m * width + 2 * m * k]
-        pair_scores = dict(zip(pairs, flat[2 * m * width + 2 * m * k:]))
+        pair_logp = flat[2 * m * width + 2 * m * k:]
         out_scores, out_beams, out_toks = [], [], []
+        at_pair = 0
         for j, i in enumerate(constrained):
             guide, progress = self.guides[i], self.progress[i]
             found: dict[tuple[int, int], float] = {}
-            for c in range(width):
-                beam, token = divmod(int(idxs[j * width + c]), V)
-                found[beam, token] = tops[j * width + c]
+            for c in range(j * width, (j + 1) * width):
+                beam, token = divmod(int(idxs[c]), V)
+                found[beam, token] = tops[c]
             for b in range(k):
-                found[b, int(best_toks[j * k + b])] = bests[j * k + b]
-                for token in progress[b].wanted(guide):
-                    found[b, token] = pair_scores[i * k + b, token]
+                r = i * k + b
+                if r not in wanted:
+                    continue
+                found[b, int(best_toks[j * k + b])] = bests[j * k + b] + previous[r]
+                for token in wanted[r]:
+                    found[b, token] = pair_logp[at_pair] + previous[r]
+                    at_pair += 1
             spelling = self.taken[i] >= self.forced_n[i]  # past the prefix's forced tokens
             candidates = [(score, beam, token, progress[beam].after(token, guide, spelling))
                           for (beam, token), score in found.items()
@@ -303,6 +309,8 @@ class BeamSearch:
             chosen = allocate(candidates, k, guide, self.limit[i] - self.taken[i] - 2)
             chosen += [(float("-inf"), 0, self.pad, Progress())] * (k - len(chosen))
             self.progress[i] = [c[3] for c in chosen]
+            if all(c[3].complete(guide) or c[0] == float("-inf") for c in chosen):
+                self.progress[i] = None  # every live hypothesis holds every phrase: a plain search from here
             out_scores.append([c[0] for c in chosen])
             out_beams.append([c[1] for c in chosen])
             out_toks.append([c[2] for c in chosen])

@@ -410,6 +410,21 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, "#results .heat tr.active")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#results .heat td")) == sum(map(len, att["weights"]))
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        # The glossary: a term whose source occurs in the line is a constraint, and lit in the output
+        done = driver.find_element(By.ID, "results").get_attribute("data-done")
+        driver.find_element(By.ID, "source").clear()
+        driver.find_element(By.ID, "source").send_keys(SOURCES[1] + "\n" + SOURCES[2])
+        driver.find_element(By.CSS_SELECTOR, "#glossarybox summary").click()
+        driver.find_element(By.ID, "glossary").send_keys("Playing = park\ncat = katze")
+        driver.find_element(By.ID, "translate").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "results").get_attribute("data-done") != done)
+        assert driver.find_element(By.ID, "error").text == ""
+        _, want = call(server.url + "/translate", {"text": SOURCES[1:3], "tag": "<2de>", "attention": True,
+                                                   "constraints": [["park"], []]})
+        outs = driver.find_elements(By.CSS_SELECTOR, "#results .out")
+        assert [o.text.split() for o in outs] == [t["text"].split() for t in want["translations"]]
+        assert "park" in outs[0].text.split() and outs[1].text == GERMAN[2]  # no term of line 2 occurs in it
+        assert [w.text for w in driver.find_elements(By.CSS_SELECTOR, "#results .out .word.term")] == ["park"]
         loaded = driver.execute_script("return performance.getEntriesByType('resource').map((r) => r.name)")
         assert loaded and all(x.startswith(server.url + "/") for x in loaded)  # /info and /translate only
         shot = tmp_path / "page.png"

@@ -107,7 +107,7 @@ def test_constraints_that_cannot_fit_are_dropped_with_a_warning(loaded, capfd):
 
 def test_dynamic_beam_allocation_keeps_every_bank():
     guide = Guide(constraints=((7, 8),))
-    p0, p1, p2 = Progress(), Progress(frozenset(), 0, 1), Progress(frozenset({0}))
+    p0, p1, p2 = Progress(), Progress(frozenset(), 0, 1, tokens=1), Progress(frozenset({0}), tokens=2)
     candidates = [(-0.1, 0, 1, p0), (-0.2, 0, 2, p0), (-0.3, 1, 3, p0), (-5.0, 0, 7, p1), (-9.0, 1, 8, p2)]
     chosen = allocate(candidates, 3, guide, steps_left=10)
     assert [c[2] for c in chosen] == [1, 7, 8]  # one per bank, though tokens 2 and 3 score higher
