@@ -264,8 +264,8 @@ class BeamSearch:
     def _allocate(self, constrained: list[int], logp: torch.Tensor, top_scores: torch.Tensor, top_idx: torch.Tensor,
                   V: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The k live hypotheses of each sentence with constraints, by dynamic beam allocation over
-        the candidates: the best 2k of the step, each hypothesis's best token, and every token that
-        moves a hypothesis through its constraints. Their progress is updated; (scores, beams,
+        the candidates: the sentence's best k of the step, each hypothesis's best token, and every
+        token that moves a hypothesis through its constraints. Their progress is updated; (scores, beams,
         tokens) come back, each (len(constrained), k)."""
         k, device = self.k, logp.device
         previous = self.scores.view(-1).tolist()  # (hypotheses that are -inf have no candidates)
