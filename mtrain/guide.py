@@ -3,10 +3,11 @@ a prefix it must begin with; and the dynamic beam allocation that keeps hypothes
 constraints in the beam (Post & Vilar 2018, "Fast lexically constrained decoding with dynamic beam
 allocation").
 
-A hypothesis's progress through its constraints is a `Progress`: which phrases it holds whole, and
-the phrase it is in the middle of (and how far). Beam search asks three things of it: which tokens
-would move it forward (candidates besides the model's best), how many constraint tokens it has met
-(its bank), and whether it may end (only with every phrase met).
+A hypothesis's progress through its constraints is a `Progress`: which phrases it holds whole, the
+phrase it is in the middle of (and how far), and what it still has to spell out of a prefix's last
+word. Beam search asks three things of it: which tokens would move it forward (candidates besides
+the model's best), how many constraint tokens it has met (its bank), and whether it may end (only
+with every phrase met and the word spelled out).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def completions_of(tok) -> Completions:
 @dataclass(frozen=True)
 class Guide:
     """One sentence's constraints (token sequences, each non-empty) and prefix: tokens forced first,
-    then, when the prefix ends mid-word, `rest` (its last piece's text), which the next tokens must
-    spell out before the word may go on (`completions` says which tokens do)."""
+    then, when the prefix ends without a space, `rest` (its last word's pieces' text), which the next
+    tokens must spell out, in whatever pieces, before the word may go on (`completions` says which
+    tokens can)."""
 
     constraints: tuple[tuple[int, ...], ...] = ()
     prefix: tuple[int, ...] = ()
