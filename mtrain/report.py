@@ -104,8 +104,10 @@ class Report:
         if torn:  # a kill -9 cut the last line
             self.file.write("\n")
         early, self.early = self.early, []
+        command = (f"mtrain {' '.join(sys.argv[1:])}" if Path(sys.argv[0]).name in ("mtrain", "__main__.py")
+                   else "fit() called from Python")
         self.to_file(f"---- mtrain fit: {'resumed at step ' + str(resumed_at) if resumed_at is not None else 'new run'}"
-                     f" in {run_dir} ({' '.join(sys.argv[1:]) or 'called from Python'})")
+                     f" in {run_dir} ({command})")
         for stamped in early:
             self.file.write(stamped + "\n")
         self.file.flush()
