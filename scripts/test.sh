@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make .venv (when missing), install mtrain with its test tools (the dev extra), lint, run the tests.
 #   scripts/test.sh [--torch auto|cpu|cuda] [PYTEST_OPTIONS]     e.g. scripts/test.sh -x tests/test_model.py
-# About 10 minutes on 2 CPU cores. The serve page's test drives Debian's chromium with its
+# About 12 minutes on 2 CPU cores (installing included). The serve page's test drives Debian's chromium with its
 # chromedriver (sudo apt install chromium chromium-driver) and is skipped without them; the GPU tests
 # are skipped without CUDA (scripts/gpu_check.sh runs them on a GPU machine).
 set -euo pipefail
