@@ -80,10 +80,6 @@ class Progress:
     rest: str = ""  # of the prefix's last word, what is still to be spelled out
     tokens: int = 0  # constraint tokens met: the whole phrases', and the part of the one in progress
 
-    def bank(self, guide: Guide) -> int:
-        """Constraint tokens met (kept, not counted: beam allocation asks for it at every step)."""
-        return self.tokens
-
     def complete(self, guide: Guide) -> bool:
         """Whether the hypothesis may end: every phrase met, the prefix's last word spelled out."""
         return len(self.met) == len(guide.constraints) and not self.rest
@@ -128,16 +124,22 @@ def allocate(candidates: list[tuple[float, int, int, Progress]], k: int, guide: 
     every constraint within the `steps_left` tokens it may still take (one for each constraint token
     it lacks) is dropped while another can."""
     top = guide.tokens
-    feasible = [c for c in candidates if top - c[3].bank(guide) <= steps_left]
-    candidates = feasible or candidates
-    banks: list[list] = [[] for _ in range(top + 1)]
-    for c in sorted(candidates, key=lambda c: -c[0]):
-        banks[c[3].bank(guide)].append(c)
+    ranked = sorted(candidates, key=lambda c: -c[0])  # once: every list below keeps this order
+    feasible = [c for c in ranked if top - c[3].tokens <= steps_left]
+    ranked = feasible or ranked
+    if top == 0 or len(ranked) <= k:  # one bank, or room for all: the best k
+        return ranked[:k]
     quota = [k // (top + 1)] * (top + 1)
     for b in range(k % (top + 1)):
         quota[top - b] += 1
-    chosen = [c for b in range(top + 1) for c in banks[b][:quota[b]]]
-    rest = sorted((c for b in range(top + 1) for c in banks[b][quota[b]:]), key=lambda c: -c[0])
+    chosen, rest = [], []
+    for c in ranked:
+        bank = c[3].tokens
+        if quota[bank]:
+            quota[bank] -= 1
+            chosen.append(c)
+        else:
+            rest.append(c)
     chosen += rest[:k - len(chosen)]
     return sorted(chosen, key=lambda c: -c[0])
 
