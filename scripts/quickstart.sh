@@ -7,12 +7,12 @@
 #     --minutes N   training budget [10]; the config's own is 60 (about 40 BLEU on a 2-core CPU)
 #     --data DIR    link Multi30k's .gz files from DIR instead of downloading them
 #     --torch       which PyTorch build to install (scripts/install.sh --help) [auto]
-#     --run DIR     run directory [runs/quickstart]
+#     --run DIR     run directory [runs/quickstart-Nmin: each budget its own run]
 #     after --       more options for `mtrain fit`, e.g. -- --set train.precision=fp32
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-minutes=10 data="" torch_choice=auto run=runs/quickstart
+minutes=10 data="" torch_choice=auto run=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) minutes="${2:?--minutes needs a number}"; shift 2 ;;
@@ -25,6 +25,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ "$minutes" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "quickstart.sh: --minutes $minutes: expected a number" >&2; exit 2; }
+run="${run:-runs/quickstart-${minutes}min}"  # another budget is another run, not the last one's model
 
 echo "== 1/4 install"
 if [ -x .venv/bin/python ] && .venv/bin/python -c 'import mtrain, torch, sacrebleu, sentencepiece' 2>/dev/null; then

@@ -85,14 +85,14 @@ def test_quickstart_runs_end_to_end_and_again(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     bleu = re.search(r"^BLEU = [\d.]+ .*$", first.stdout, re.MULTILINE)
     assert bleu, first.stdout[-3000:]
-    assert "model: runs/quickstart/final.pt" in first.stdout
-    hyp = repo / "runs" / "quickstart" / "test_2016_flickr.hyp.de"
+    assert "model: runs/quickstart-1min/final.pt" in first.stdout
+    hyp = repo / "runs" / "quickstart-1min" / "test_2016_flickr.hyp.de"
     assert len(hyp.read_text().splitlines()) == 40
     assert (repo / "data" / "multi30k" / "train.en.gz").resolve() == data / "train.en.gz"  # linked, not copied
-    assert "1.0 min" in (repo / "runs" / "quickstart" / "train.log").read_text()  # the budget it was given
+    assert "1.0 min" in (repo / "runs" / "quickstart-1min" / "train.log").read_text()  # the budget it was given
     again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "already trained: runs/quickstart/final.pt" in again.stdout and "== 1/4 install" in again.stdout
+    assert "already trained: runs/quickstart-1min/final.pt" in again.stdout and "== 1/4 install" in again.stdout
     assert bleu[0] in again.stdout  # the same model, the same translations
 
 
