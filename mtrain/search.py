@@ -272,17 +272,18 @@ class BeamSearch:
         wanted = {i * k + b: sorted(p.wanted(self.guides[i])) for i in constrained
                   for b, p in enumerate(self.progress[i]) if previous[i * k + b] != float("-inf")}
         pairs = [(r, token) for r, tokens in wanted.items() for token in tokens]
-        rows = torch.tensor([i * k + b for i in constrained for b in range(k)], device=device)
-        best_logp, best_tok = logp.max(1)
+        at = torch.tensor(constrained, device=device)
+        # each hypothesis's best token, over the constrained sentences' rows only
+        best_logp, best_tok = logp.view(-1, k, logp.shape[1]).index_select(0, at).max(-1)
         pair_rows = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=device)
         pair_toks = torch.tensor([t for _, t in pairs], dtype=torch.long, device=device)
-        at = torch.tensor(constrained, device=device)
         # One transfer for all of them.
         # the step's best k candidates of each sentence (of its 2k), with each hypothesis's best token and
         # every token that moves it forward: Post and Vilar's candidate set
         width, m = k, len(constrained)
         flat = torch.cat([top_scores[at, :k].flatten().double(), top_idx[at, :k].flatten().double(),
-                          best_logp[rows].double(), best_tok[rows].double(), logp[pair_rows, pair_toks].double()]).tolist()
+                          best_logp.flatten().double(), best_tok.flatten().double(),
+                          logp[pair_rows, pair_toks].double()]).tolist()
         tops, idxs = flat[:m * width], flat[m * width:2 * m * width]
         bests, best_toks = flat[2 * m * width:2 * m * width + m * k], flat[2 * m * width + m * k:2 * m * width + 2 * m * k]
         pair_logp = flat[2 * m * width + 2 * m * k:]

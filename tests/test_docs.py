@@ -24,7 +24,8 @@ def test_links_point_at_the_code_they_name():
     for name, path, line in links:
         text = (ROOT / path).read_text().splitlines()[int(line) - 1]
         symbol = name.split(".")[-1]
-        assert re.search(rf"(def|class) {symbol}\b", text), f"{name} -> {path}#L{line}: {text.strip()!r}"
+        assert re.search(rf"(def|class) {symbol}\b", text), \
+            f"{name} -> {path}#L{line}: {text.strip()!r} (python scripts/dev/relink_docs.py re-points the links)"
 
 
 def config_keys() -> dict:
