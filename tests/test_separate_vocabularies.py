@@ -71,6 +71,16 @@ def test_every_command_with_separate_vocabularies(tmp_path, spm_model):
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.splitlines() == ours
 
+    # constraints and a prefix are the target tokenizer's pieces (its vocabulary is not the source's)
+    from mtrain.guide import Wish, holds
+    from mtrain.translate import translate_texts
+    wanted = [SAMPLE_DE.read_text().splitlines()[(i + 3) % 20].split()[1] for i in range(6)]
+    guided = translate_texts(LINES[:6], model, toks, decode, pick_device("cpu", "fp32"),
+                             wishes=[Wish((w,), "zwei ") for w in wanted])
+    for result, word in zip(guided, wanted):
+        assert holds(result.hyps[0].tokens, tuple(toks.tgt.sp.encode(word))) and word in result.texts[0]
+        assert result.texts[0].startswith("zwei ")
+
     # serve: the server's engine answers as translate does
     pytest.importorskip("fastapi")
     from mtrain.serve import Limits, Translator
