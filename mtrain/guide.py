@@ -144,6 +144,11 @@ def allocate(candidates: list[tuple[float, int, int, Progress]], k: int, guide: 
     return sorted(chosen, key=lambda c: -c[0])
 
 
+def met(guide: Guide | None, tokens: list[int]) -> bool:
+    """Whether an output holds every phrase of its guide (one cut by its length limit may not)."""
+    return guide is None or all(holds(tokens, c) for c in guide.constraints)
+
+
 def holds(tokens: list[int], phrase: tuple[int, ...]) -> bool:
     """Whether `phrase` appears in `tokens`, contiguous."""
     n = len(phrase)

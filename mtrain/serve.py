@@ -342,18 +342,14 @@ class Translator:
         sources = read_sources(lines, self.toks, self.model.cfg.max_positions, tag=tag)
         guides, warnings = None, {}
         if wishes is not None:
-            from mtrain.guide import make_guide
-            limits_of = output_limits(torch.tensor([len(x) for x in sources.ids] or [0]), decode.max_len_a,
-                                      decode.max_len_b, self.model.cfg.max_positions - 1).tolist()
-            guides = []
-            for i, limit in zip(sources.todo, limits_of):
-                try:
-                    guide, warning = make_guide(wishes[i], self.toks.tgt, limit, f"line {i}")
-                except MtrainError as e:
-                    raise RequestError(422, str(e)) from None
-                guides.append(guide)
-                if warning:
-                    warnings[i] = warning
+            from mtrain.translate import line_guides
+            try:
+                guides, found = line_guides([wishes[i] for i in sources.todo], sources.ids,
+                                            [f"line {i}" for i in sources.todo], decode, self.toks,
+                                            self.model.cfg.max_positions)
+            except MtrainError as e:
+                raise RequestError(422, str(e)) from None
+            warnings = {i: w for i, w in zip(sources.todo, found) if w}
         # +1: a hypothesis holds BOS and up to its limit of tokens, as BeamSearch's cache is sized
         columns = int(output_limits(torch.tensor([len(x) for x in sources.ids] or [0]), decode.max_len_a,
                                     decode.max_len_b, self.model.cfg.max_positions - 1).max()) + 1
@@ -513,12 +509,11 @@ class Translator:
             if i in job.warnings:
                 item["warning"] = job.warnings[i]
             items.append(item)
-        if job.guides is not None:  # whether each output holds its phrases (one cut by its length limit may not)
-            from mtrain.guide import holds
+        if job.guides is not None:
+            from mtrain.guide import met
             for i, guide in zip(job.sources.todo, job.guides):
                 if guide is not None and guide.constraints:
-                    tokens = done[i].hyps[0].tokens if done[i].hyps else []
-                    items[i]["constraints_met"] = all(holds(tokens, c) for c in guide.constraints)
+                    items[i]["constraints_met"] = met(guide, done[i].hyps[0].tokens if done[i].hyps else [])
         return {"translations": items}
 
 

@@ -19,7 +19,7 @@ from mtrain.device import Device
 from mtrain.ensemble import Ensemble
 from mtrain.errors import MtrainError
 from mtrain.files import atomic_text, check_folder, check_parent
-from mtrain.guide import Guide, Wish, holds, make_guide
+from mtrain.guide import Guide, Wish, make_guide, met
 from mtrain.model import Transformer
 from mtrain.progress import Progress
 from mtrain.search import Hypothesis, beam_search, output_limits, sample
@@ -218,30 +218,29 @@ def translate_texts(text: Sequence[str], model: Transformer | Ensemble, toks: To
     if wishes is not None and any(wishes):
         if sampling is not None:
             raise MtrainError("constraints and prefixes guide beam search; --sample draws without them")
-        guides = line_guides([wishes[i] for i in sources.todo], sources.ids, [first_line + i for i in sources.todo],
-                             cfg, toks, model.cfg.max_positions, where)
+        guides, warnings = line_guides([wishes[i] for i in sources.todo], sources.ids,
+                                       [f"{where} {first_line + i}" for i in sources.todo], cfg, toks,
+                                       model.cfg.max_positions)
+        for warning in filter(None, warnings):
+            print(f"mtrain: {warning}", file=sys.stderr)
     results = sources.finish(decode_ids(model, sources.ids, cfg, toks, dev, sampling, done, guides), toks)
     if guides is not None:
         for i, guide in zip(sources.todo, guides):
             hyps = results[i].hyps
-            if guide and guide.constraints and hyps and not all(holds(hyps[0].tokens, c) for c in guide.constraints):
+            if hyps and not met(guide, hyps[0].tokens):
                 print(f"mtrain: {where} {first_line + i}: the output limit came before every constraint was met; "
                       f"the best output reaching it is given", file=sys.stderr)
     return results
 
 
-def line_guides(wishes: Sequence[Wish | None], ids: Sequence[Sequence[int]], lines: Sequence[int], cfg: DecodeConfig,
-                toks: Tokenizers, max_positions: int, where: str) -> list[Guide | None]:
-    """The Guide of each line to decode, checked against its output limit (one line for bad input;
-    a warning on stderr for constraints that cannot fit)."""
+def line_guides(wishes: Sequence[Wish | None], ids: Sequence[Sequence[int]], names: Sequence[str], cfg: DecodeConfig,
+                toks: Tokenizers, max_positions: int) -> tuple[list[Guide | None], list[str]]:
+    """The Guide of each line to decode (`ids`: its source pieces), checked against its output limit
+    (MtrainError naming the line for bad input), and a warning per line ('' for none) where
+    constraints could not fit. `names` name the lines in messages. translate and serve both use it."""
     limits = output_limits(torch.tensor([len(x) for x in ids]), cfg.max_len_a, cfg.max_len_b, max_positions - 1)
-    guides = []
-    for wish, limit, line in zip(wishes, limits.tolist(), lines):
-        guide, warning = make_guide(wish, toks.tgt, limit, f"{where} {line}")
-        if warning:
-            print(f"mtrain: {warning}", file=sys.stderr)
-        guides.append(guide)
-    return guides
+    made = [make_guide(wish, toks.tgt, limit, name) for wish, limit, name in zip(wishes, limits.tolist(), names)]
+    return [guide for guide, _ in made], [warning for _, warning in made]
 
 
 def translate_lines(lines: Iterable[str], model: Transformer | Ensemble, toks: Tokenizers, cfg: DecodeConfig,
