@@ -24,15 +24,21 @@ def write_line(text: str) -> None:
     sys.stdout.flush()  # a log file sees each line as it happens
 
 
+def open_appending(path: Path):
+    """`path` opened to append lines; a last line a kill -9 cut short is ended first, so that the next
+    record starts on a line of its own."""
+    torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    f = open(path, "a", encoding="utf-8")
+    if torn:
+        f.write("\n")
+    return f
+
+
 class MetricsLog:
     """metrics.jsonl (always) and TensorBoard events (when tensorboard is installed)."""
 
     def __init__(self, run_dir: Path):
-        path = run_dir / "metrics.jsonl"
-        torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-        self.file = open(path, "a", encoding="utf-8")
-        if torn:  # a kill -9 cut the last record: start ours on a fresh line
-            self.file.write("\n")
+        self.file = open_appending(run_dir / "metrics.jsonl")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
@@ -98,11 +104,7 @@ class Report:
         """RUN/train.log, appended to: a line marking the new start or the resume, then the lines so far."""
         if not self.main or self.file is not None:
             return
-        path = run_dir / "train.log"
-        torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-        self.file = open(path, "a", encoding="utf-8")
-        if torn:  # a kill -9 cut the last line
-            self.file.write("\n")
+        self.file = open_appending(run_dir / "train.log")
         early, self.early = self.early, []
         command = (f"mtrain {' '.join(sys.argv[1:])}" if Path(sys.argv[0]).name in ("mtrain", "__main__.py")
                    else "fit() called from Python")
